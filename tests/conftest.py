@@ -1,0 +1,133 @@
+"""Shared pytest fixtures for pytunnel: SSH servers and loopback targets.
+
+Everything listens on loopback only. Heavy fixtures are session-scoped; the classes live in
+``tests/fixtures`` so they stay importable without pytest.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+# pyproject's ``pythonpath = ["tests"]`` normally does this; keep a fallback so running a
+# single file from another rootdir still finds the fixture package.
+_TESTS_DIR = str(Path(__file__).resolve().parent)
+if _TESTS_DIR not in sys.path:
+    sys.path.insert(0, _TESTS_DIR)
+
+from fixtures.asyncssh_server import AsyncsshServer  # noqa: E402
+from fixtures.keys import SshKeys, make_keys  # noqa: E402
+from fixtures.net import LOOPBACK6, ipv6_loopback_available  # noqa: E402
+from fixtures.sshd import SSHD_PATH, SshdServer, sshd_available  # noqa: E402
+from fixtures.targets import (  # noqa: E402
+    EchoTarget,
+    HttpTarget,
+    TalkerTarget,
+    make_big_body,
+)
+from fixtures.targets import closed_port as _closed_port  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def ssh_keys(tmp_path_factory: pytest.TempPathFactory) -> SshKeys:
+    return make_keys(tmp_path_factory.mktemp("ssh_keys"))
+
+
+def _require_sshd() -> None:
+    if not sshd_available():
+        pytest.skip(f"OpenSSH server not installed ({SSHD_PATH} missing)")
+
+
+@pytest.fixture(scope="session")
+def sshd(ssh_keys: SshKeys, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshdServer]:
+    """Session-wide real sshd; tests must not stop it (use ``make_sshd`` for that)."""
+    _require_sshd()
+    server = SshdServer(ssh_keys, tmp_path_factory.mktemp("sshd")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def make_sshd(
+    ssh_keys: SshKeys, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[..., SshdServer]]:
+    """Factory for private sshd instances (ProxyJump hops, stop/restart tests)."""
+    _require_sshd()
+    started: list[SshdServer] = []
+
+    def factory(**extra_options: str) -> SshdServer:
+        server = SshdServer(ssh_keys, tmp_path_factory.mktemp("sshd_extra"), **extra_options)
+        started.append(server)
+        return server.start()
+
+    try:
+        yield factory
+    finally:
+        for server in started:
+            server.stop()
+
+
+@pytest.fixture(scope="session")
+def asyncssh_server(
+    ssh_keys: SshKeys, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[AsyncsshServer]:
+    server = AsyncsshServer(ssh_keys.client_key, tmp_path_factory.mktemp("asyncssh")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def big_body() -> bytes:
+    # Built once and shared by the v4 and v6 HTTP targets (8 MiB each would add up).
+    return make_big_body()
+
+
+@pytest.fixture(scope="session")
+def http_target(big_body: bytes) -> Iterator[HttpTarget]:
+    target = HttpTarget(big_body=big_body)
+    try:
+        yield target
+    finally:
+        target.stop()
+
+
+@pytest.fixture(scope="session")
+def http_target6(big_body: bytes) -> Iterator[HttpTarget]:
+    if not ipv6_loopback_available():
+        pytest.skip("IPv6 loopback (::1) not available")
+    target = HttpTarget(LOOPBACK6, big_body=big_body)
+    try:
+        yield target
+    finally:
+        target.stop()
+
+
+@pytest.fixture(scope="session")
+def echo_target() -> Iterator[EchoTarget]:
+    target = EchoTarget()
+    try:
+        yield target
+    finally:
+        target.stop()
+
+
+@pytest.fixture(scope="session")
+def talker_target() -> Iterator[TalkerTarget]:
+    target = TalkerTarget()
+    try:
+        yield target
+    finally:
+        target.stop()
+
+
+@pytest.fixture
+def closed_port() -> int:
+    # Function scope: a fresh probe per test keeps the "nothing listens" window short.
+    return _closed_port()

@@ -1,0 +1,307 @@
+"""The ``pytunnel`` command: options to a :class:`Config`, a renderer, :func:`app.run`,
+and errors to exit statuses. The only room that prints or exits."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+import click
+
+from . import __version__, app, events
+from .config import (
+    Config,
+    Destination,
+    Forward,
+    HostKeyPolicy,
+    merge_forwards,
+    parse_destination,
+    parse_forward,
+    parse_host_key_policy,
+    parse_option,
+    parse_port,
+    parse_seconds,
+    split_paths,
+)
+from .errors import ConfigError, ExitStatus, TunnelError
+from .ui import JsonRenderer, PlainRenderer, Tee
+
+PROG = "pytunnel"
+
+# -o keys pytunnel understands, with what each one sets. Keys are matched
+# case-insensitively, as ssh does.
+_OptionSetter = Callable[[dict[str, Any], str], None]
+
+
+def _set(field: str, parse: Callable[[str], object]) -> _OptionSetter:
+    def setter(values: dict[str, Any], value: str) -> None:
+        values[field] = parse(value)
+
+    return setter
+
+
+def _add_forward(values: dict[str, Any], value: str) -> None:
+    values.setdefault("forwards", []).append(parse_forward(value))
+
+
+def _add_identity(values: dict[str, Any], value: str) -> None:
+    values.setdefault("identities", []).append(value)
+
+
+OPTION_KEYS: dict[str, tuple[str, _OptionSetter]] = {
+    key.lower(): (key, setter)
+    for key, setter in (
+        ("StrictHostKeyChecking", _set("host_key_policy", parse_host_key_policy)),
+        ("UserKnownHostsFile", _set("known_hosts", split_paths)),
+        ("GlobalKnownHostsFile", _set("global_known_hosts", split_paths)),
+        ("ConnectTimeout", _set("connect_timeout", lambda v: parse_seconds("ConnectTimeout", v))),
+        ("Port", _set("port", lambda v: parse_port(v, what="Port"))),
+        ("User", _set("user", str)),
+        ("IdentityFile", _add_identity),
+        ("DynamicForward", _add_forward),
+    )
+}
+
+
+def apply_options(pairs: Sequence[str]) -> dict[str, Any]:
+    """Parse every ``-o``; like ssh, the first value given for a key wins."""
+    values: dict[str, Any] = {}
+    seen: set[str] = set()
+    for text in pairs:
+        key, value = parse_option(text)
+        entry = OPTION_KEYS.get(key.lower())
+        if entry is None:
+            raise ConfigError(
+                f"-o {key}: unsupported option",
+                hint="supported: " + ", ".join(name for name, _ in OPTION_KEYS.values()),
+            )
+        name, setter = entry
+        if name in seen and name not in ("IdentityFile", "DynamicForward"):
+            continue
+        seen.add(name)
+        setter(values, value)
+    return values
+
+
+def build_config(
+    destination: str | None,
+    *,
+    forwards: Sequence[str],
+    port: str | None,
+    login: str | None,
+    identities: Sequence[str],
+    config_file: str | None,
+    options: Sequence[str],
+    demo: bool,
+    handshake_timeout: float,
+    open_timeout: float,
+) -> Config:
+    opts = apply_options(options)
+    if demo:
+        if destination:
+            raise ConfigError("--demo runs its own server: give no destination with it")
+        dest = Destination("127.0.0.1")
+    elif not destination:
+        raise ConfigError("no destination given", hint=f"usage: {PROG} -D [bind:]port [user@]host")
+    else:
+        dest = parse_destination(destination)
+    user = login or dest.user or opts.get("user")
+    dest_port = (
+        parse_port(port, what="-p port") if port is not None else dest.port or opts.get("port")
+    )
+    dest = Destination(dest.host, user, dest_port)
+    parsed = merge_forwards([parse_forward(f) for f in forwards] + opts.get("forwards", []))
+    if not parsed:
+        if not demo:
+            raise ConfigError(
+                "nothing to forward", hint="give -D [bind_address:]port, for example -D 1080"
+            )
+        parsed = (Forward(None, 0),)
+    ssh_config: tuple[str, ...] | None = None
+    if config_file is not None:
+        ssh_config = () if config_file == "none" else (config_file,)
+    return Config(
+        destination=dest,
+        forwards=parsed,
+        identities=tuple(identities) + tuple(opts.get("identities", [])),
+        ssh_config=ssh_config,
+        host_key_policy=opts.get("host_key_policy", HostKeyPolicy.YES),
+        known_hosts=opts.get("known_hosts"),
+        global_known_hosts=opts.get("global_known_hosts"),
+        connect_timeout=opts.get("connect_timeout", 15.0),
+        handshake_timeout=handshake_timeout,
+        open_timeout=open_timeout,
+        demo=demo,
+    )
+
+
+class _Command(click.Command):
+    """Everything after ``--`` is the local command to run, never parsed as options."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if "--" in args:
+            cut = args.index("--")
+            ctx.meta["pytunnel.command"] = args[cut + 1 :]
+            args = args[:cut]
+        return super().parse_args(ctx, args)
+
+
+def _fail(message: str, status: int, *, json_out: bool) -> NoReturn:
+    if json_out:
+        JsonRenderer().write({"event": "error", "message": message, "exit_status": status})
+    click.echo(f"{PROG}: {message}", err=True)
+    sys.exit(status)
+
+
+def _setup_logging(verbose: int) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"{PROG}: %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    tunnel_level = {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
+    logging.getLogger("tunnel").setLevel(tunnel_level)
+    # asyncssh is chatty at INFO; show it only from -vv, and its packet debug at -vvv.
+    logging.getLogger("asyncssh").setLevel(
+        logging.ERROR if verbose < 2 else logging.INFO if verbose == 2 else logging.DEBUG
+    )
+    if verbose >= 3:
+        import asyncssh
+
+        asyncssh.set_debug_level(2)
+
+
+@click.command(
+    cls=_Command,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+    epilog="Exit status: 0 ok, 2 usage, 3 cannot listen, 255 SSH failed, 130 interrupted; "
+    "with -- COMMAND, the command's own status.",
+)
+@click.argument("destination", required=False, metavar="[user@]host[:port]")
+@click.option(
+    "-D",
+    "forwards",
+    multiple=True,
+    metavar="[bind_address:]port",
+    help="Serve SOCKS4/4a/5 on this port (0 picks a free one); loopback only unless an "
+    "address is given ('*' for all). Repeatable.",
+)
+@click.option("-p", "port", metavar="port", help="SSH port on the server.")
+@click.option("-l", "login", metavar="login_name", help="User to log in as.")
+@click.option(
+    "-i", "identities", multiple=True, metavar="identity_file", help="Private key file. Repeatable."
+)
+@click.option(
+    "-F", "config_file", metavar="configfile", help="ssh_config file to read ('none' for none)."
+)
+@click.option("-o", "options", multiple=True, metavar="Key=Value", help="ssh_config option.")
+@click.option(
+    "-N",
+    "no_command",
+    is_flag=True,
+    help="Accepted for ssh compatibility (no remote command is ever run).",
+)
+@click.option("-T", "no_tty", is_flag=True, help="Accepted for ssh compatibility.")
+@click.option("-q", "quiet", is_flag=True, help="Quiet: show problems only.")
+@click.option("-v", "verbose", count=True, help="More diagnostics (-vv, -vvv for more).")
+@click.option("--json", "json_out", is_flag=True, help="JSON events on stdout, 'ready' first.")
+@click.option(
+    "--demo",
+    is_flag=True,
+    help="Tunnel through a throwaway SSH server on loopback to try pytunnel.",
+)
+@click.option(
+    "--handshake-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=30.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Close SOCKS clients that send no complete request in time.",
+)
+@click.option(
+    "--open-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=30.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Fail a request (reply 0x06) if the channel does not open in time.",
+)
+@click.version_option(__version__, "-V", "--version", prog_name=PROG)
+@click.pass_context
+def command(
+    ctx: click.Context,
+    destination: str | None,
+    forwards: tuple[str, ...],
+    port: str | None,
+    login: str | None,
+    identities: tuple[str, ...],
+    config_file: str | None,
+    options: tuple[str, ...],
+    no_command: bool,
+    no_tty: bool,
+    quiet: bool,
+    verbose: int,
+    json_out: bool,
+    demo: bool,
+    handshake_timeout: float,
+    open_timeout: float,
+) -> None:
+    """SSH dynamic port forwarding, like ssh -D: a SOCKS4/4a/5 proxy whose every connection
+    goes through an SSH direct-tcpip channel.
+
+    \b
+      pytunnel -D 1080 user@host        then use socks5h://127.0.0.1:1080
+      pytunnel -D 0 --json host -- curl https://intranet/
+      pytunnel --demo                   try it with no SSH server of your own
+    """
+    run_command: list[str] = ctx.meta.get("pytunnel.command", [])
+    _setup_logging(verbose)
+    try:
+        config = build_config(
+            destination,
+            forwards=forwards,
+            port=port,
+            login=login,
+            identities=identities,
+            config_file=config_file,
+            options=options,
+            demo=demo,
+            handshake_timeout=handshake_timeout,
+            open_timeout=open_timeout,
+        )
+    except ConfigError as exc:
+        _fail(str(exc), ExitStatus.USAGE, json_out=json_out)
+    human = PlainRenderer(quiet=quiet)
+    emit: events.Sink = Tee(JsonRenderer(), human) if json_out else human
+    try:
+        status = app.run(config, emit, run_command)
+    except TunnelError as exc:
+        if verbose:
+            logging.getLogger("tunnel").exception("failed")
+        _fail(str(exc), exc.exit_status, json_out=json_out)
+    except KeyboardInterrupt:
+        sys.exit(ExitStatus.INTERRUPTED)
+    sys.exit(status)
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    """Entry point. Usage errors are one line and exit status 2, like ssh's."""
+    try:
+        result = command.main(
+            args=list(argv) if argv is not None else None, prog_name=PROG, standalone_mode=False
+        )
+    except click.exceptions.NoArgsIsHelpError as exc:
+        click.echo(exc.ctx.get_help() if exc.ctx else "", err=True)
+        sys.exit(ExitStatus.USAGE)
+    except click.UsageError as exc:
+        hint = f" (see {PROG} -h)" if exc.ctx is not None else ""
+        click.echo(f"{PROG}: {exc.format_message()}{hint}", err=True)
+        sys.exit(ExitStatus.USAGE)
+    except click.Abort:
+        sys.exit(ExitStatus.INTERRUPTED)
+    except click.ClickException as exc:
+        click.echo(f"{PROG}: {exc.format_message()}", err=True)
+        sys.exit(exc.exit_code)
+    sys.exit(result if isinstance(result, int) else 0)

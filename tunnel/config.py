@@ -1,0 +1,198 @@
+"""The tunnel's configuration: a frozen :class:`Config` and the parsers that build it.
+
+Everything here is pure: no sockets, no files read. Bad input raises
+:class:`~tunnel.errors.ConfigError` with a message that names the value and says what
+form it should take.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from .errors import ConfigError
+
+DEFAULT_SSH_PORT = 22
+
+
+class HostKeyPolicy(enum.Enum):
+    """StrictHostKeyChecking, as in ssh_config(5)."""
+
+    YES = "yes"
+    NO = "no"
+    ASK = "ask"
+    ACCEPT_NEW = "accept-new"
+
+
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """One ``-D [bind_address:]port``. ``host`` None means loopback (127.0.0.1 and ::1),
+    "" means every interface, anything else is bound as given."""
+
+    host: str | None
+    port: int
+
+    def __str__(self) -> str:
+        if self.host is None:
+            return str(self.port)
+        host = f"[{self.host}]" if ":" in self.host else (self.host or "*")
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Destination:
+    host: str
+    user: str | None = None
+    port: int | None = None
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        text = f"{self.user}@{host}" if self.user else host
+        return f"{text}:{self.port}" if self.port else text
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    destination: Destination
+    forwards: tuple[Forward, ...] = ()
+    identities: tuple[str, ...] = ()
+    # None: asyncssh's default (~/.ssh/config); () for "-F none".
+    ssh_config: tuple[str, ...] | None = None
+    host_key_policy: HostKeyPolicy = HostKeyPolicy.YES
+    known_hosts: tuple[str, ...] | None = None
+    global_known_hosts: tuple[str, ...] | None = None
+    connect_timeout: float = 15.0
+    handshake_timeout: float = 30.0
+    open_timeout: float = 30.0
+    demo: bool = False
+    options: Mapping[str, str] = field(default_factory=dict)
+
+
+def parse_port(text: str, *, what: str = "port", allow_zero: bool = False) -> int:
+    if not text.isdecimal():
+        raise ConfigError(f"bad {what} {text!r}: expected a number from 1 to 65535")
+    port = int(text)
+    low = 0 if allow_zero else 1
+    if not low <= port <= 65535:
+        raise ConfigError(f"bad {what} {text!r}: expected a number from {low} to 65535")
+    return port
+
+
+def parse_forward(text: str) -> Forward:
+    """``[bind_address:]port`` as ssh(1) ``-D`` takes it: ``1080``, ``localhost:1080``,
+    ``*:1080``, ``:1080``, ``[::1]:1080``, ``192.0.2.1:1080`` and ``host/1080``."""
+    spec = text.strip()
+    host: str | None
+    if spec.startswith("["):
+        close = spec.find("]")
+        if close < 0 or spec[close + 1 : close + 2] not in (":", "/"):
+            raise ConfigError(f"bad -D {text!r}: expected [address]:port")
+        host, port_text = spec[1:close], spec[close + 2 :]
+    else:
+        sep = max(spec.rfind(":"), spec.rfind("/"))
+        if sep < 0:
+            host, port_text = None, spec
+        elif spec.count(":") > 1 and "/" not in spec:
+            raise ConfigError(f"bad -D {text!r}: put an IPv6 address in brackets, [::1]:1080")
+        else:
+            host, port_text = spec[:sep], spec[sep + 1 :]
+    port = parse_port(port_text, what=f"-D port in {text!r}", allow_zero=True)
+    if host is not None:
+        if host == "*":
+            host = ""
+        elif host and not _is_host(host):
+            raise ConfigError(f"bad -D bind address {host!r}")
+    return Forward(host, port)
+
+
+_HOSTNAME = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_.])?$")
+
+
+def _is_host(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return bool(_HOSTNAME.match(text)) and len(text) <= 253
+    return True
+
+
+def parse_destination(text: str) -> Destination:
+    """``[user@]host[:port]``, ``[user@][v6addr]:port`` or ``ssh://[user@]host[:port]``."""
+    spec = text.strip()
+    if spec.startswith("ssh://"):
+        spec = spec.removeprefix("ssh://").rstrip("/")
+    elif "://" in spec:
+        raise ConfigError(f"bad destination {text!r}: only ssh:// URLs are understood")
+    user: str | None = None
+    if "@" in spec:
+        user, _, spec = spec.rpartition("@")
+        if not user:
+            raise ConfigError(f"bad destination {text!r}: empty user name before '@'")
+    port: int | None = None
+    if spec.startswith("["):
+        close = spec.find("]")
+        if close < 0:
+            raise ConfigError(f"bad destination {text!r}: missing ']'")
+        host, rest = spec[1:close], spec[close + 1 :]
+        if rest:
+            if not rest.startswith(":"):
+                raise ConfigError(f"bad destination {text!r}: expected [address]:port")
+            port = parse_port(rest[1:], what=f"port in {text!r}")
+    elif spec.count(":") == 1:
+        host, _, port_text = spec.partition(":")
+        port = parse_port(port_text, what=f"port in {text!r}")
+    else:
+        host = spec
+    if not host or not _is_host(host):
+        raise ConfigError(f"bad destination {text!r}: expected [user@]host[:port]")
+    return Destination(host, user, port)
+
+
+def parse_option(text: str) -> tuple[str, str]:
+    """One ``-o`` argument: ``Key=Value``, ``Key Value`` or ``Key=Value`` with spaces."""
+    match = re.match(r"^\s*([A-Za-z0-9]+)\s*(?:=\s*|\s+)(.*?)\s*$", text)
+    if not match or not match.group(2):
+        raise ConfigError(f"bad -o {text!r}: expected Key=Value")
+    return match.group(1), match.group(2)
+
+
+def parse_yes_no(key: str, value: str) -> bool:
+    lowered = value.lower()
+    if lowered in ("yes", "true"):
+        return True
+    if lowered in ("no", "false"):
+        return False
+    raise ConfigError(f"bad value {value!r} for {key}: expected yes or no")
+
+
+def parse_host_key_policy(value: str) -> HostKeyPolicy:
+    lowered = value.lower()
+    aliases = {"true": "yes", "false": "no", "off": "no", "on": "yes"}
+    try:
+        return HostKeyPolicy(aliases.get(lowered, lowered))
+    except ValueError:
+        raise ConfigError(
+            f"bad value {value!r} for StrictHostKeyChecking: expected yes, no, ask or accept-new"
+        ) from None
+
+
+def parse_seconds(key: str, value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0 or seconds != seconds or seconds == float("inf"):
+        raise ConfigError(f"bad value {value!r} for {key}: expected a number of seconds > 0")
+    return seconds
+
+
+def split_paths(value: str) -> tuple[str, ...]:
+    return tuple(value.split())
+
+
+def merge_forwards(forwards: Iterable[Forward]) -> tuple[Forward, ...]:
+    """Drop exact repeats, keep order (``-D 1080 -D 1080`` is one listener)."""
+    return tuple(dict.fromkeys(forwards))

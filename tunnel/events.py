@@ -1,0 +1,167 @@
+"""Observable facts, as frozen dataclasses, and the sink they are sent to.
+
+The core (session, proxy, app) emits these and never prints. Renderers turn them into a
+live view, plain lines or JSON. Events carry no timestamps: the sink is called
+synchronously at the moment the fact happens, so whoever receives one stamps it.
+Byte counts of open connections are not events (that would put a call on every chunk);
+renderers read them from :class:`ConnectionInfo` on their own timer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class ConnectionInfo:
+    """Live, mutable facts about one client connection, read by renderers on a timer.
+
+    The relay adds to ``bytes_up``/``bytes_down`` (one integer add per chunk)."""
+
+    id: int
+    client: str
+    started: float
+    listener: str = ""
+    version: int = 0
+    host: str = ""
+    port: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    open: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    host: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"socks5h://{host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerStarted:
+    listener: Listener
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    """Every listener is bound and the SSH session is authenticated."""
+
+    listeners: tuple[Listener, ...]
+    server: str
+
+
+@dataclass(frozen=True, slots=True)
+class SessionConnecting:
+    server: str
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True)
+class SessionUp:
+    server: str
+    server_version: str
+    cipher: str
+    kex: str
+    mac: str
+    compression: str
+
+
+@dataclass(frozen=True, slots=True)
+class SessionLost:
+    server: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReconnectScheduled:
+    server: str
+    delay: float
+    attempt: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ClientAccepted:
+    connection: ConnectionInfo
+
+
+@dataclass(frozen=True, slots=True)
+class ClientRejected:
+    """The client broke the protocol or timed out before a complete request."""
+
+    connection: ConnectionInfo
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class RequestParsed:
+    connection: ConnectionInfo
+    version: int
+    command: str
+    host: str
+    port: int
+    sent_name: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelOpened:
+    connection: ConnectionInfo
+    latency: float
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelFailed:
+    connection: ConnectionInfo
+    reply: int
+    reply_label: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionClosed:
+    connection: ConnectionInfo
+    bytes_up: int
+    bytes_down: int
+    duration: float
+
+
+@dataclass(frozen=True, slots=True)
+class Stopping:
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """Something the user should know once, such as a DNS-leak hint."""
+
+    message: str
+    key: str = field(default="")
+
+
+Event = (
+    ListenerStarted
+    | Ready
+    | SessionConnecting
+    | SessionUp
+    | SessionLost
+    | ReconnectScheduled
+    | ClientAccepted
+    | ClientRejected
+    | RequestParsed
+    | ChannelOpened
+    | ChannelFailed
+    | ConnectionClosed
+    | Stopping
+    | Notice
+)
+
+Sink = Callable[[Event], None]
+
+
+def discard(event: Event) -> None:
+    """A sink that drops everything (for tests and embedding)."""

@@ -1,0 +1,437 @@
+"""SOCKS listeners and the per-client relay.
+
+Each client is one :class:`asyncio.Protocol`. It feeds the sans-I/O codec until a
+request is complete, asks the injected :class:`Opener` for a channel, replies only once
+the channel is open (or with the reply that says why it is not), then splices at the
+protocol level: client ``data_received`` goes straight to ``channel.write`` and the
+channel's data straight to ``transport.write``, with no task, await or copy per chunk.
+
+Flow control: when the channel's send buffer passes its high-water mark the opener
+calls :meth:`SocksClient.remote_pause` and we stop reading from the client; when the
+client's socket buffer fills up, asyncio calls :meth:`SocksClient.pause_writing` and we
+pause the channel, so at most about one SSH window is buffered per connection.
+
+Half-close: EOF from either side is passed on with ``write_eof`` and the other
+direction keeps flowing; the connection ends when the channel closes or the client goes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import itertools
+import logging
+import socket
+import time
+from collections.abc import Callable, Iterable
+from typing import Protocol, cast
+
+from . import events
+from .errors import ChannelOpenFailed, ListenError, RemoteProtocolError, ReplyReason
+from .socks import NEED_DATA, Command, Request, ServerConnection
+
+log = logging.getLogger(__name__)
+
+
+class ChannelSink(Protocol):
+    """What an opened channel reports to: the far side's data, EOF, flow and close."""
+
+    def remote_data(self, data: bytes) -> None: ...
+    def remote_eof(self) -> None: ...
+    def remote_pause(self) -> None: ...
+    def remote_resume(self) -> None: ...
+    def remote_closed(self, exc: BaseException | None) -> None: ...
+
+
+class Channel(Protocol):
+    """The near side of an opened channel. It is handed over with reading paused; the
+    proxy resumes it once the SOCKS reply is written."""
+
+    def write(self, data: bytes) -> None: ...
+    def write_eof(self) -> None: ...
+    def pause_reading(self) -> None: ...
+    def resume_reading(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class Opener(Protocol):
+    async def open_tcp(
+        self, host: str, port: int, origin: tuple[str, int], sink: ChannelSink
+    ) -> Channel:
+        """Open a channel to host:port; raise ChannelOpenFailed with the reason if not."""
+        ...
+
+
+class SocksClient(asyncio.Protocol):
+    """One client connection, from its first byte to its close."""
+
+    def __init__(self, server: ProxyServer) -> None:
+        self._server = server
+        self._codec = ServerConnection()
+        self._transport: asyncio.Transport | None = None
+        self._channel: Channel | None = None
+        self._open_task: asyncio.Task[None] | None = None
+        self._deadline: asyncio.TimerHandle | None = None
+        self._client_eof = False
+        self._closed = False
+        self.info = events.ConnectionInfo(id=0, client="", started=0.0)
+
+    # -- client side (asyncio.Protocol) ---------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self._transport = transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        sockname = transport.get_extra_info("sockname")
+        self.info = events.ConnectionInfo(
+            id=next(self._server.ids),
+            client=_format_address(peer),
+            started=time.monotonic(),
+            listener=_format_address(sockname),
+        )
+        self._server.clients.add(self)
+        self._deadline = asyncio.get_running_loop().call_later(
+            self._server.handshake_timeout, self._handshake_timed_out
+        )
+        self._server.emit(events.ClientAccepted(self.info))
+
+    def data_received(self, data: bytes) -> None:
+        channel = self._channel
+        if channel is not None:
+            # The hot path: one add and one write per chunk.
+            self.info.bytes_up += len(data)
+            channel.write(data)
+            return
+        if self._open_task is not None:
+            # Pipelined after the request: the codec keeps it as trailing data.
+            self._codec.receive_data(data)
+            return
+        self._codec.receive_data(data)
+        try:
+            event = self._codec.next_event()
+        except RemoteProtocolError as exc:
+            self._protocol_error(exc)
+            return
+        self._flush_codec()
+        if event is NEED_DATA:
+            return
+        assert isinstance(event, Request)
+        self._request(event)
+
+    def eof_received(self) -> bool:
+        if self._channel is not None:
+            self._client_eof = True
+            self._channel.write_eof()
+            return True
+        if self._open_task is not None:
+            # The whole request (and maybe data) came before EOF: pass it on later.
+            self._client_eof = True
+            return True
+        self._reject_client("client closed its side during the handshake")
+        return False
+
+    def pause_writing(self) -> None:
+        if self._channel is not None:
+            self._channel.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self._channel is not None:
+            self._channel.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._finish()
+
+    # -- channel side (ChannelSink) ------------------------------------------------
+
+    def remote_data(self, data: bytes) -> None:
+        self.info.bytes_down += len(data)
+        assert self._transport is not None
+        self._transport.write(data)
+
+    def remote_eof(self) -> None:
+        assert self._transport is not None
+        if not self._transport.is_closing():
+            self._transport.write_eof()
+
+    def remote_pause(self) -> None:
+        assert self._transport is not None
+        self._transport.pause_reading()
+
+    def remote_resume(self) -> None:
+        assert self._transport is not None
+        if not self._transport.is_closing():
+            self._transport.resume_reading()
+
+    def remote_closed(self, exc: BaseException | None) -> None:
+        self._channel = None
+        if self._transport is not None:
+            # close() flushes what is still buffered towards the client first.
+            self._transport.close()
+
+    # -- steps -------------------------------------------------------------------
+
+    def _flush_codec(self) -> None:
+        out = self._codec.data_to_send()
+        if out and self._transport is not None:
+            self._transport.write(out)
+
+    def _request(self, request: Request) -> None:
+        assert self._transport is not None
+        self._cancel_deadline()
+        self.info.version = request.version
+        self.info.host = request.host
+        self.info.port = request.port
+        self._server.emit(
+            events.RequestParsed(
+                self.info,
+                version=request.version,
+                command=request.command.name,
+                host=request.host,
+                port=request.port,
+                sent_name=request.sent_name,
+            )
+        )
+        if request.command is not Command.CONNECT:
+            self._fail(
+                ReplyReason.COMMAND_NOT_SUPPORTED, f"{request.command.name} is not supported"
+            )
+            return
+        # Stop reading until the channel is open: what was pipelined stays bounded.
+        self._transport.pause_reading()
+        self._open_task = asyncio.get_running_loop().create_task(self._open(request))
+
+    async def _open(self, request: Request) -> None:
+        assert self._transport is not None
+        origin = self._transport.get_extra_info("peername") or ("", 0)
+        started = time.monotonic()
+        try:
+            channel = await self._server.opener.open_tcp(
+                request.host, request.port, (str(origin[0]), int(origin[1])), self
+            )
+        except ChannelOpenFailed as exc:
+            self._fail(exc.reason, exc.message)
+            return
+        except Exception as exc:  # a bug or an unexpected failure: answer, never hang
+            log.debug("opening %s:%s failed", request.host, request.port, exc_info=True)
+            self._fail(ReplyReason.GENERAL_FAILURE, f"internal error: {exc!r}")
+            return
+        if self._closed:
+            channel.close()
+            return
+        self._channel = channel
+        self.info.open = True
+        self._server.emit(events.ChannelOpened(self.info, time.monotonic() - started))
+        self._transport.write(self._codec.accept())
+        # Channels arrive paused so that nothing can overtake the reply; now it is out.
+        channel.resume_reading()
+        pipelined = self._codec.trailing_data
+        if pipelined:
+            self.info.bytes_up += len(pipelined)
+            channel.write(pipelined)
+        if self._client_eof:
+            channel.write_eof()
+        else:
+            self._transport.resume_reading()
+
+    def _fail(self, reason: ReplyReason, text: str) -> None:
+        assert self._transport is not None
+        self._server.emit(events.ChannelFailed(self.info, int(reason), reason.label, text))
+        self._transport.write(self._codec.reject(reason))
+        # RFC 1928 section 6: close soon after a failure reply. close() flushes it first.
+        self._transport.close()
+
+    def _protocol_error(self, exc: RemoteProtocolError) -> None:
+        assert self._transport is not None
+        self._flush_codec()
+        if exc.reply:
+            self._transport.write(exc.reply)
+        self._reject_client(exc.message)
+
+    def _reject_client(self, reason: str) -> None:
+        self._server.emit(events.ClientRejected(self.info, reason))
+        if self._transport is not None:
+            self._transport.close()
+
+    def _handshake_timed_out(self) -> None:
+        self._deadline = None
+        if self._channel is None and self._open_task is None:
+            self._reject_client(f"no complete request within {self._server.handshake_timeout:g} s")
+
+    def _cancel_deadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def close(self) -> None:
+        """Close from our side (shutdown, session lost)."""
+        if self._transport is not None:
+            self._transport.abort() if self._channel is None else self._transport.close()
+        self._finish()
+
+    def _finish(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._cancel_deadline()
+        if self._open_task is not None and not self._open_task.done():
+            self._open_task.cancel()
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            channel.close()
+        self._server.clients.discard(self)
+        info = self.info
+        if info.open:
+            info.open = False
+            self._server.emit(
+                events.ConnectionClosed(
+                    info, info.bytes_up, info.bytes_down, time.monotonic() - info.started
+                )
+            )
+
+
+def _format_address(address: object) -> str:
+    if isinstance(address, tuple) and len(address) >= 2:
+        host = str(address[0])
+        return f"[{host}]:{address[1]}" if ":" in host else f"{host}:{address[1]}"
+    return str(address or "")
+
+
+LOOPBACK = ("127.0.0.1", "::1")
+ANY = ("0.0.0.0", "::")
+
+
+def bind_addresses(host: str | None) -> tuple[str, ...]:
+    """What one ``-D`` binds: None is loopback on both families (as OpenSSH does without
+    GatewayPorts), "" every interface, ``localhost`` loopback, anything else as given."""
+    if host is None or host == "localhost":
+        return LOOPBACK
+    if host == "":
+        return ANY
+    return (host,)
+
+
+class ProxyServer:
+    """Every listener and every client connection of one tunnel."""
+
+    def __init__(
+        self,
+        opener: Opener,
+        emit: events.Sink,
+        *,
+        handshake_timeout: float = 30.0,
+        backlog: int = 511,
+    ) -> None:
+        self.opener = opener
+        self.emit = emit
+        self.handshake_timeout = handshake_timeout
+        self.backlog = backlog
+        self.clients: set[SocksClient] = set()
+        self.ids = itertools.count(1)
+        self.listeners: list[events.Listener] = []
+        self._servers: list[asyncio.Server] = []
+
+    async def listen(self, specs: Iterable[tuple[str | None, int]]) -> list[events.Listener]:
+        """Bind every ``(host, port)``; all or nothing: on any failure, close what was
+        bound and raise :class:`ListenError`."""
+        try:
+            for host, port in specs:
+                for sock in _bind_group(bind_addresses(host), port, host):
+                    await self._serve(sock)
+        except BaseException:
+            await self.close()
+            raise
+        return list(self.listeners)
+
+    async def _serve(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        factory: Callable[[], SocksClient] = lambda: SocksClient(self)  # noqa: E731
+        server = await loop.create_server(factory, sock=sock, backlog=self.backlog)
+        self._servers.append(server)
+        host, port = sock.getsockname()[:2]
+        listener = events.Listener(host, port)
+        self.listeners.append(listener)
+        self.emit(events.ListenerStarted(listener))
+
+    def close_clients(self) -> None:
+        for client in list(self.clients):
+            client.close()
+
+    async def close(self) -> None:
+        servers, self._servers = self._servers, []
+        for server in servers:
+            server.close()
+        self.close_clients()
+        for server in servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), 1.0)
+
+
+def _bind_group(addresses: tuple[str, ...], port: int, spec: str | None) -> list[socket.socket]:
+    """Bind one socket per address on one port number. With port 0 the first address
+    picks the port and the others must get the same one; a clash there retries."""
+    attempts = 20 if port == 0 else 1
+    last_error: OSError | None = None
+    for _ in range(attempts):
+        bound: list[socket.socket] = []
+        chosen = port
+        try:
+            for address in addresses:
+                sock = _bind_one(address, chosen)
+                if sock is None:
+                    continue
+                bound.append(sock)
+                chosen = sock.getsockname()[1]
+        except OSError as exc:
+            for sock in bound:
+                sock.close()
+            last_error = exc
+            if port == 0 and exc.errno == errno.EADDRINUSE and bound:
+                continue
+            break
+        else:
+            if not bound:
+                raise ListenError(f"cannot listen on {spec or 'loopback'}: no usable address")
+            return bound
+    where = _describe(addresses, port)
+    assert last_error is not None
+    reason = last_error.strerror or str(last_error)
+    hint = "pick another port with -D, or -D 0 for a free one"
+    if last_error.errno in (errno.EACCES, errno.EPERM):
+        hint = "ports below 1024 need privileges; pick a port above 1023"
+    elif last_error.errno == errno.EADDRNOTAVAIL:
+        hint = "that address is not on this machine"
+    raise ListenError(f"cannot listen on {where}: {reason}", hint=hint) from last_error
+
+
+def _describe(addresses: tuple[str, ...], port: int) -> str:
+    return " and ".join(f"[{a}]:{port}" if ":" in a else f"{a}:{port}" for a in addresses)
+
+
+def _bind_one(address: str, port: int) -> socket.socket | None:
+    """A listening socket, or None when the default loopback of a family is missing
+    (a host without IPv6 still serves 127.0.0.1, as OpenSSH does)."""
+    infos = socket.getaddrinfo(
+        address, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE | socket.AI_NUMERICSERV
+    )
+    family, kind, proto, _, sockaddr = infos[0]
+    try:
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        if address in LOOPBACK + ANY and exc.errno in (errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT):
+            return None
+        raise
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            # Each family gets its own socket, so [::] must not also take 0.0.0.0.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(sockaddr)
+        sock.listen()
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        if address == "::1" and exc.errno == errno.EADDRNOTAVAIL:
+            return None
+        raise
+    return sock

@@ -1,0 +1,174 @@
+"""Renderers: they consume events and never touch the core.
+
+* :class:`PlainRenderer`: one timestamped line per event on stderr (logs, journald).
+* :class:`JsonRenderer`: one JSON object per line on stdout, ``ready`` first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, TextIO
+
+from . import events
+
+
+def human_bytes(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    raise AssertionError("unreachable")
+
+
+def human_seconds(seconds: float) -> str:
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
+
+
+def _destination(info: events.ConnectionInfo) -> str:
+    host = f"[{info.host}]" if ":" in info.host else info.host
+    return f"{host}:{info.port}"
+
+
+def describe(event: events.Event) -> tuple[str, bool] | None:
+    """One line of text for an event, and whether it reports a problem; None for events
+    that are only worth a line in JSON."""
+    match event:
+        case events.ListenerStarted(listener=listener):
+            return f"listening on {listener.url}", False
+        case events.Ready(listeners=listeners):
+            return "ready: " + " ".join(item.url for item in listeners), False
+        case events.SessionConnecting(server=server, attempt=attempt):
+            again = f" (attempt {attempt})" if attempt > 1 else ""
+            return f"connecting to {server}{again}", False
+        case events.SessionUp(server=server, server_version=version, cipher=cipher):
+            return f"connected to {server} ({version}, {cipher})", False
+        case events.SessionLost(server=server, reason=reason):
+            return f"lost {server}: {reason}", True
+        case events.ReconnectScheduled(delay=delay, attempt=attempt, reason=reason):
+            return f"reconnecting in {delay:.1f} s (attempt {attempt}): {reason}", True
+        case events.ClientRejected(connection=info, reason=reason):
+            return f"#{info.id} {info.client} rejected: {reason}", True
+        case events.ChannelOpened(connection=info, latency=latency):
+            return (
+                f"#{info.id} {info.client} -> {_destination(info)} "
+                f"SOCKS{info.version} opened in {human_seconds(latency)}",
+                False,
+            )
+        case events.ChannelFailed(connection=info, reply=reply, reply_label=label, reason=why):
+            return (
+                f"#{info.id} {info.client} -> {_destination(info)} "
+                f"failed: {label} (0x{reply:02x}): {why}",
+                True,
+            )
+        case events.ConnectionClosed(connection=info, bytes_up=up, bytes_down=down, duration=d):
+            return (
+                f"#{info.id} {_destination(info)} closed: {human_bytes(up)} up, "
+                f"{human_bytes(down)} down, {human_seconds(d)}",
+                False,
+            )
+        case events.Stopping(reason=reason):
+            return f"stopping: {reason}", False
+        case events.Notice(message=message):
+            return message, True
+    return None
+
+
+class PlainRenderer:
+    """Timestamped lines for logs. ``quiet`` keeps only the lines that report problems."""
+
+    def __init__(
+        self,
+        stream: TextIO | None = None,
+        *,
+        quiet: bool = False,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.stream = stream or sys.stderr
+        self.quiet = quiet
+        self.clock = clock
+
+    def __call__(self, event: events.Event) -> None:
+        described = describe(event)
+        if described is None:
+            return
+        text, problem = described
+        if self.quiet and not problem:
+            return
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(self.clock()))
+        self.stream.write(f"{stamp} {text}\n")
+        self.stream.flush()
+
+
+def _snake(name: str) -> str:
+    return "".join(f"_{c.lower()}" if c.isupper() else c for c in name).lstrip("_")
+
+
+def event_record(event: events.Event, now: float) -> dict[str, Any]:
+    """The JSON object for one event: ``event`` and ``time`` first, then its fields,
+    with a connection flattened to ``id``, ``client``, ``host``, ``port``."""
+    record: dict[str, Any] = {"event": _snake(type(event).__name__), "time": round(now, 6)}
+    for field in dataclasses.fields(event):
+        value = getattr(event, field.name)
+        if isinstance(value, events.ConnectionInfo):
+            record.update(id=value.id, client=value.client, host=value.host, port=value.port)
+        elif isinstance(value, events.Listener):
+            record.update(host=value.host, port=value.port, url=value.url)
+        elif isinstance(value, tuple) and value and isinstance(value[0], events.Listener):
+            record[field.name] = [
+                {"host": item.host, "port": item.port, "url": item.url} for item in value
+            ]
+        else:
+            record[field.name] = value
+    return record
+
+
+class JsonRenderer:
+    """JSON lines on stdout. The first line is ``ready``: the facts before it
+    (listeners bound, session up) are folded into it, so a script reads one line to
+    know where to connect."""
+
+    def __init__(
+        self, stream: TextIO | None = None, *, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.stream = stream or sys.stdout
+        self.clock = clock
+        self._ready = False
+        self._session: events.SessionUp | None = None
+
+    def __call__(self, event: events.Event) -> None:
+        if not self._ready:
+            if isinstance(event, events.SessionUp):
+                self._session = event
+            if not isinstance(event, events.Ready | events.Stopping):
+                return
+            self._ready = True
+        record = event_record(event, self.clock())
+        if isinstance(event, events.Ready) and self._session is not None:
+            up = self._session
+            record.update(server_version=up.server_version, cipher=up.cipher, mac=up.mac)
+        self.write(record)
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.stream.write(json.dumps(record, separators=(",", ":")) + "\n")
+        self.stream.flush()
+
+
+class Tee:
+    """Send every event to several renderers."""
+
+    def __init__(self, *sinks: events.Sink) -> None:
+        self.sinks = sinks
+
+    def __call__(self, event: events.Event) -> None:
+        for sink in self.sinks:
+            sink(event)
