@@ -8,14 +8,16 @@ import contextlib
 import dataclasses
 import logging
 import os
+import random as _random
 import signal
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
 
 from . import events
 from .config import Config, Destination, HostKeyPolicy
-from .errors import ExitStatus
+from .errors import ExitStatus, SessionError
 from .proxy import ProxyServer
+from .retry import backoff, is_retryable
 from .session import Session
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,62 @@ async def _first(*aws: asyncio.Future[Any]) -> None:
     await asyncio.wait(aws, return_when=asyncio.FIRST_COMPLETED)
 
 
+class Supervisor:
+    """Keeps the SSH session up under listeners that never close: reconnects with
+    backoff after a loss, and gives up only on errors that retrying cannot fix."""
+
+    def __init__(
+        self,
+        session: Session,
+        proxy: ProxyServer,
+        config: Config,
+        emit: events.Sink,
+        *,
+        random: Callable[[], float] = _random.random,
+    ) -> None:
+        self.session = session
+        self.proxy = proxy
+        self.config = config
+        self.emit = emit
+        self.random = random
+
+    async def start(self) -> None:
+        """The first connection. By default a failure is final (scripts want to know);
+        with ``retry_start`` it is retried like a lost session."""
+        try:
+            await self.session.connect()
+        except SessionError as exc:
+            if not (self.config.retry_start and is_retryable(exc)):
+                raise
+            await self._reconnect(str(exc))
+
+    async def keep_up(self) -> NoReturn:
+        """Run until a fatal error, which it raises."""
+        while True:
+            error = await self.session.wait_lost()
+            self.emit(events.SessionLost(self.session.server, error.message))
+            # What was open went through the dead connection; asyncssh closes those
+            # channels, and the proxy closes their clients with the byte counts.
+            if not self.config.reconnect:
+                raise error
+            await self._reconnect(error.message)
+
+    async def _reconnect(self, reason: str) -> None:
+        schedule = backoff(cap=self.config.reconnect_cap, random=self.random)
+        for attempt, delay in enumerate(schedule, start=1):
+            if delay > 0:
+                self.emit(events.ReconnectScheduled(self.session.server, delay, attempt, reason))
+                await asyncio.sleep(delay)
+            try:
+                await self.session.connect()
+            except SessionError as exc:
+                if not is_retryable(exc):
+                    raise
+                reason = exc.message
+            else:
+                return
+
+
 async def serve(config: Config, emit: events.Sink, command: Sequence[str] = ()) -> int:
     """Run the tunnel until a signal, a fatal error, or the command's end."""
     loop = asyncio.get_running_loop()
@@ -81,46 +139,52 @@ async def serve(config: Config, emit: events.Sink, command: Sequence[str] = ()) 
                     host_key_policy=HostKeyPolicy.YES,
                 )
             session = Session(config, emit)
-            proxy = ProxyServer(session, emit, handshake_timeout=config.handshake_timeout)
+            proxy = ProxyServer(
+                session,
+                emit,
+                handshake_timeout=config.handshake_timeout,
+                max_clients=config.max_connections,
+            )
             stack.push_async_callback(session.close)
             stack.push_async_callback(proxy.close)
             listeners = await proxy.listen((f.host, f.port) for f in config.forwards)
+            supervisor = Supervisor(session, proxy, config, emit)
 
-            connecting = loop.create_task(session.connect())
+            starting = loop.create_task(supervisor.start())
             stopping = loop.create_task(stop.event.wait())
-            try:
-                await _first(connecting, stopping)
-            finally:
-                if not connecting.done():
-                    connecting.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await connecting
-            if not connecting.done() or connecting.cancelled():
+            await _first(starting, stopping)
+            if not starting.done():
+                starting.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await starting
                 emit(events.Stopping("signal before the session was up"))
                 return stop.status
-            connecting.result()  # raises the SessionError of a failed connect
+            starting.result()  # raises the SessionError of a failed start
             emit(events.Ready(tuple(listeners), session.server))
 
-            lost = loop.create_task(session.wait_lost())
+            keeping = loop.create_task(supervisor.keep_up())
+            waiting: list[asyncio.Future[Any]] = [keeping, stopping]
             child: asyncio.subprocess.Process | None = None
-            waiting: list[asyncio.Future[Any]] = [lost, stopping]
             if command:
                 child = await asyncio.create_subprocess_exec(
                     *command, env=command_environment(listeners)
                 )
                 waiting.append(loop.create_task(child.wait()))
-            await _first(*waiting)
-
+            try:
+                await _first(*waiting)
+            finally:
+                if not keeping.done():
+                    keeping.cancel()
             if child is not None and child.returncode is None:
+                # The tunnel failed or we got a signal: pass it on and wait for the child.
                 await _stop_child(child, stop)
-            if child is not None and (child.returncode is not None) and not lost.done():
+            if not keeping.cancelled() and keeping.done():
+                keeping.result()  # raises the fatal SessionError
+            if child is not None and child.returncode is not None:
                 emit(events.Stopping("command finished"))
                 return exit_status_of(child.returncode)
-            if lost.done():
-                raise lost.result()
             emit(events.Stopping("interrupted" if stop.signal == signal.SIGINT else "terminated"))
-            if child is not None and child.returncode is not None:
-                return exit_status_of(child.returncode)
+            await proxy.drain(config.drain)
             return stop.status
     finally:
         for signum in (signal.SIGINT, signal.SIGTERM):

@@ -17,9 +17,11 @@ from .config import (
     Forward,
     HostKeyPolicy,
     merge_forwards,
+    parse_count,
     parse_destination,
     parse_forward,
     parse_host_key_policy,
+    parse_interval,
     parse_option,
     parse_port,
     parse_seconds,
@@ -61,6 +63,14 @@ OPTION_KEYS: dict[str, tuple[str, _OptionSetter]] = {
         ("User", _set("user", str)),
         ("IdentityFile", _add_identity),
         ("DynamicForward", _add_forward),
+        (
+            "ServerAliveInterval",
+            _set("keepalive_interval", lambda v: parse_interval("ServerAliveInterval", v)),
+        ),
+        (
+            "ServerAliveCountMax",
+            _set("keepalive_count", lambda v: parse_count("ServerAliveCountMax", v, low=1)),
+        ),
     )
 }
 
@@ -95,8 +105,13 @@ def build_config(
     config_file: str | None,
     options: Sequence[str],
     demo: bool,
-    handshake_timeout: float,
-    open_timeout: float,
+    handshake_timeout: float = 30.0,
+    open_timeout: float = 30.0,
+    reconnect: bool = True,
+    retry_start: bool = False,
+    reconnect_wait: float = 10.0,
+    max_connections: int = 4096,
+    drain: float = 0.0,
 ) -> Config:
     opts = apply_options(options)
     if demo:
@@ -133,6 +148,13 @@ def build_config(
         connect_timeout=opts.get("connect_timeout", 15.0),
         handshake_timeout=handshake_timeout,
         open_timeout=open_timeout,
+        keepalive_interval=opts.get("keepalive_interval"),
+        keepalive_count=opts.get("keepalive_count"),
+        reconnect=reconnect,
+        retry_start=retry_start,
+        reconnect_wait=reconnect_wait,
+        max_connections=max_connections,
+        drain=drain,
         demo=demo,
     )
 
@@ -168,9 +190,9 @@ def _setup_logging(verbose: int) -> None:
         logging.ERROR if verbose < 2 else logging.INFO if verbose == 2 else logging.DEBUG
     )
     if verbose >= 3:
-        import asyncssh
+        from .session import enable_protocol_debug
 
-        asyncssh.set_debug_level(2)
+        enable_protocol_debug()
 
 
 @click.command(
@@ -228,6 +250,41 @@ def _setup_logging(verbose: int) -> None:
     metavar="SECONDS",
     help="Fail a request (reply 0x06) if the channel does not open in time.",
 )
+@click.option(
+    "--no-reconnect",
+    "no_reconnect",
+    is_flag=True,
+    help="Exit (status 255) when the SSH session is lost, as ssh does, instead of reconnecting.",
+)
+@click.option(
+    "--retry-start",
+    is_flag=True,
+    help="Keep retrying if the first connection fails (for services) instead of exiting.",
+)
+@click.option(
+    "--reconnect-wait",
+    type=click.FloatRange(min=0),
+    default=10.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="While reconnecting, how long a new request waits before it fails (reply 0x01).",
+)
+@click.option(
+    "--max-connections",
+    type=click.IntRange(min=1),
+    default=4096,
+    show_default=True,
+    metavar="N",
+    help="Clients served at once; more get a failure reply.",
+)
+@click.option(
+    "--drain",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="On SIGTERM or Ctrl-C, let open connections finish for this long.",
+)
 @click.version_option(__version__, "-V", "--version", prog_name=PROG)
 @click.pass_context
 def command(
@@ -247,6 +304,11 @@ def command(
     demo: bool,
     handshake_timeout: float,
     open_timeout: float,
+    no_reconnect: bool,
+    retry_start: bool,
+    reconnect_wait: float,
+    max_connections: int,
+    drain: float,
 ) -> None:
     """SSH dynamic port forwarding, like ssh -D: a SOCKS4/4a/5 proxy whose every connection
     goes through an SSH direct-tcpip channel.
@@ -270,6 +332,11 @@ def command(
             demo=demo,
             handshake_timeout=handshake_timeout,
             open_timeout=open_timeout,
+            reconnect=not no_reconnect,
+            retry_start=retry_start,
+            reconnect_wait=reconnect_wait,
+            max_connections=max_connections,
+            drain=drain,
         )
     except ConfigError as exc:
         _fail(str(exc), ExitStatus.USAGE, json_out=json_out)

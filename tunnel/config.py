@@ -67,6 +67,16 @@ class Config:
     connect_timeout: float = 15.0
     handshake_timeout: float = 30.0
     open_timeout: float = 30.0
+    # ServerAliveInterval/CountMax: on by default, unlike asyncssh (None: not given, so
+    # ssh_config or our default decides).
+    keepalive_interval: float | None = None
+    keepalive_count: int | None = None
+    reconnect: bool = True
+    retry_start: bool = False
+    reconnect_wait: float = 10.0
+    reconnect_cap: float = 60.0
+    max_connections: int = 4096
+    drain: float = 0.0
     demo: bool = False
     options: Mapping[str, str] = field(default_factory=dict)
 
@@ -187,6 +197,19 @@ def parse_seconds(key: str, value: str) -> float:
     if not seconds > 0 or seconds != seconds or seconds == float("inf"):
         raise ConfigError(f"bad value {value!r} for {key}: expected a number of seconds > 0")
     return seconds
+
+
+def parse_count(key: str, value: str, *, low: int = 0) -> int:
+    if not value.isdecimal() or int(value) < low:
+        raise ConfigError(f"bad value {value!r} for {key}: expected a whole number >= {low}")
+    return int(value)
+
+
+def parse_interval(key: str, value: str) -> float:
+    """Seconds where 0 means off (ServerAliveInterval)."""
+    if value.strip() == "0":
+        return 0.0
+    return parse_seconds(key, value)
 
 
 def split_paths(value: str) -> tuple[str, ...]:

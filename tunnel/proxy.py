@@ -24,43 +24,15 @@ import itertools
 import logging
 import socket
 import time
-from collections.abc import Callable, Iterable
-from typing import Protocol, cast
+from collections.abc import Iterable
+from typing import Any, cast
 
 from . import events
+from .channels import Channel, Opener
 from .errors import ChannelOpenFailed, ListenError, RemoteProtocolError, ReplyReason
 from .socks import NEED_DATA, Command, Request, ServerConnection
 
 log = logging.getLogger(__name__)
-
-
-class ChannelSink(Protocol):
-    """What an opened channel reports to: the far side's data, EOF, flow and close."""
-
-    def remote_data(self, data: bytes) -> None: ...
-    def remote_eof(self) -> None: ...
-    def remote_pause(self) -> None: ...
-    def remote_resume(self) -> None: ...
-    def remote_closed(self, exc: BaseException | None) -> None: ...
-
-
-class Channel(Protocol):
-    """The near side of an opened channel. It is handed over with reading paused; the
-    proxy resumes it once the SOCKS reply is written."""
-
-    def write(self, data: bytes) -> None: ...
-    def write_eof(self) -> None: ...
-    def pause_reading(self) -> None: ...
-    def resume_reading(self) -> None: ...
-    def close(self) -> None: ...
-
-
-class Opener(Protocol):
-    async def open_tcp(
-        self, host: str, port: int, origin: tuple[str, int], sink: ChannelSink
-    ) -> Channel:
-        """Open a channel to host:port; raise ChannelOpenFailed with the reason if not."""
-        ...
 
 
 class SocksClient(asyncio.Protocol):
@@ -75,6 +47,7 @@ class SocksClient(asyncio.Protocol):
         self._deadline: asyncio.TimerHandle | None = None
         self._client_eof = False
         self._closed = False
+        self._over_limit = False
         self.info = events.ConnectionInfo(id=0, client="", started=0.0)
 
     # -- client side (asyncio.Protocol) ---------------------------------------------
@@ -90,6 +63,7 @@ class SocksClient(asyncio.Protocol):
             started=time.monotonic(),
             listener=_format_address(sockname),
         )
+        self._over_limit = len(self._server.clients) >= self._server.max_clients
         self._server.clients.add(self)
         self._deadline = asyncio.get_running_loop().call_later(
             self._server.handshake_timeout, self._handshake_timed_out
@@ -192,6 +166,12 @@ class SocksClient(asyncio.Protocol):
                 sent_name=request.sent_name,
             )
         )
+        if self._over_limit:
+            self._fail(
+                ReplyReason.GENERAL_FAILURE,
+                f"too many connections (limit {self._server.max_clients})",
+            )
+            return
         if request.command is not Command.CONNECT:
             self._fail(
                 ReplyReason.COMMAND_NOT_SUPPORTED, f"{request.command.name} is not supported"
@@ -279,7 +259,7 @@ class SocksClient(asyncio.Protocol):
         channel, self._channel = self._channel, None
         if channel is not None:
             channel.close()
-        self._server.clients.discard(self)
+        self._server.forget(self)
         info = self.info
         if info.open:
             info.open = False
@@ -311,6 +291,63 @@ def bind_addresses(host: str | None) -> tuple[str, ...]:
     return (host,)
 
 
+# Running out of descriptors is not an error of the client being accepted: pause
+# accepting, say so once, try again shortly. The kernel keeps the others queued.
+_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_ACCEPT_PAUSE = 0.5
+_ACCEPT_BATCH = 64
+
+
+class _Acceptor:
+    """The accept loop of one listening socket."""
+
+    def __init__(self, server: ProxyServer, sock: socket.socket) -> None:
+        self.server = server
+        self.sock = sock
+        self.loop = asyncio.get_running_loop()
+        self._resume: asyncio.TimerHandle | None = None
+        self.loop.add_reader(sock.fileno(), self._accept)
+
+    def _accept(self) -> None:
+        for _ in range(_ACCEPT_BATCH):
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in _OUT_OF_RESOURCES:
+                    self._pause(exc)
+                    return
+                # ECONNABORTED and friends: that client is gone; serve the next one.
+                log.debug("accept failed: %s", exc)
+                continue
+            self.server.accepted(conn)
+
+    def _pause(self, exc: OSError) -> None:
+        self.loop.remove_reader(self.sock.fileno())
+        self._resume = self.loop.call_later(_ACCEPT_PAUSE, self._restart)
+        if not self.server.starved:
+            self.server.starved = True
+            message = (
+                f"cannot accept connections: {exc.strerror}; pausing accepts for "
+                f"{_ACCEPT_PAUSE:g} s at a time until descriptors are free (ulimit -n)"
+            )
+            log.warning("%s", message)
+            self.server.emit(events.Notice(message, key="accept-starved"))
+
+    def _restart(self) -> None:
+        self._resume = None
+        self.loop.add_reader(self.sock.fileno(), self._accept)
+        self._accept()
+
+    def close(self) -> None:
+        if self._resume is not None:
+            self._resume.cancel()
+        else:
+            self.loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+
+
 class ProxyServer:
     """Every listener and every client connection of one tunnel."""
 
@@ -320,16 +357,19 @@ class ProxyServer:
         emit: events.Sink,
         *,
         handshake_timeout: float = 30.0,
-        backlog: int = 511,
+        max_clients: int = 4096,
     ) -> None:
         self.opener = opener
         self.emit = emit
         self.handshake_timeout = handshake_timeout
-        self.backlog = backlog
+        self.max_clients = max_clients
         self.clients: set[SocksClient] = set()
         self.ids = itertools.count(1)
         self.listeners: list[events.Listener] = []
-        self._servers: list[asyncio.Server] = []
+        self.starved = False
+        self._acceptors: list[_Acceptor] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._idle = asyncio.Event()
 
     async def listen(self, specs: Iterable[tuple[str | None, int]]) -> list[events.Listener]:
         """Bind every ``(host, port)``; all or nothing: on any failure, close what was
@@ -344,27 +384,55 @@ class ProxyServer:
         return list(self.listeners)
 
     async def _serve(self, sock: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-        factory: Callable[[], SocksClient] = lambda: SocksClient(self)  # noqa: E731
-        server = await loop.create_server(factory, sock=sock, backlog=self.backlog)
-        self._servers.append(server)
+        self._acceptors.append(_Acceptor(self, sock))
         host, port = sock.getsockname()[:2]
         listener = events.Listener(host, port)
         self.listeners.append(listener)
         self.emit(events.ListenerStarted(listener))
+
+    def accepted(self, conn: socket.socket) -> None:
+        conn.setblocking(False)
+        if conn.family in (socket.AF_INET, socket.AF_INET6):
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(self._connect(loop, conn))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _connect(self, loop: asyncio.AbstractEventLoop, conn: socket.socket) -> None:
+        try:
+            await loop.connect_accepted_socket(lambda: SocksClient(self), conn)
+        except OSError as exc:
+            log.debug("could not set up an accepted connection: %s", exc)
+            conn.close()
+
+    def stop_accepting(self) -> None:
+        acceptors, self._acceptors = self._acceptors, []
+        for acceptor in acceptors:
+            acceptor.close()
+
+    async def drain(self, seconds: float) -> None:
+        """Stop accepting and give open connections up to ``seconds`` to finish."""
+        self.stop_accepting()
+        if self.clients and seconds > 0:
+            self._idle.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), seconds)
+
+    def forget(self, client: SocksClient) -> None:
+        self.clients.discard(client)
+        if not self.clients:
+            self._idle.set()
 
     def close_clients(self) -> None:
         for client in list(self.clients):
             client.close()
 
     async def close(self) -> None:
-        servers, self._servers = self._servers, []
-        for server in servers:
-            server.close()
+        self.stop_accepting()
         self.close_clients()
-        for server in servers:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(server.wait_closed(), 1.0)
+        for task in list(self._tasks):
+            task.cancel()
 
 
 def _bind_group(addresses: tuple[str, ...], port: int, spec: str | None) -> list[socket.socket]:

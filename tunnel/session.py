@@ -20,6 +20,7 @@ from typing import Any
 import asyncssh
 
 from . import events
+from .channels import Channel, ChannelSink
 from .config import Config, HostKeyPolicy
 from .errors import (
     AuthenticationFailed,
@@ -31,9 +32,13 @@ from .errors import (
     SessionError,
     classify_open_failure,
 )
-from .proxy import Channel, ChannelSink
 
 log = logging.getLogger(__name__)
+
+# OpenSSH leaves keepalive off; a tunnel that should survive needs it on to notice a
+# black-holed network at all (ServerAliveInterval 15 s x ServerAliveCountMax 3).
+DEFAULT_KEEPALIVE = 15.0
+DEFAULT_KEEPALIVE_COUNT = 3
 
 USER_KNOWN_HOSTS = ("~/.ssh/known_hosts", "~/.ssh/known_hosts2")
 GLOBAL_KNOWN_HOSTS = ("/etc/ssh/ssh_known_hosts", "/etc/ssh/ssh_known_hosts2")
@@ -174,6 +179,11 @@ def _known_hosts_name(host: str, port: int) -> str:
 class _Client(asyncssh.SSHClient):
     def __init__(self, host_keys: _HostKeys | None) -> None:
         self._host_keys = host_keys
+        self.lost_reason = "connection closed by the server"
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None:
+            self.lost_reason = str(exc) or type(exc).__name__
 
     def validate_host_public_key(
         self, host: str, addr: str, port: int, key: asyncssh.SSHKey
@@ -222,6 +232,12 @@ class Session:
             "known_hosts": host_keys.match if host_keys is not None else None,
             "connect_timeout": cfg.connect_timeout,
             "config": () if cfg.ssh_config is None else list(cfg.ssh_config),
+            "keepalive_interval": (
+                DEFAULT_KEEPALIVE if cfg.keepalive_interval is None else cfg.keepalive_interval
+            ),
+            "keepalive_count_max": (
+                DEFAULT_KEEPALIVE_COUNT if cfg.keepalive_count is None else cfg.keepalive_count
+            ),
         }
         if dest.user:
             kwargs["username"] = dest.user
@@ -231,10 +247,9 @@ class Session:
             kwargs["client_keys"] = _expand(cfg.identities)
         loop = asyncio.get_running_loop()
         lost: asyncio.Future[SessionError] = loop.create_future()
+        client = _Client(host_keys)
         try:
-            conn = await asyncssh.connect(
-                dest.host, client_factory=lambda: _Client(host_keys), **kwargs
-            )
+            conn = await asyncssh.connect(dest.host, client_factory=lambda: client, **kwargs)
         except asyncssh.HostKeyNotVerifiable as exc:
             raise (host_keys.error() if host_keys else HostKeyRejected(str(exc))) from exc
         except asyncssh.PermissionDenied as exc:
@@ -261,7 +276,7 @@ class Session:
             raise AuthenticationFailed(f"{self.server}: cannot use key: {exc}") from exc
         self._conn = conn
         self._lost = lost
-        self._watcher = loop.create_task(self._watch(conn, lost))
+        self._watcher = loop.create_task(self._watch(conn, client, lost))
         self._up.set()
         self.emit(
             events.SessionUp(
@@ -282,7 +297,10 @@ class Session:
         return ", ".join(parts)
 
     async def _watch(
-        self, conn: asyncssh.SSHClientConnection, lost: asyncio.Future[SessionError]
+        self,
+        conn: asyncssh.SSHClientConnection,
+        client: _Client,
+        lost: asyncio.Future[SessionError],
     ) -> None:
         try:
             await conn.wait_closed()
@@ -291,7 +309,7 @@ class Session:
                 self._conn = None
                 self._up.clear()
             if not lost.done():
-                lost.set_result(SessionClosed(f"{self.server}: connection closed by the server"))
+                lost.set_result(SessionClosed(f"{self.server}: {client.lost_reason}"))
 
     async def wait_lost(self) -> SessionError:
         """Wait until the live connection ends; return why."""
@@ -303,14 +321,18 @@ class Session:
     ) -> Channel:
         timeout = self.config.open_timeout
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
         if self._conn is None:
+            # Down between reconnects (or not up yet): wait a bounded time, then fail
+            # closed. Never connect anywhere directly.
+            wait = self.config.reconnect_wait
             try:
-                await asyncio.wait_for(self._up.wait(), timeout)
+                await asyncio.wait_for(self._up.wait(), wait)
             except TimeoutError:
                 raise ChannelOpenFailed(
-                    ReplyReason.GENERAL_FAILURE, "the SSH session is not up"
+                    ReplyReason.GENERAL_FAILURE,
+                    f"the SSH session is down (waited {wait:g} s for it to come back)",
                 ) from None
+        deadline = loop.time() + timeout
         conn = self._conn
         if conn is None:
             raise ChannelOpenFailed(ReplyReason.GENERAL_FAILURE, "the SSH session is not up")
@@ -346,6 +368,11 @@ class Session:
             conn.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(conn.wait_closed(), 5.0)
+
+
+def enable_protocol_debug() -> None:
+    """asyncssh's own packet-level debug output (``-vvv``)."""
+    asyncssh.set_debug_level(2)
 
 
 def default_user() -> str:
