@@ -3,9 +3,13 @@ and errors to exit statuses. The only room that prints or exits."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import click
@@ -28,6 +32,7 @@ from .config import (
     split_paths,
 )
 from .errors import ConfigError, ExitStatus, TunnelError
+from .notify import OnReady, SystemdNotifier
 from .ui import JsonRenderer, PlainRenderer, Tee
 
 PROG = "pytunnel"
@@ -52,24 +57,73 @@ def _add_identity(values: dict[str, Any], value: str) -> None:
     values.setdefault("identities", []).append(value)
 
 
-OPTION_KEYS: dict[str, tuple[str, _OptionSetter]] = {
-    key.lower(): (key, setter)
-    for key, setter in (
-        ("StrictHostKeyChecking", _set("host_key_policy", parse_host_key_policy)),
-        ("UserKnownHostsFile", _set("known_hosts", split_paths)),
-        ("GlobalKnownHostsFile", _set("global_known_hosts", split_paths)),
-        ("ConnectTimeout", _set("connect_timeout", lambda v: parse_seconds("ConnectTimeout", v))),
-        ("Port", _set("port", lambda v: parse_port(v, what="Port"))),
-        ("User", _set("user", str)),
-        ("IdentityFile", _add_identity),
-        ("DynamicForward", _add_forward),
-        (
+@dataclass(frozen=True, slots=True)
+class OptionKey:
+    """One ``-o`` key: its ssh_config name, what it sets, its default and meaning (the
+    man page and completions are generated from these)."""
+
+    name: str
+    setter: _OptionSetter
+    default: str
+    help: str
+    repeatable: bool = False
+
+
+OPTION_KEYS: dict[str, OptionKey] = {
+    key.name.lower(): key
+    for key in (
+        OptionKey(
+            "StrictHostKeyChecking",
+            _set("host_key_policy", parse_host_key_policy),
+            "yes",
+            "yes: refuse unknown and changed host keys; accept-new: record unknown keys, "
+            "refuse changed ones; no: accept any key",
+        ),
+        OptionKey(
+            "UserKnownHostsFile",
+            _set("known_hosts", split_paths),
+            "~/.ssh/known_hosts ~/.ssh/known_hosts2",
+            "known_hosts files to check (and to add accepted keys to, the first one)",
+        ),
+        OptionKey(
+            "GlobalKnownHostsFile",
+            _set("global_known_hosts", split_paths),
+            "/etc/ssh/ssh_known_hosts /etc/ssh/ssh_known_hosts2",
+            "system-wide known_hosts files",
+        ),
+        OptionKey(
+            "ConnectTimeout",
+            _set("connect_timeout", lambda v: parse_seconds("ConnectTimeout", v)),
+            "15",
+            "seconds to wait for the SSH connection and login",
+        ),
+        OptionKey("Port", _set("port", lambda v: parse_port(v, what="Port")), "22", "SSH port"),
+        OptionKey("User", _set("user", str), "the local user", "user to log in as"),
+        OptionKey(
+            "IdentityFile",
+            _add_identity,
+            "~/.ssh/id_*",
+            "private key file to authenticate with",
+            repeatable=True,
+        ),
+        OptionKey(
+            "DynamicForward",
+            _add_forward,
+            "none",
+            "[bind_address:]port to serve SOCKS on, as -D",
+            repeatable=True,
+        ),
+        OptionKey(
             "ServerAliveInterval",
             _set("keepalive_interval", lambda v: parse_interval("ServerAliveInterval", v)),
+            "15",
+            "seconds between keepalive requests when the server is quiet (0: off)",
         ),
-        (
+        OptionKey(
             "ServerAliveCountMax",
             _set("keepalive_count", lambda v: parse_count("ServerAliveCountMax", v, low=1)),
+            "3",
+            "unanswered keepalives before the session counts as lost",
         ),
     )
 }
@@ -85,13 +139,12 @@ def apply_options(pairs: Sequence[str]) -> dict[str, Any]:
         if entry is None:
             raise ConfigError(
                 f"-o {key}: unsupported option",
-                hint="supported: " + ", ".join(name for name, _ in OPTION_KEYS.values()),
+                hint="supported: " + ", ".join(key.name for key in OPTION_KEYS.values()),
             )
-        name, setter = entry
-        if name in seen and name not in ("IdentityFile", "DynamicForward"):
+        if entry.name in seen and not entry.repeatable:
             continue
-        seen.add(name)
-        setter(values, value)
+        seen.add(entry.name)
+        entry.setter(values, value)
     return values
 
 
@@ -175,6 +228,46 @@ def _fail(message: str, status: int, *, json_out: bool) -> NoReturn:
         JsonRenderer().write({"event": "error", "message": message, "exit_status": status})
     click.echo(f"{PROG}: {message}", err=True)
     sys.exit(status)
+
+
+def _write_pidfile(path: str) -> None:
+    """Atomically, so a reader never sees a half-written number."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="ascii") as handle:
+        handle.write(f"{os.getpid()}\n")
+    os.replace(tmp, path)
+
+
+def _background() -> Callable[[events.Ready], None]:
+    """``-f``: fork now; the parent waits until the child is ready (exit 0) or has
+    failed (exit with its status; its error line is already on stderr). Returns what
+    the child does once ready: detach from the terminal and tell the parent."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid > 0:
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as pipe:
+            word = pipe.read(1)
+        if word == b"R":
+            os._exit(ExitStatus.OK)
+        _, status = os.waitpid(pid, 0)
+        code = os.waitstatus_to_exitcode(status)
+        os._exit(128 - code if code < 0 else code)
+    os.close(read_end)
+    os.setsid()
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+    def detach(_: events.Ready) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        os.close(devnull)
+        os.write(write_end, b"R")
+        os.close(write_end)
+
+    return detach
 
 
 def _setup_logging(verbose: int) -> None:
@@ -285,6 +378,18 @@ def _setup_logging(verbose: int) -> None:
     metavar="SECONDS",
     help="On SIGTERM or Ctrl-C, let open connections finish for this long.",
 )
+@click.option(
+    "-f",
+    "background",
+    is_flag=True,
+    help="Go to the background once every listener is ready and the session is up.",
+)
+@click.option(
+    "--pidfile",
+    type=click.Path(dir_okay=False, writable=True),
+    metavar="PATH",
+    help="Write the tunnel's PID here once it is ready; removed on exit.",
+)
 @click.version_option(__version__, "-V", "--version", prog_name=PROG)
 @click.pass_context
 def command(
@@ -309,6 +414,8 @@ def command(
     reconnect_wait: float,
     max_connections: int,
     drain: float,
+    background: bool,
+    pidfile: str | None,
 ) -> None:
     """SSH dynamic port forwarding, like ssh -D: a SOCKS4/4a/5 proxy whose every connection
     goes through an SSH direct-tcpip channel.
@@ -340,16 +447,31 @@ def command(
         )
     except ConfigError as exc:
         _fail(str(exc), ExitStatus.USAGE, json_out=json_out)
-    human = PlainRenderer(quiet=quiet)
-    emit: events.Sink = Tee(JsonRenderer(), human) if json_out else human
+    if background and run_command:
+        _fail("-f and -- COMMAND do not go together", ExitStatus.USAGE, json_out=json_out)
+    sinks: list[events.Sink] = []
+    if json_out:
+        sinks.append(JsonRenderer())
+    sinks.append(PlainRenderer(quiet=quiet))
+    notifier = SystemdNotifier.from_environment()
+    if notifier is not None:
+        sinks.append(notifier)
+    if pidfile:
+        sinks.append(OnReady(lambda _: _write_pidfile(pidfile)))
+    if background:
+        sinks.append(OnReady(_background()))
     try:
-        status = app.run(config, emit, run_command)
+        status = app.run(config, Tee(*sinks), run_command)
     except TunnelError as exc:
         if verbose:
             logging.getLogger("tunnel").exception("failed")
         _fail(str(exc), exc.exit_status, json_out=json_out)
     except KeyboardInterrupt:
         sys.exit(ExitStatus.INTERRUPTED)
+    finally:
+        if pidfile:
+            with contextlib.suppress(OSError):
+                os.unlink(pidfile)
     sys.exit(status)
 
 
