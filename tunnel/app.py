@@ -14,11 +14,11 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from . import events
-from .config import Config, Destination, HostKeyPolicy
+from .config import Config, Destination, Forward, HostKeyPolicy
 from .errors import ExitStatus, SessionError
 from .proxy import ProxyServer
 from .retry import backoff, is_retryable
-from .session import Session
+from .session import Session, apply_ssh_config
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,12 @@ class Supervisor:
                 return
 
 
-async def serve(config: Config, emit: events.Sink, command: Sequence[str] = ()) -> int:
+async def serve(
+    config: Config,
+    emit: events.Sink,
+    command: Sequence[str] = (),
+    prompter: events.Prompter | None = None,
+) -> int:
     """Run the tunnel until a signal, a fatal error, or the command's end."""
     loop = asyncio.get_running_loop()
     stop = _Stop()
@@ -138,7 +143,16 @@ async def serve(config: Config, emit: events.Sink, command: Sequence[str] = ()) 
                     global_known_hosts=(),
                     host_key_policy=HostKeyPolicy.YES,
                 )
-            session = Session(config, emit)
+            else:
+                config = apply_ssh_config(config)
+            if config.gateway_ports:
+                config = dataclasses.replace(
+                    config,
+                    forwards=tuple(
+                        Forward("" if f.host is None else f.host, f.port) for f in config.forwards
+                    ),
+                )
+            session = Session(config, emit, prompter)
             proxy = ProxyServer(
                 session,
                 emit,
@@ -204,10 +218,15 @@ async def _stop_child(child: asyncio.subprocess.Process, stop: _Stop) -> None:
         await child.wait()
 
 
-def run(config: Config, emit: events.Sink, command: Sequence[str] = ()) -> int:
+def run(
+    config: Config,
+    emit: events.Sink,
+    command: Sequence[str] = (),
+    prompter: events.Prompter | None = None,
+) -> int:
     """Run :func:`serve` on the fastest event loop available."""
     try:
         import uvloop
     except ImportError:
-        return asyncio.run(serve(config, emit, command))
-    return int(uvloop.run(serve(config, emit, command)))
+        return asyncio.run(serve(config, emit, command, prompter))
+    return int(uvloop.run(serve(config, emit, command, prompter)))

@@ -10,30 +10,35 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TextIO
 
 import click
 
 from . import __version__, app, events
 from .config import (
+    AddressFamily,
     Config,
     Destination,
     Forward,
-    HostKeyPolicy,
     merge_forwards,
+    parse_address_family,
+    parse_algorithms,
     parse_count,
     parse_destination,
     parse_forward,
     parse_host_key_policy,
     parse_interval,
+    parse_jump_hosts,
     parse_option,
     parse_port,
+    parse_preferred_auth,
     parse_seconds,
+    parse_yes_no,
     split_paths,
 )
 from .errors import ConfigError, ExitStatus, TunnelError
 from .notify import OnReady, SystemdNotifier
-from .ui import JsonRenderer, PlainRenderer, Tee
+from .ui import JsonRenderer, PlainRenderer, Tee, TerminalPrompter
 
 PROG = "pytunnel"
 
@@ -47,6 +52,43 @@ def _set(field: str, parse: Callable[[str], object]) -> _OptionSetter:
         values[field] = parse(value)
 
     return setter
+
+
+def _set_auth(method: str) -> _OptionSetter:
+    def setter(values: dict[str, Any], value: str) -> None:
+        values.setdefault("auth_methods", {})[method] = parse_yes_no(method, value)
+
+    return setter
+
+
+def _set_algorithms(field: str, key: str) -> _OptionSetter:
+    def setter(values: dict[str, Any], value: str) -> None:
+        values.setdefault("algorithms", {})[field] = parse_algorithms(key, value)
+
+    return setter
+
+
+# LogLevel -> the -v count it means (-1 for quiet).
+LOG_LEVELS = {
+    "QUIET": -1,
+    "FATAL": -1,
+    "ERROR": -1,
+    "INFO": 0,
+    "VERBOSE": 1,
+    "DEBUG": 2,
+    "DEBUG1": 2,
+    "DEBUG2": 3,
+    "DEBUG3": 3,
+}
+
+
+def parse_log_level(value: str) -> int:
+    try:
+        return LOG_LEVELS[value.upper()]
+    except KeyError:
+        raise ConfigError(
+            f"bad value {value!r} for LogLevel: expected one of " + ", ".join(LOG_LEVELS)
+        ) from None
 
 
 def _add_forward(values: dict[str, Any], value: str) -> None:
@@ -125,6 +167,89 @@ OPTION_KEYS: dict[str, OptionKey] = {
             "3",
             "unanswered keepalives before the session counts as lost",
         ),
+        OptionKey(
+            "HostName",
+            _set("hostname", lambda v: parse_destination(v).host),
+            "the destination",
+            "real host name to connect to",
+        ),
+        OptionKey(
+            "IdentitiesOnly",
+            _set("identities_only", lambda v: parse_yes_no("IdentitiesOnly", v)),
+            "no",
+            "use only the identity files given, not every key the agent holds",
+        ),
+        OptionKey(
+            "ProxyJump",
+            _set("jump_hosts", parse_jump_hosts),
+            "none",
+            "[user@]host[:port][,...] jump hosts to reach the server through, as -J",
+        ),
+        OptionKey(
+            "BatchMode",
+            _set("batch_mode", lambda v: parse_yes_no("BatchMode", v)),
+            "no",
+            "never ask for a password, passphrase or host-key confirmation",
+        ),
+        *(
+            OptionKey(
+                key,
+                _set_auth(method),
+                "yes",
+                f"allow {method} authentication",
+            )
+            for key, method in (
+                ("PubkeyAuthentication", "publickey"),
+                ("PasswordAuthentication", "password"),
+                ("KbdInteractiveAuthentication", "keyboard-interactive"),
+            )
+        ),
+        OptionKey(
+            "PreferredAuthentications",
+            _set("preferred_auth", parse_preferred_auth),
+            "publickey,keyboard-interactive,password",
+            "the order to try authentication methods in",
+        ),
+        OptionKey(
+            "Compression",
+            _set("compression", lambda v: parse_yes_no("Compression", v)),
+            "no",
+            "compress the SSH connection, as -C",
+        ),
+        *(
+            OptionKey(key, _set_algorithms(field, key), "asyncssh's list", help)
+            for key, field, help in (
+                ("Ciphers", "ciphers", "ciphers, in order of preference (+, - or ^ edit)"),
+                ("KexAlgorithms", "kex", "key exchange algorithms"),
+                ("HostKeyAlgorithms", "host_key_algorithms", "host key algorithms"),
+                ("MACs", "macs", "message authentication codes"),
+            )
+        ),
+        OptionKey(
+            "AddressFamily",
+            _set("address_family", parse_address_family),
+            "any",
+            "any, inet (IPv4 only, as -4) or inet6 (IPv6 only, as -6) for the SSH connection",
+        ),
+        OptionKey(
+            "GatewayPorts",
+            _set("gateway_ports", lambda v: parse_yes_no("GatewayPorts", v)),
+            "no",
+            "let -D without an address listen on every interface, as -g",
+        ),
+        OptionKey(
+            "ExitOnForwardFailure",
+            _set("exit_on_forward_failure", lambda v: parse_yes_no("ExitOnForwardFailure", v)),
+            "yes",
+            "accepted for compatibility: pytunnel always exits (status 3) when a listener "
+            "cannot be bound",
+        ),
+        OptionKey(
+            "LogLevel",
+            _set("log_level", parse_log_level),
+            "INFO",
+            "QUIET, FATAL, ERROR (as -q), INFO, VERBOSE (as -v), DEBUG, DEBUG1-3 (as -vv, -vvv)",
+        ),
     )
 }
 
@@ -151,21 +276,21 @@ def apply_options(pairs: Sequence[str]) -> dict[str, Any]:
 def build_config(
     destination: str | None,
     *,
-    forwards: Sequence[str],
-    port: str | None,
-    login: str | None,
-    identities: Sequence[str],
-    config_file: str | None,
-    options: Sequence[str],
-    demo: bool,
-    handshake_timeout: float = 30.0,
-    open_timeout: float = 30.0,
-    reconnect: bool = True,
-    retry_start: bool = False,
-    reconnect_wait: float = 10.0,
-    max_connections: int = 4096,
-    drain: float = 0.0,
+    forwards: Sequence[str] = (),
+    port: str | None = None,
+    login: str | None = None,
+    identities: Sequence[str] = (),
+    config_file: str | None = None,
+    options: Sequence[str] = (),
+    jump: str | None = None,
+    family: AddressFamily | None = None,
+    compression: bool = False,
+    gateway_ports: bool = False,
+    demo: bool = False,
+    **settings: Any,
 ) -> Config:
+    """The command line as a :class:`Config`. Flags win over ``-o``; for ``-o`` the first
+    value of a key wins, as in ssh. ``settings`` are Config fields given as they are."""
     opts = apply_options(options)
     if demo:
         if destination:
@@ -175,40 +300,32 @@ def build_config(
         raise ConfigError("no destination given", hint=f"usage: {PROG} -D [bind:]port [user@]host")
     else:
         dest = parse_destination(destination)
-    user = login or dest.user or opts.get("user")
-    dest_port = (
-        parse_port(port, what="-p port") if port is not None else dest.port or opts.get("port")
+    dest_port = parse_port(port, what="-p port") if port is not None else None
+    dest = Destination(
+        opts.get("hostname", dest.host),
+        login or dest.user or opts.get("user"),
+        dest_port or dest.port or opts.get("port"),
     )
-    dest = Destination(dest.host, user, dest_port)
     parsed = merge_forwards([parse_forward(f) for f in forwards] + opts.get("forwards", []))
-    if not parsed:
-        if not demo:
-            raise ConfigError(
-                "nothing to forward", hint="give -D [bind_address:]port, for example -D 1080"
-            )
+    if not parsed and demo:
         parsed = (Forward(None, 0),)
     ssh_config: tuple[str, ...] | None = None
     if config_file is not None:
         ssh_config = () if config_file == "none" else (config_file,)
+    for derived in ("user", "port", "hostname", "forwards", "exit_on_forward_failure"):
+        opts.pop(derived, None)
+    opts.pop("log_level", None)
+    if jump is not None:
+        opts["jump_hosts"] = parse_jump_hosts(jump)
+    if family is not None:
+        opts["address_family"] = family
+    if compression:
+        opts["compression"] = True
+    if gateway_ports:
+        opts["gateway_ports"] = True
+    opts["identities"] = tuple(identities) + tuple(opts.get("identities", ()))
     return Config(
-        destination=dest,
-        forwards=parsed,
-        identities=tuple(identities) + tuple(opts.get("identities", [])),
-        ssh_config=ssh_config,
-        host_key_policy=opts.get("host_key_policy", HostKeyPolicy.YES),
-        known_hosts=opts.get("known_hosts"),
-        global_known_hosts=opts.get("global_known_hosts"),
-        connect_timeout=opts.get("connect_timeout", 15.0),
-        handshake_timeout=handshake_timeout,
-        open_timeout=open_timeout,
-        keepalive_interval=opts.get("keepalive_interval"),
-        keepalive_count=opts.get("keepalive_count"),
-        reconnect=reconnect,
-        retry_start=retry_start,
-        reconnect_wait=reconnect_wait,
-        max_connections=max_connections,
-        drain=drain,
-        demo=demo,
+        destination=dest, forwards=parsed, ssh_config=ssh_config, demo=demo, **opts, **settings
     )
 
 
@@ -261,6 +378,7 @@ def _background() -> Callable[[events.Ready], None]:
         sys.stdout.flush()
         sys.stderr.flush()
         devnull = os.open(os.devnull, os.O_RDWR)
+        # Let go of the terminal; an -E log file has its own descriptor and stays.
         for fd in (0, 1, 2):
             os.dup2(devnull, fd)
         os.close(devnull)
@@ -270,8 +388,8 @@ def _background() -> Callable[[events.Ready], None]:
     return detach
 
 
-def _setup_logging(verbose: int) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+def _setup_logging(verbose: int, stream: TextIO) -> None:
+    handler = logging.StreamHandler(stream)
     handler.setFormatter(logging.Formatter(f"{PROG}: %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -286,6 +404,15 @@ def _setup_logging(verbose: int) -> None:
         from .session import enable_protocol_debug
 
         enable_protocol_debug()
+
+
+def _seconds(default: float, *, positive: bool = True) -> dict[str, Any]:
+    return {
+        "type": click.FloatRange(min=0, min_open=positive),
+        "default": default,
+        "show_default": True,
+        "metavar": "SECONDS",
+    }
 
 
 @click.command(
@@ -309,43 +436,59 @@ def _setup_logging(verbose: int) -> None:
     "-i", "identities", multiple=True, metavar="identity_file", help="Private key file. Repeatable."
 )
 @click.option(
+    "-J", "jump", metavar="[user@]host[:port][,...]", help="Connect through these jump hosts."
+)
+@click.option(
     "-F", "config_file", metavar="configfile", help="ssh_config file to read ('none' for none)."
 )
 @click.option("-o", "options", multiple=True, metavar="Key=Value", help="ssh_config option.")
+@click.option("-4", "ipv4", is_flag=True, help="Connect to the SSH server over IPv4 only.")
+@click.option("-6", "ipv6", is_flag=True, help="Connect to the SSH server over IPv6 only.")
+@click.option("-C", "compression", is_flag=True, help="Compress the SSH connection.")
 @click.option(
-    "-N",
-    "no_command",
-    is_flag=True,
-    help="Accepted for ssh compatibility (no remote command is ever run).",
+    "-g", "gateway_ports", is_flag=True, help="-D without an address listens on every interface."
+)
+@click.option(
+    "-N", "no_command", is_flag=True, help="Accepted for ssh compatibility (no remote command)."
 )
 @click.option("-T", "no_tty", is_flag=True, help="Accepted for ssh compatibility.")
+@click.option(
+    "-f",
+    "background",
+    is_flag=True,
+    help="Go to the background once every listener is ready and the session is up.",
+)
 @click.option("-q", "quiet", is_flag=True, help="Quiet: show problems only.")
 @click.option("-v", "verbose", count=True, help="More diagnostics (-vv, -vvv for more).")
+@click.option(
+    "-E",
+    "log_file",
+    type=click.Path(dir_okay=False, writable=True),
+    metavar="log_file",
+    help="Append status lines and diagnostics to this file instead of stderr.",
+)
 @click.option("--json", "json_out", is_flag=True, help="JSON events on stdout, 'ready' first.")
 @click.option(
-    "--demo",
-    is_flag=True,
-    help="Tunnel through a throwaway SSH server on loopback to try pytunnel.",
+    "--demo", is_flag=True, help="Try pytunnel through a throwaway SSH server on loopback."
+)
+@click.option(
+    "--pidfile",
+    type=click.Path(dir_okay=False, writable=True),
+    metavar="PATH",
+    help="Write the tunnel's PID here once it is ready; removed on exit.",
 )
 @click.option(
     "--handshake-timeout",
-    type=click.FloatRange(min=0, min_open=True),
-    default=30.0,
-    show_default=True,
-    metavar="SECONDS",
+    **_seconds(30.0),
     help="Close SOCKS clients that send no complete request in time.",
 )
 @click.option(
     "--open-timeout",
-    type=click.FloatRange(min=0, min_open=True),
-    default=30.0,
-    show_default=True,
-    metavar="SECONDS",
+    **_seconds(30.0),
     help="Fail a request (reply 0x06) if the channel does not open in time.",
 )
 @click.option(
     "--no-reconnect",
-    "no_reconnect",
     is_flag=True,
     help="Exit (status 255) when the SSH session is lost, as ssh does, instead of reconnecting.",
 )
@@ -356,10 +499,7 @@ def _setup_logging(verbose: int) -> None:
 )
 @click.option(
     "--reconnect-wait",
-    type=click.FloatRange(min=0),
-    default=10.0,
-    show_default=True,
-    metavar="SECONDS",
+    **_seconds(10.0, positive=False),
     help="While reconnecting, how long a new request waits before it fails (reply 0x01).",
 )
 @click.option(
@@ -372,51 +512,12 @@ def _setup_logging(verbose: int) -> None:
 )
 @click.option(
     "--drain",
-    type=click.FloatRange(min=0),
-    default=0.0,
-    show_default=True,
-    metavar="SECONDS",
+    **_seconds(0.0, positive=False),
     help="On SIGTERM or Ctrl-C, let open connections finish for this long.",
-)
-@click.option(
-    "-f",
-    "background",
-    is_flag=True,
-    help="Go to the background once every listener is ready and the session is up.",
-)
-@click.option(
-    "--pidfile",
-    type=click.Path(dir_okay=False, writable=True),
-    metavar="PATH",
-    help="Write the tunnel's PID here once it is ready; removed on exit.",
 )
 @click.version_option(__version__, "-V", "--version", prog_name=PROG)
 @click.pass_context
-def command(
-    ctx: click.Context,
-    destination: str | None,
-    forwards: tuple[str, ...],
-    port: str | None,
-    login: str | None,
-    identities: tuple[str, ...],
-    config_file: str | None,
-    options: tuple[str, ...],
-    no_command: bool,
-    no_tty: bool,
-    quiet: bool,
-    verbose: int,
-    json_out: bool,
-    demo: bool,
-    handshake_timeout: float,
-    open_timeout: float,
-    no_reconnect: bool,
-    retry_start: bool,
-    reconnect_wait: float,
-    max_connections: int,
-    drain: float,
-    background: bool,
-    pidfile: str | None,
-) -> None:
+def command(ctx: click.Context, /, **params: Any) -> None:
     """SSH dynamic port forwarding, like ssh -D: a SOCKS4/4a/5 proxy whose every connection
     goes through an SSH direct-tcpip channel.
 
@@ -426,42 +527,64 @@ def command(
       pytunnel --demo                   try it with no SSH server of your own
     """
     run_command: list[str] = ctx.meta.get("pytunnel.command", [])
-    _setup_logging(verbose)
+    json_out: bool = params["json_out"]
+    if params["ipv4"] and params["ipv6"]:
+        _fail("-4 and -6 do not go together", ExitStatus.USAGE, json_out=json_out)
+    if params["background"] and run_command:
+        _fail("-f and -- COMMAND do not go together", ExitStatus.USAGE, json_out=json_out)
     try:
+        log_level = apply_options(params["options"]).get("log_level")
         config = build_config(
-            destination,
-            forwards=forwards,
-            port=port,
-            login=login,
-            identities=identities,
-            config_file=config_file,
-            options=options,
-            demo=demo,
-            handshake_timeout=handshake_timeout,
-            open_timeout=open_timeout,
-            reconnect=not no_reconnect,
-            retry_start=retry_start,
-            reconnect_wait=reconnect_wait,
-            max_connections=max_connections,
-            drain=drain,
+            params["destination"],
+            forwards=params["forwards"],
+            port=params["port"],
+            login=params["login"],
+            identities=params["identities"],
+            config_file=params["config_file"],
+            options=params["options"],
+            jump=params["jump"],
+            family=(
+                AddressFamily.INET
+                if params["ipv4"]
+                else AddressFamily.INET6
+                if params["ipv6"]
+                else None
+            ),
+            compression=params["compression"],
+            gateway_ports=params["gateway_ports"],
+            demo=params["demo"],
+            handshake_timeout=params["handshake_timeout"],
+            open_timeout=params["open_timeout"],
+            reconnect=not params["no_reconnect"],
+            retry_start=params["retry_start"],
+            reconnect_wait=params["reconnect_wait"],
+            max_connections=params["max_connections"],
+            drain=params["drain"],
         )
+        if not config.forwards:
+            raise ConfigError(
+                "nothing to forward", hint="give -D [bind_address:]port, for example -D 1080"
+            )
     except ConfigError as exc:
         _fail(str(exc), ExitStatus.USAGE, json_out=json_out)
-    if background and run_command:
-        _fail("-f and -- COMMAND do not go together", ExitStatus.USAGE, json_out=json_out)
+    verbose: int = params["verbose"] if log_level is None else max(params["verbose"], log_level)
+    quiet: bool = params["quiet"] or log_level == -1
+    log_stream = _open_log(params["log_file"], json_out=json_out)
+    _setup_logging(verbose, log_stream)
     sinks: list[events.Sink] = []
     if json_out:
         sinks.append(JsonRenderer())
-    sinks.append(PlainRenderer(quiet=quiet))
+    sinks.append(PlainRenderer(log_stream, quiet=quiet))
     notifier = SystemdNotifier.from_environment()
     if notifier is not None:
         sinks.append(notifier)
+    pidfile: str | None = params["pidfile"]
     if pidfile:
         sinks.append(OnReady(lambda _: _write_pidfile(pidfile)))
-    if background:
+    if params["background"]:
         sinks.append(OnReady(_background()))
     try:
-        status = app.run(config, Tee(*sinks), run_command)
+        status = app.run(config, Tee(*sinks), run_command, TerminalPrompter.open())
     except TunnelError as exc:
         if verbose:
             logging.getLogger("tunnel").exception("failed")
@@ -473,6 +596,15 @@ def command(
             with contextlib.suppress(OSError):
                 os.unlink(pidfile)
     sys.exit(status)
+
+
+def _open_log(path: str | None, *, json_out: bool) -> TextIO:
+    if path is None:
+        return sys.stderr
+    try:
+        return open(path, "a", encoding="utf-8", buffering=1)
+    except OSError as exc:
+        _fail(f"cannot open log file {path}: {exc.strerror}", ExitStatus.USAGE, json_out=json_out)
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from .errors import ConfigError
 
 DEFAULT_SSH_PORT = 22
+DEFAULT_CONNECT_TIMEOUT = 15.0
 
 
 class HostKeyPolicy(enum.Enum):
@@ -25,6 +26,17 @@ class HostKeyPolicy(enum.Enum):
     NO = "no"
     ASK = "ask"
     ACCEPT_NEW = "accept-new"
+
+
+class AddressFamily(enum.Enum):
+    """AddressFamily, as in ssh_config(5); -4 and -6."""
+
+    ANY = "any"
+    INET = "inet"
+    INET6 = "inet6"
+
+
+AUTH_METHODS = ("publickey", "password", "keyboard-interactive")
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,10 +73,11 @@ class Config:
     identities: tuple[str, ...] = ()
     # None: asyncssh's default (~/.ssh/config); () for "-F none".
     ssh_config: tuple[str, ...] | None = None
-    host_key_policy: HostKeyPolicy = HostKeyPolicy.YES
+    # None where the command line said nothing: ssh_config, then the default decides.
+    host_key_policy: HostKeyPolicy | None = None
     known_hosts: tuple[str, ...] | None = None
     global_known_hosts: tuple[str, ...] | None = None
-    connect_timeout: float = 15.0
+    connect_timeout: float | None = None
     handshake_timeout: float = 30.0
     open_timeout: float = 30.0
     # ServerAliveInterval/CountMax: on by default, unlike asyncssh (None: not given, so
@@ -77,6 +90,18 @@ class Config:
     reconnect_cap: float = 60.0
     max_connections: int = 4096
     drain: float = 0.0
+    # Algorithm lists as ssh_config spells them (a list, or +, - or ^ edits of the
+    # default): keys "ciphers", "kex", "host_key_algorithms", "macs".
+    algorithms: Mapping[str, str] = field(default_factory=dict)
+    compression: bool | None = None
+    identities_only: bool | None = None
+    # "publickey", "password", "keyboard-interactive" -> allowed or not.
+    auth_methods: Mapping[str, bool] = field(default_factory=dict)
+    preferred_auth: tuple[str, ...] | None = None
+    batch_mode: bool | None = None
+    address_family: AddressFamily = AddressFamily.ANY
+    gateway_ports: bool | None = None
+    jump_hosts: tuple[Destination, ...] = ()
     demo: bool = False
     options: Mapping[str, str] = field(default_factory=dict)
 
@@ -210,6 +235,42 @@ def parse_interval(key: str, value: str) -> float:
     if value.strip() == "0":
         return 0.0
     return parse_seconds(key, value)
+
+
+def parse_address_family(value: str) -> AddressFamily:
+    try:
+        return AddressFamily(value.lower())
+    except ValueError:
+        raise ConfigError(
+            f"bad value {value!r} for AddressFamily: expected any, inet or inet6"
+        ) from None
+
+
+def parse_algorithms(key: str, value: str) -> str:
+    """A comma-separated list, optionally starting with +, - or ^ as ssh_config allows."""
+    names = value.lstrip("+-^")
+    if not names or any(not re.fullmatch(r"[A-Za-z0-9@._*?-]+", n) for n in names.split(",")):
+        raise ConfigError(f"bad value {value!r} for {key}: expected a comma-separated list")
+    return value
+
+
+def parse_preferred_auth(value: str) -> tuple[str, ...]:
+    methods = tuple(m.strip() for m in value.split(",") if m.strip())
+    known = {*AUTH_METHODS, "hostbased", "gssapi-with-mic", "gssapi-keyex"}
+    unknown = [m for m in methods if m not in known]
+    if not methods or unknown:
+        raise ConfigError(
+            f"bad value {value!r} for PreferredAuthentications: expected methods from "
+            + ", ".join(AUTH_METHODS)
+        )
+    return methods
+
+
+def parse_jump_hosts(value: str) -> tuple[Destination, ...]:
+    """``-J`` / ProxyJump: ``[user@]host[:port][,...]``; ``none`` for no jump."""
+    if value.strip().lower() == "none":
+        return ()
+    return tuple(parse_destination(hop) for hop in value.split(","))
 
 
 def split_paths(value: str) -> tuple[str, ...]:

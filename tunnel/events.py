@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 
 @dataclass(slots=True)
@@ -161,6 +162,16 @@ Event = (
 )
 
 Sink = Callable[[Event], None]
+
+
+class Prompter(Protocol):
+    """How the core asks the person at the terminal something. Every method may block
+    (the session calls ``ask`` and ``passphrase`` from a worker thread); ``None`` means
+    no answer (no terminal, or the person gave up). Secrets are returned, never logged."""
+
+    def ask(self, prompt: str, echo: bool) -> str | None: ...
+    def show(self, text: str) -> None: ...
+    def confirm(self, question: str) -> str | None: ...
 
 
 def discard(event: Event) -> None:

@@ -7,8 +7,12 @@ exceptions are translated here, once, into the tree of :mod:`tunnel.errors`.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import dataclasses
 import getpass
+import hashlib
+import hmac
 import logging
 import os
 import socket
@@ -18,13 +22,24 @@ from pathlib import Path
 from typing import Any
 
 import asyncssh
+from asyncssh.config import SSHClientConfig, SSHConfig
 
 from . import events
 from .channels import Channel, ChannelSink
-from .config import Config, HostKeyPolicy
+from .config import (
+    DEFAULT_CONNECT_TIMEOUT,
+    AddressFamily,
+    Config,
+    Destination,
+    HostKeyPolicy,
+    merge_forwards,
+    parse_forward,
+    parse_host_key_policy,
+)
 from .errors import (
     AuthenticationFailed,
     ChannelOpenFailed,
+    ConfigError,
     ConnectFailed,
     HostKeyRejected,
     ReplyReason,
@@ -40,8 +55,125 @@ log = logging.getLogger(__name__)
 DEFAULT_KEEPALIVE = 15.0
 DEFAULT_KEEPALIVE_COUNT = 3
 
+_ALGORITHM_KWARGS = {
+    "kex": "kex_algs",
+    "host_key_algorithms": "server_host_key_algs",
+    "macs": "mac_algs",
+}
+_AUTH_KWARGS = {
+    "publickey": "public_key_auth",
+    "password": "password_auth",
+    "keyboard-interactive": "kbdint_auth",
+}
+_FAMILIES = {AddressFamily.INET: socket.AF_INET, AddressFamily.INET6: socket.AF_INET6}
+
+# With AES instructions, AES-GCM costs a fraction of chacha20-poly1305 in asyncssh (one
+# cipher object per packet there). Put it first; keep everything else so any server works.
+_AES_GCM_FIRST = "^aes128-gcm@openssh.com,aes256-gcm@openssh.com"
+
+
+def _cpu_has_aes() -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as handle:
+            return any(line.startswith(("flags", "Features")) and " aes" in line for line in handle)
+    except OSError:
+        return False
+
+
+def preferred_ciphers() -> tuple[str, ...] | str:
+    """The cipher order to offer when the user chose none."""
+    return _AES_GCM_FIRST if _cpu_has_aes() else ()
+
+
 USER_KNOWN_HOSTS = ("~/.ssh/known_hosts", "~/.ssh/known_hosts2")
 GLOBAL_KNOWN_HOSTS = ("/etc/ssh/ssh_known_hosts", "/etc/ssh/ssh_known_hosts2")
+
+
+# -- ssh_config ---------------------------------------------------------------------
+
+
+class _FileConfig(SSHClientConfig):
+    """asyncssh's ssh_config reader (Host and Match matching, Include, first value wins)
+    that also keeps the keys asyncssh has no use for but a tunnel does."""
+
+    _handlers = {  # noqa: RUF012 (asyncssh declares it as a plain attribute)
+        **SSHClientConfig._handlers,
+        **{
+            option.lower(): (option, handler)
+            for option, handler in (
+                ("DynamicForward", SSHConfig._append_string),
+                ("StrictHostKeyChecking", SSHConfig._set_string),
+                ("BatchMode", SSHConfig._set_bool),
+                ("GatewayPorts", SSHConfig._set_bool),
+                ("ExitOnForwardFailure", SSHConfig._set_bool),
+            )
+        },
+    }
+
+
+def _config_paths(config: Config) -> list[str]:
+    if config.ssh_config is not None:
+        return list(config.ssh_config)
+    default = os.path.expanduser("~/.ssh/config")
+    return [default] if os.access(default, os.R_OK) else []
+
+
+def apply_ssh_config(config: Config) -> Config:
+    """Fill what the command line left open from ssh_config, for the destination host.
+    The command line wins; ``DynamicForward`` lines add listeners, as in ssh."""
+    paths = _config_paths(config)
+    if not paths:
+        return config
+    dest = config.destination
+    try:
+        loaded = _FileConfig.load(
+            None,
+            paths,
+            False,
+            False,
+            False,
+            getpass.getuser(),
+            dest.user or (),
+            dest.host,
+            dest.port or (),
+        )
+    except (OSError, asyncssh.ConfigParseError) as exc:
+        raise ConfigError(f"cannot read ssh_config: {exc}") from exc
+
+    def get(option: str) -> Any:
+        return loaded.get(option)
+
+    changes: dict[str, Any] = {}
+    forwards = get("DynamicForward") or []
+    try:
+        if forwards:
+            changes["forwards"] = merge_forwards(
+                [*config.forwards, *(parse_forward(text) for text in forwards)]
+            )
+        if config.host_key_policy is None and get("StrictHostKeyChecking") is not None:
+            changes["host_key_policy"] = parse_host_key_policy(get("StrictHostKeyChecking"))
+    except ConfigError as exc:
+        raise ConfigError(f"in ssh_config: {exc.message}") from exc
+    simple = {
+        "batch_mode": "BatchMode",
+        "gateway_ports": "GatewayPorts",
+        "compression": "Compression",
+        "keepalive_interval": "ServerAliveInterval",
+        "keepalive_count": "ServerAliveCountMax",
+        "connect_timeout": "ConnectTimeout",
+    }
+    for field, option in simple.items():
+        if getattr(config, field) is None and get(option) is not None:
+            changes[field] = get(option)
+    for field, option in (
+        ("known_hosts", "UserKnownHostsFile"),
+        ("global_known_hosts", "GlobalKnownHostsFile"),
+    ):
+        if getattr(config, field) is None and get(option):
+            changes[field] = tuple(get(option))
+    if "ciphers" not in config.algorithms and get("Ciphers"):
+        changes["algorithms"] = {**config.algorithms, "ciphers": get("Ciphers")}
+    return dataclasses.replace(config, **changes) if changes else config
 
 
 # -- channels -----------------------------------------------------------------------
@@ -94,7 +226,7 @@ class _Verdict:
     key_type: str
     fingerprint: str
     host: str
-    files: tuple[str, ...]
+    old_line: str
 
 
 class _HostKeys:
@@ -102,14 +234,19 @@ class _HostKeys:
     for keys that are not in them. asyncssh matches the files; we decide the rest."""
 
     def __init__(
-        self, policy: HostKeyPolicy, user_files: Sequence[str], global_files: Sequence[str]
-    ):
+        self,
+        policy: HostKeyPolicy,
+        user_files: Sequence[str],
+        global_files: Sequence[str],
+        prompter: events.Prompter | None,
+    ) -> None:
         self.policy = policy
         self.user_files = tuple(os.path.expanduser(p) for p in user_files)
         self.files = self.user_files + tuple(os.path.expanduser(p) for p in global_files)
+        self.prompter = prompter
         self.known_for_host: list[asyncssh.SSHKey] = []
         self.verdict: _Verdict | None = None
-        self.recorded = False
+        self.declined = False
 
     def match(self, host: str, addr: str, port: int | None) -> Any:
         present = [p for p in self.files if os.path.isfile(p)]
@@ -120,52 +257,109 @@ class _HostKeys:
         self.known_for_host = list(result[0])
         return result
 
-    def decide(self, host: str, port: int, key: asyncssh.SSHKey) -> bool:
+    def decide(self, host: str, addr: str, port: int, key: asyncssh.SSHKey) -> bool:
         """Called by asyncssh for a key no known_hosts line trusts."""
         same_type = [k for k in self.known_for_host if k.algorithm == key.algorithm]
+        name = _known_hosts_name(host, port)
+        fingerprint = key.get_fingerprint("sha256")
         self.verdict = _Verdict(
             changed=bool(same_type),
             key_type=key.algorithm.decode("ascii"),
-            fingerprint=key.get_fingerprint("sha256"),
-            host=_known_hosts_name(host, port),
-            files=self.files,
+            fingerprint=fingerprint,
+            host=name,
+            old_line=_find_line(self.files, same_type) if same_type else "",
         )
-        if same_type or self.policy not in (HostKeyPolicy.ACCEPT_NEW,):
-            return False
-        self._record(host, port, key)
-        return True
+        if same_type:
+            return False  # a changed key is never accepted, whatever the policy
+        if self.policy is HostKeyPolicy.ACCEPT_NEW:
+            self._record(name, key)
+            return True
+        if self.policy is HostKeyPolicy.ASK and self.prompter is not None:
+            if self._ask(name, addr, key, fingerprint):
+                self._record(name, key)
+                return True
+            self.declined = True
+        return False
 
-    def _record(self, host: str, port: int, key: asyncssh.SSHKey) -> None:
+    def _ask(self, name: str, addr: str, key: asyncssh.SSHKey, fingerprint: str) -> bool:
+        assert self.prompter is not None
+        kind = key.algorithm.decode("ascii").removeprefix("ssh-").upper()
+        self.prompter.show(
+            f"The authenticity of host '{name} ({addr})' can't be established.\n"
+            f"{kind} key fingerprint is {fingerprint}."
+        )
+        question = "Are you sure you want to continue connecting (yes/no/[fingerprint])? "
+        while True:
+            answer = self.prompter.confirm(question)
+            if answer is None:
+                return False
+            answer = answer.strip()
+            if answer.lower() == "yes" or answer == fingerprint:
+                return True
+            if answer.lower() == "no":
+                return False
+            question = "Please type 'yes', 'no' or the fingerprint: "
+
+    def _record(self, name: str, key: asyncssh.SSHKey) -> None:
         path = Path(self.user_files[0])
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        line = (
-            f"{_known_hosts_name(host, port)} {key.export_public_key('openssh').decode().strip()}\n"
-        )
+        public = key.export_public_key("openssh").decode().split()
+        if _uses_hashed_names(path):
+            name = hash_known_host(name, os.urandom(20))
         with path.open("a", encoding="ascii") as handle:
-            handle.write(line)
-        self.recorded = True
-        log.warning(
-            "Permanently added %s (%s) to %s", host, self.verdict and self.verdict.key_type, path
-        )
+            handle.write(f"{name} {public[0]} {public[1]}\n")
+        log.warning("Permanently added %s (%s) to %s", name, public[0], path)
 
     def error(self) -> HostKeyRejected:
         v = self.verdict
         if v is None:
             return HostKeyRejected("host key verification failed", hint="the host key is revoked")
-        where = " or ".join(self.user_files[:1])
         if v.changed:
             return HostKeyRejected(
                 f"HOST KEY CHANGED for {v.host}: the server now offers {v.key_type} key "
-                f"{v.fingerprint}, which is not the one in known_hosts. Someone may be "
-                "intercepting the connection, or the server was reinstalled",
-                hint=f"if you know why it changed, remove the old line with "
+                f"{v.fingerprint}, not the one in {v.old_line or 'known_hosts'}. Someone may "
+                "be intercepting the connection, or the server was reinstalled",
+                hint=f"if you know why it changed, remove the old key with "
                 f"`ssh-keygen -R '{v.host}'` and connect again",
+            )
+        if self.declined:
+            return HostKeyRejected(
+                f"host key for {v.host} not accepted: {v.key_type} {v.fingerprint}"
             )
         return HostKeyRejected(
             f"host key for {v.host} is not known: {v.key_type} {v.fingerprint}",
-            hint=f"check the fingerprint with the server's owner, then add it to {where} "
-            "(for example with `ssh` once), or use -o StrictHostKeyChecking=accept-new",
+            hint=f"check the fingerprint with the server's owner, then add it to "
+            f"{self.user_files[0]} (for example by running pytunnel or ssh once on a "
+            "terminal), or use -o StrictHostKeyChecking=accept-new",
         )
+
+
+def hash_known_host(name: str, salt: bytes) -> str:
+    """known_hosts' hashed form of a host name: ``|1|base64(salt)|base64(HMAC-SHA1)``."""
+    digest = hmac.new(salt, name.encode(), hashlib.sha1).digest()
+    return f"|1|{base64.b64encode(salt).decode()}|{base64.b64encode(digest).decode()}"
+
+
+def _uses_hashed_names(path: Path) -> bool:
+    try:
+        with path.open(encoding="ascii", errors="replace") as handle:
+            return any(line.startswith("|1|") for line in handle)
+    except OSError:
+        return False
+
+
+def _find_line(files: Sequence[str], keys: Sequence[asyncssh.SSHKey]) -> str:
+    """``file:line`` of the first known_hosts line holding one of ``keys``."""
+    blobs = {k.export_public_key("openssh").decode().split()[1] for k in keys}
+    for path in files:
+        try:
+            with open(path, encoding="ascii", errors="replace") as handle:
+                for number, line in enumerate(handle, start=1):
+                    if any(field in blobs for field in line.split()[1:4]):
+                        return f"{path}:{number}"
+        except OSError:
+            continue
+    return ""
 
 
 def _expand(paths: Sequence[str]) -> list[str]:
@@ -176,10 +370,53 @@ def _known_hosts_name(host: str, port: int) -> str:
     return host if port == 22 else f"[{host}]:{port}"
 
 
+# As ssh: three password tries, then give up on the method.
+PASSWORD_TRIES = 3
+
+
 class _Client(asyncssh.SSHClient):
-    def __init__(self, host_keys: _HostKeys | None) -> None:
+    def __init__(
+        self, host_keys: _HostKeys | None, prompter: events.Prompter | None, server: str
+    ) -> None:
         self._host_keys = host_keys
+        self._prompter = prompter
+        self._server = server
         self.lost_reason = "connection closed by the server"
+        self.password_tries = 0
+        self.kbdint_rounds = 0
+
+    def auth_banner_received(self, msg: str, lang: str) -> None:
+        if self._prompter is not None:
+            self._prompter.show(msg)
+
+    async def password_auth_requested(self) -> str | None:
+        if self._prompter is None or self.password_tries >= PASSWORD_TRIES:
+            return None
+        if self.password_tries:
+            self._prompter.show("Permission denied, please try again.")
+        self.password_tries += 1
+        return await asyncio.to_thread(self._prompter.ask, f"{self._server}'s password: ", False)
+
+    def kbdint_auth_requested(self) -> str | None:
+        return None if self._prompter is None else ""
+
+    async def kbdint_challenge_received(
+        self, name: str, instructions: str, lang: str, prompts: Sequence[tuple[str, bool]]
+    ) -> list[str] | None:
+        prompter = self._prompter
+        if prompter is None or self.kbdint_rounds >= PASSWORD_TRIES * 2:
+            return None
+        self.kbdint_rounds += 1
+        for text in (name, instructions):
+            if text:
+                prompter.show(text.rstrip("\n"))
+        answers: list[str] = []
+        for prompt, echo in prompts:
+            answer = await asyncio.to_thread(prompter.ask, prompt, echo)
+            if answer is None:
+                return None
+            answers.append(answer)
+        return answers
 
     def connection_lost(self, exc: Exception | None) -> None:
         if exc is not None:
@@ -188,7 +425,7 @@ class _Client(asyncssh.SSHClient):
     def validate_host_public_key(
         self, host: str, addr: str, port: int, key: asyncssh.SSHKey
     ) -> bool:
-        return self._host_keys is not None and self._host_keys.decide(host, port, key)
+        return self._host_keys is not None and self._host_keys.decide(host, addr, port, key)
 
 
 # -- the session --------------------------------------------------------------------
@@ -197,15 +434,24 @@ class _Client(asyncssh.SSHClient):
 class Session:
     """One SSH connection and the channels opened through it."""
 
-    def __init__(self, config: Config, emit: events.Sink) -> None:
+    def __init__(
+        self, config: Config, emit: events.Sink, prompter: events.Prompter | None = None
+    ) -> None:
         self.config = config
         self.emit = emit
+        self.prompter = prompter
         self.server = str(config.destination)
         self._conn: asyncssh.SSHClientConnection | None = None
         self._up = asyncio.Event()
         self._lost: asyncio.Future[SessionError] | None = None
         self._watcher: asyncio.Task[None] | None = None
+        self._hops: list[asyncssh.SSHClientConnection] = []
         self.attempts = 0
+
+    @property
+    def connect_timeout(self) -> float:
+        timeout = self.config.connect_timeout
+        return DEFAULT_CONNECT_TIMEOUT if timeout is None else timeout
 
     @property
     def connection(self) -> asyncssh.SSHClientConnection | None:
@@ -216,21 +462,19 @@ class Session:
         if cfg.host_key_policy is HostKeyPolicy.NO:
             return None
         return _HostKeys(
-            cfg.host_key_policy,
+            cfg.host_key_policy or HostKeyPolicy.ASK,
             cfg.known_hosts if cfg.known_hosts is not None else USER_KNOWN_HOSTS,
             cfg.global_known_hosts if cfg.global_known_hosts is not None else GLOBAL_KNOWN_HOSTS,
+            None if cfg.batch_mode else self.prompter,
         )
 
-    async def connect(self) -> None:
-        """Connect and authenticate once; raise a :class:`SessionError` if that fails."""
+    def _connect_kwargs(self, host_keys: _HostKeys | None) -> dict[str, Any]:
+        """asyncssh's options for one connection. What is not given here, asyncssh takes
+        from ssh_config, then from its defaults."""
         cfg = self.config
-        dest = cfg.destination
-        self.attempts += 1
-        self.emit(events.SessionConnecting(self.server, self.attempts))
-        host_keys = self._host_keys()
         kwargs: dict[str, Any] = {
             "known_hosts": host_keys.match if host_keys is not None else None,
-            "connect_timeout": cfg.connect_timeout,
+            "connect_timeout": self.connect_timeout,
             "config": () if cfg.ssh_config is None else list(cfg.ssh_config),
             "keepalive_interval": (
                 DEFAULT_KEEPALIVE if cfg.keepalive_interval is None else cfg.keepalive_interval
@@ -238,30 +482,59 @@ class Session:
             "keepalive_count_max": (
                 DEFAULT_KEEPALIVE_COUNT if cfg.keepalive_count is None else cfg.keepalive_count
             ),
+            # ssh's default is no compression; asyncssh would otherwise offer zlib first.
+            "compression_algs": "zlib@openssh.com,zlib,none" if cfg.compression else "none",
+            "encryption_algs": cfg.algorithms.get("ciphers", preferred_ciphers()),
         }
+        for field, name in _ALGORITHM_KWARGS.items():
+            if field in cfg.algorithms:
+                kwargs[name] = cfg.algorithms[field]
+        for method, allowed in cfg.auth_methods.items():
+            kwargs[_AUTH_KWARGS[method]] = allowed
+        if cfg.preferred_auth is not None:
+            kwargs["preferred_auth"] = list(cfg.preferred_auth)
+        if cfg.identities:
+            kwargs["client_keys"] = _expand(cfg.identities)
+            if cfg.identities_only:
+                kwargs["agent_identities"] = _expand(cfg.identities)
+        if self.prompter is not None and not cfg.batch_mode:
+            kwargs["passphrase"] = self._passphrase
+            kwargs["ignore_encrypted"] = False
+        if cfg.address_family is not AddressFamily.ANY:
+            kwargs["family"] = _FAMILIES[cfg.address_family]
+        return kwargs
+
+    async def _open_connection(
+        self, dest: Destination, tunnel: asyncssh.SSHClientConnection | None, what: str
+    ) -> tuple[asyncssh.SSHClientConnection, _Client]:
+        """One SSH connection (to a jump host or the server), errors translated."""
+        cfg = self.config
+        host_keys = self._host_keys()
+        kwargs = self._connect_kwargs(host_keys)
         if dest.user:
             kwargs["username"] = dest.user
         if dest.port:
             kwargs["port"] = dest.port
-        if cfg.identities:
-            kwargs["client_keys"] = _expand(cfg.identities)
-        loop = asyncio.get_running_loop()
-        lost: asyncio.Future[SessionError] = loop.create_future()
-        client = _Client(host_keys)
+        if tunnel is not None:
+            kwargs["tunnel"] = tunnel
+        prompter = None if cfg.batch_mode else self.prompter
+        client = _Client(host_keys, prompter, str(dest))
         try:
             conn = await asyncssh.connect(dest.host, client_factory=lambda: client, **kwargs)
         except asyncssh.HostKeyNotVerifiable as exc:
             raise (host_keys.error() if host_keys else HostKeyRejected(str(exc))) from exc
         except asyncssh.PermissionDenied as exc:
+            hint = f"tried {self._tried(client)}; check the user name (-l) and key (-i)"
+            if cfg.batch_mode or prompter is None:
+                hint += "; no password was asked for (BatchMode or no terminal)"
             raise AuthenticationFailed(
-                f"{self.server}: permission denied ({exc.reason})",
-                hint=f"tried {self._tried()}; check the user name (-l) and key (-i)",
+                f"{what}: permission denied ({exc.reason})", hint=hint
             ) from exc
         except asyncssh.DisconnectError as exc:
-            raise ConnectFailed(f"{self.server}: {exc.reason}") from exc
+            raise ConnectFailed(f"{what}: {exc.reason}") from exc
         except TimeoutError as exc:
             raise ConnectFailed(
-                f"{self.server}: connection timed out after {cfg.connect_timeout:g} s",
+                f"{what}: connection timed out after {self.connect_timeout:g} s",
                 hint="check the host and port, or raise -o ConnectTimeout",
             ) from exc
         except socket.gaierror as exc:
@@ -271,10 +544,32 @@ class Session:
             ) from exc
         except OSError as exc:
             reason = exc.strerror or str(exc)
-            raise ConnectFailed(f"{self.server}: {reason}") from exc
+            raise ConnectFailed(f"{what}: {reason}") from exc
         except (asyncssh.KeyImportError, asyncssh.KeyEncryptionError, ValueError) as exc:
-            raise AuthenticationFailed(f"{self.server}: cannot use key: {exc}") from exc
+            raise AuthenticationFailed(f"{what}: cannot use key: {exc}") from exc
+        return conn, client
+
+    async def connect(self) -> None:
+        """Connect (through any jump hosts) and authenticate once; raise a
+        :class:`SessionError` if that fails."""
+        cfg = self.config
+        self.attempts += 1
+        self.emit(events.SessionConnecting(self.server, self.attempts))
+        loop = asyncio.get_running_loop()
+        hops: list[asyncssh.SSHClientConnection] = []
+        try:
+            tunnel: asyncssh.SSHClientConnection | None = None
+            for hop in cfg.jump_hosts:
+                tunnel, _ = await self._open_connection(hop, tunnel, f"jump host {hop}")
+                hops.append(tunnel)
+            conn, client = await self._open_connection(cfg.destination, tunnel, self.server)
+        except BaseException:
+            for hop_conn in reversed(hops):
+                hop_conn.abort()
+            raise
+        lost: asyncio.Future[SessionError] = loop.create_future()
         self._conn = conn
+        self._hops = hops
         self._lost = lost
         self._watcher = loop.create_task(self._watch(conn, client, lost))
         self._up.set()
@@ -289,11 +584,41 @@ class Session:
             )
         )
 
-    def _tried(self) -> str:
-        ids = [os.path.expanduser(p) for p in self.config.identities]
+    def _passphrase(self, filename: str) -> str | None:
+        """Asked by asyncssh for every key file it loads: prompt only for encrypted ones,
+        and check the answer here, three tries as ssh."""
+        prompter = self.prompter
+        if prompter is None:
+            return None
+        try:
+            asyncssh.read_private_key(filename)
+        except asyncssh.KeyEncryptionError:
+            pass
+        except (OSError, asyncssh.KeyImportError):
+            return None
+        else:
+            return None
+        for _ in range(PASSWORD_TRIES):
+            answer = prompter.ask(f"Enter passphrase for key '{filename}': ", False)
+            if answer is None:
+                return None
+            try:
+                asyncssh.read_private_key(filename, answer)
+            except (asyncssh.KeyEncryptionError, asyncssh.KeyImportError):
+                prompter.show("Bad passphrase, try again.")
+                continue
+            return answer
+        return None
+
+    def _tried(self, client: _Client) -> str:
+        ids = _expand(self.config.identities)
         parts = [f"key {p}" for p in ids] or ["the default keys in ~/.ssh"]
-        if os.environ.get("SSH_AUTH_SOCK"):
+        if os.environ.get("SSH_AUTH_SOCK") and not self.config.identities_only:
             parts.append("the ssh-agent's keys")
+        if client.password_tries:
+            parts.append(f"{client.password_tries} password(s)")
+        if client.kbdint_rounds:
+            parts.append("keyboard-interactive")
         return ", ".join(parts)
 
     async def _watch(
@@ -308,6 +633,9 @@ class Session:
             if self._conn is conn:
                 self._conn = None
                 self._up.clear()
+                for hop in reversed(self._hops):
+                    hop.close()
+                self._hops = []
             if not lost.done():
                 lost.set_result(SessionClosed(f"{self.server}: {client.lost_reason}"))
 
@@ -363,11 +691,12 @@ class Session:
 
     async def close(self) -> None:
         conn, self._conn = self._conn, None
+        hops, self._hops = self._hops, []
         self._up.clear()
-        if conn is not None:
-            conn.close()
+        for each in [c for c in (conn,) if c is not None] + hops[::-1]:
+            each.close()
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(conn.wait_closed(), 5.0)
+                await asyncio.wait_for(each.wait_closed(), 5.0)
 
 
 def enable_protocol_debug() -> None:

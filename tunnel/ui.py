@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import termios
 import time
 from collections.abc import Callable
 from typing import Any, TextIO
@@ -172,3 +173,58 @@ class Tee:
     def __call__(self, event: events.Event) -> None:
         for sink in self.sinks:
             sink(event)
+
+
+class TerminalPrompter:
+    """Asks on the controlling terminal (``/dev/tty``), as ssh does, so prompts work
+    even when stdout and stderr are redirected. Secrets are read with echo off."""
+
+    def __init__(self, tty: TextIO) -> None:
+        self.tty = tty
+        self.before_prompt: Callable[[], None] = lambda: None
+        self.after_prompt: Callable[[], None] = lambda: None
+
+    @classmethod
+    def open(cls) -> TerminalPrompter | None:
+        try:
+            tty = open("/dev/tty", "r+", encoding="utf-8", errors="replace")  # noqa: SIM115
+        except OSError:
+            return None
+        return cls(tty)
+
+    def show(self, text: str) -> None:
+        self.before_prompt()
+        try:
+            self.tty.write(text.rstrip("\n") + "\n")
+            self.tty.flush()
+        finally:
+            self.after_prompt()
+
+    def confirm(self, question: str) -> str | None:
+        return self.ask(question, True)
+
+    def ask(self, prompt: str, echo: bool) -> str | None:
+        self.before_prompt()
+        try:
+            self.tty.write(prompt)
+            self.tty.flush()
+            line = self.tty.readline() if echo else self._read_secret()
+            return None if not line else line.rstrip("\r\n")
+        except (OSError, EOFError, KeyboardInterrupt):
+            return None
+        finally:
+            self.after_prompt()
+
+    def _read_secret(self) -> str:
+        fd = self.tty.fileno()
+        old = termios.tcgetattr(fd)
+        new = termios.tcgetattr(fd)
+        new[3] &= ~termios.ECHO
+        try:
+            termios.tcsetattr(fd, termios.TCSAFLUSH, new)
+            line = self.tty.readline()
+        finally:
+            termios.tcsetattr(fd, termios.TCSAFLUSH, old)
+            self.tty.write("\n")
+            self.tty.flush()
+        return line
