@@ -8,11 +8,13 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn, TextIO
 
 import click
+from rich.console import Console
 
 from . import __version__, app, events
 from .config import (
@@ -38,7 +40,7 @@ from .config import (
 )
 from .errors import ConfigError, ExitStatus, TunnelError
 from .notify import OnReady, SystemdNotifier
-from .ui import JsonRenderer, PlainRenderer, Tee, TerminalPrompter
+from .ui import JsonRenderer, LiveRenderer, PlainRenderer, Tee, TerminalPrompter
 
 PROG = "pytunnel"
 
@@ -388,8 +390,21 @@ def _background() -> Callable[[events.Ready], None]:
     return detach
 
 
+class _CurrentStderr(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is at the time, so that log lines go through the
+    live view (which swaps stderr to print above itself) instead of across it."""
+
+    @property
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: TextIO) -> None:
+        pass
+
+
 def _setup_logging(verbose: int, stream: TextIO) -> None:
-    handler = logging.StreamHandler(stream)
+    handler = _CurrentStderr() if stream is sys.stderr else logging.StreamHandler(stream)
     handler.setFormatter(logging.Formatter(f"{PROG}: %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -571,10 +586,24 @@ def command(ctx: click.Context, /, **params: Any) -> None:
     quiet: bool = params["quiet"] or log_level == -1
     log_stream = _open_log(params["log_file"], json_out=json_out)
     _setup_logging(verbose, log_stream)
+    prompter = TerminalPrompter.open()
     sinks: list[events.Sink] = []
     if json_out:
         sinks.append(JsonRenderer())
-    sinks.append(PlainRenderer(log_stream, quiet=quiet))
+    # The live view needs the terminal to itself: not with -- COMMAND (its output would
+    # run through the view), -f, -q or -E.
+    live = (
+        log_stream.isatty()
+        and not (run_command or params["background"] or quiet or params["log_file"])
+        and os.environ.get("TERM") != "dumb"
+    )
+    if live:
+        view = LiveRenderer(Console(stderr=True), str(config.destination), clock=time.time)
+        sinks.append(view)
+        if prompter is not None:
+            prompter.before_prompt, prompter.after_prompt = view.pause, view.resume
+    else:
+        sinks.append(PlainRenderer(log_stream, quiet=quiet))
     notifier = SystemdNotifier.from_environment()
     if notifier is not None:
         sinks.append(notifier)
@@ -584,7 +613,7 @@ def command(ctx: click.Context, /, **params: Any) -> None:
     if params["background"]:
         sinks.append(OnReady(_background()))
     try:
-        status = app.run(config, Tee(*sinks), run_command, TerminalPrompter.open())
+        status = app.run(config, Tee(*sinks), run_command, prompter)
     except TunnelError as exc:
         if verbose:
             logging.getLogger("tunnel").exception("failed")
