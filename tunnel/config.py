@@ -107,7 +107,8 @@ class Config:
 
 
 def parse_port(text: str, *, what: str = "port", allow_zero: bool = False) -> int:
-    if not text.isdecimal():
+    # ASCII digits only (str.isdecimal() takes any script's digits), and few of them.
+    if not (text.isascii() and text.isdigit() and len(text.lstrip("0")) <= 5):
         raise ConfigError(f"bad {what} {text!r}: expected a number from 1 to 65535")
     port = int(text)
     low = 0 if allow_zero else 1
@@ -143,14 +144,14 @@ def parse_forward(text: str) -> Forward:
     return Forward(host, port)
 
 
-_HOSTNAME = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_.])?$")
+_HOSTNAME = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_.])?")
 
 
 def _is_host(text: str) -> bool:
     try:
         ipaddress.ip_address(text)
     except ValueError:
-        return bool(_HOSTNAME.match(text)) and len(text) <= 253
+        return bool(_HOSTNAME.fullmatch(text)) and len(text) <= 253
     return True
 
 
@@ -225,7 +226,7 @@ def parse_seconds(key: str, value: str) -> float:
 
 
 def parse_count(key: str, value: str, *, low: int = 0) -> int:
-    if not value.isdecimal() or int(value) < low:
+    if not (value.isascii() and value.isdigit() and len(value) <= 9) or int(value) < low:
         raise ConfigError(f"bad value {value!r} for {key}: expected a whole number >= {low}")
     return int(value)
 

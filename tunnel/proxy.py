@@ -374,21 +374,22 @@ class ProxyServer:
     async def listen(self, specs: Iterable[tuple[str | None, int]]) -> list[events.Listener]:
         """Bind every ``(host, port)``; all or nothing: on any failure, close what was
         bound and raise :class:`ListenError`."""
+        bound: list[socket.socket] = []
         try:
             for host, port in specs:
-                for sock in _bind_group(bind_addresses(host), port, host):
-                    await self._serve(sock)
+                bound.extend(_bind_group(bind_addresses(host), port, host))
         except BaseException:
-            await self.close()
+            for sock in bound:
+                sock.close()
             raise
+        # Only now that every address is bound: nothing is announced that then closes.
+        for sock in bound:
+            self._acceptors.append(_Acceptor(self, sock))
+            host, port = sock.getsockname()[:2]
+            listener = events.Listener(host, port)
+            self.listeners.append(listener)
+            self.emit(events.ListenerStarted(listener))
         return list(self.listeners)
-
-    async def _serve(self, sock: socket.socket) -> None:
-        self._acceptors.append(_Acceptor(self, sock))
-        host, port = sock.getsockname()[:2]
-        listener = events.Listener(host, port)
-        self.listeners.append(listener)
-        self.emit(events.ListenerStarted(listener))
 
     def accepted(self, conn: socket.socket) -> None:
         conn.setblocking(False)

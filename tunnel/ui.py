@@ -27,15 +27,17 @@ from .stats import Stats, is_public_address
 
 
 def human_bytes(count: float) -> str:
+    # Compare the rounded value, so 1048575 B reads "1.0 MiB", not "1024.0 KiB".
     for unit in ("B", "KiB", "MiB", "GiB"):
-        if count < 1024 or unit == "GiB":
+        shown = round(count) if unit == "B" else round(count, 1)
+        if shown < 1024 or unit == "GiB":
             return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
         count /= 1024
     raise AssertionError("unreachable")
 
 
 def human_seconds(seconds: float) -> str:
-    if seconds < 1:
+    if round(seconds * 1000) < 1000:
         return f"{seconds * 1000:.0f} ms"
     if seconds < 120:
         return f"{seconds:.1f} s"
