@@ -110,7 +110,7 @@ def parse_port(text: str, *, what: str = "port", allow_zero: bool = False) -> in
     # ASCII digits only (str.isdecimal() takes any script's digits), and few of them.
     if not (text.isascii() and text.isdigit() and len(text.lstrip("0")) <= 5):
         raise ConfigError(f"bad {what} {text!r}: expected a number from 1 to 65535")
-    port = int(text)
+    port = int(text.lstrip("0") or "0")
     low = 0 if allow_zero else 1
     if not low <= port <= 65535:
         raise ConfigError(f"bad {what} {text!r}: expected a number from {low} to 65535")
