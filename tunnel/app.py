@@ -14,8 +14,8 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from . import events
-from .config import Config, Destination, Forward, HostKeyPolicy
-from .errors import ExitStatus, SessionError
+from .config import Config, Destination, Forward, HostKeyPolicy, open_proxy_forwards
+from .errors import ConfigError, ExitStatus, SessionError
 from .proxy import ProxyServer
 from .retry import backoff, is_retryable
 from .session import Session, apply_ssh_config
@@ -42,12 +42,29 @@ class _Stop:
         self.event.set()
 
 
+def guard_open_proxy(config: Config) -> None:
+    """Refuse to become an open proxy into the SSH server's network by accident."""
+    exposed = open_proxy_forwards(config)
+    if exposed:
+        where = ", ".join(str(f) for f in exposed)
+        raise ConfigError(
+            f"-D {where} would let anyone who can reach this machine use the tunnel",
+            hint="require a password with --proxy-auth USER, or pass --allow-open-proxy "
+            "if that is really what you want",
+        )
+
+
 def command_environment(listeners: Sequence[events.Listener]) -> dict[str, str]:
     """What a wrapped command needs to use the tunnel: the first loopback listener as
     ``ALL_PROXY`` in the form curl, git, pip and most libraries read."""
     first = next((item for item in listeners if item.host in ("127.0.0.1", "::1")), listeners[0])
     env = dict(os.environ)
     env["ALL_PROXY"] = env["all_proxy"] = first.url
+    # The same port speaks HTTP too, for tools that only know http_proxy.
+    http = first.url.replace("socks5h://", "http://", 1)
+    for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        env[name] = http
+    env["NO_PROXY"] = env["no_proxy"] = "localhost,127.0.0.1,::1"
     env["PYTUNNEL_PORT"] = str(first.port)
     return env
 
@@ -152,12 +169,15 @@ async def serve(
                         Forward("" if f.host is None else f.host, f.port) for f in config.forwards
                     ),
                 )
+            guard_open_proxy(config)
             session = Session(config, emit, prompter)
             proxy = ProxyServer(
                 session,
                 emit,
                 handshake_timeout=config.handshake_timeout,
                 max_clients=config.max_connections,
+                rules=config.rules,
+                credentials=config.proxy_credentials,
             )
             stack.push_async_callback(session.close)
             stack.push_async_callback(proxy.close)

@@ -40,6 +40,7 @@ from .config import (
 )
 from .errors import ConfigError, ExitStatus, TunnelError
 from .notify import OnReady, SystemdNotifier
+from .rules import Action, parse_rules
 from .ui import JsonRenderer, LiveRenderer, PlainRenderer, Tee, TerminalPrompter
 
 PROG = "pytunnel"
@@ -339,7 +340,52 @@ class _Command(click.Command):
             cut = args.index("--")
             ctx.meta["pytunnel.command"] = args[cut + 1 :]
             args = args[:cut]
+        ctx.meta["pytunnel.rules"] = _ordered_rules(args)
         return super().parse_args(ctx, args)
+
+
+def _ordered_rules(args: Sequence[str]) -> list[tuple[Action, str]]:
+    """--allow and --deny in the order given: first match wins across both, which two
+    separate click options would lose."""
+    found: list[tuple[Action, str]] = []
+    names = {"--allow": Action.ALLOW, "--deny": Action.DENY}
+    for index, arg in enumerate(args):
+        name, eq, value = arg.partition("=")
+        if name in names:
+            if eq:
+                found.append((names[name], value))
+            elif index + 1 < len(args):
+                found.append((names[name], args[index + 1]))
+    return found
+
+
+PASSWORD_ENV = "PYTUNNEL_PROXY_PASSWORD"
+
+
+def proxy_credentials(user: str | None, password_file: str | None) -> tuple[bytes, bytes] | None:
+    """The listener's credentials: never from the command line, where ps shows them."""
+    if user is None:
+        if password_file is not None:
+            raise ConfigError("--proxy-password-file needs --proxy-auth USER")
+        return None
+    if not user or len(user.encode()) > 255 or ":" in user:
+        raise ConfigError(f"bad --proxy-auth user {user!r}: 1 to 255 bytes, no ':'")
+    if password_file is not None:
+        try:
+            with open(password_file, encoding="utf-8") as handle:
+                password = handle.readline().rstrip("\r\n")
+        except OSError as exc:
+            raise ConfigError(f"cannot read {password_file}: {exc.strerror}") from exc
+    else:
+        password = os.environ.get(PASSWORD_ENV, "")
+    if not password:
+        raise ConfigError(
+            "--proxy-auth needs a password",
+            hint=f"set {PASSWORD_ENV} or give --proxy-password-file PATH",
+        )
+    if len(password.encode()) > 255:
+        raise ConfigError("the proxy password is longer than SOCKS5 allows (255 bytes)")
+    return user.encode(), password.encode()
 
 
 def _fail(message: str, status: int, *, json_out: bool) -> NoReturn:
@@ -530,6 +576,39 @@ def _seconds(default: float, *, positive: bool = True) -> dict[str, Any]:
     **_seconds(0.0, positive=False),
     help="On SIGTERM or Ctrl-C, let open connections finish for this long.",
 )
+@click.option(
+    "--proxy-auth",
+    metavar="USER",
+    help=f"Require this user and a password (from ${'{'}PASSWORD_ENV{'}'} or "
+    "--proxy-password-file) from clients: SOCKS5 username/password, HTTP Basic.",
+)
+@click.option(
+    "--proxy-password-file",
+    type=click.Path(dir_okay=False),
+    metavar="PATH",
+    help="File whose first line is the --proxy-auth password.",
+)
+@click.option(
+    "--allow",
+    "allow_rules",
+    multiple=True,
+    metavar="RULE",
+    help="Allow destinations: host glob, CIDR or address, optionally :port or :low-high. "
+    "Repeatable; with --deny, the first match wins.",
+)
+@click.option(
+    "--deny",
+    "deny_rules",
+    multiple=True,
+    metavar="RULE",
+    help="Refuse destinations (reply 0x02 / HTTP 403) before they reach the server. "
+    "--deny '*' last makes an allowlist.",
+)
+@click.option(
+    "--allow-open-proxy",
+    is_flag=True,
+    help="Listen on a non-loopback address without --proxy-auth, serving anyone who can reach it.",
+)
 @click.version_option(__version__, "-V", "--version", prog_name=PROG)
 @click.pass_context
 def command(ctx: click.Context, /, **params: Any) -> None:
@@ -575,6 +654,11 @@ def command(ctx: click.Context, /, **params: Any) -> None:
             reconnect_wait=params["reconnect_wait"],
             max_connections=params["max_connections"],
             drain=params["drain"],
+            rules=parse_rules(ctx.meta.get("pytunnel.rules", [])),
+            proxy_credentials=proxy_credentials(
+                params["proxy_auth"], params["proxy_password_file"]
+            ),
+            allow_open_proxy=params["allow_open_proxy"],
         )
         if not config.forwards:
             raise ConfigError(

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from .errors import ConfigError
+from .rules import Rules
 
 DEFAULT_SSH_PORT = 22
 DEFAULT_CONNECT_TIMEOUT = 15.0
@@ -102,6 +103,10 @@ class Config:
     address_family: AddressFamily = AddressFamily.ANY
     gateway_ports: bool | None = None
     jump_hosts: tuple[Destination, ...] = ()
+    rules: Rules = field(default_factory=Rules)
+    # --proxy-auth: clients of the listeners must log in (SOCKS5 RFC 1929, HTTP Basic).
+    proxy_credentials: tuple[bytes, bytes] | None = field(default=None, repr=False)
+    allow_open_proxy: bool = False
     demo: bool = False
     options: Mapping[str, str] = field(default_factory=dict)
 
@@ -276,6 +281,26 @@ def parse_jump_hosts(value: str) -> tuple[Destination, ...]:
 
 def split_paths(value: str) -> tuple[str, ...]:
     return tuple(value.split())
+
+
+LOOPBACK_NAMES = frozenset({"localhost", "ip6-localhost", "ip6-loopback"})
+
+
+def is_loopback_forward(forward: Forward) -> bool:
+    """Whether a listener can only be reached from this machine."""
+    if forward.host is None or forward.host.lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(forward.host).is_loopback
+    except ValueError:
+        return False  # "" (every interface) or a name: reachable from elsewhere
+
+
+def open_proxy_forwards(config: Config) -> list[Forward]:
+    """Listeners that would serve anyone who can reach them, with no password."""
+    if config.proxy_credentials is not None or config.allow_open_proxy:
+        return []
+    return [f for f in config.forwards if not is_loopback_forward(f)]
 
 
 def merge_forwards(forwards: Iterable[Forward]) -> tuple[Forward, ...]:

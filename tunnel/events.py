@@ -24,7 +24,8 @@ class ConnectionInfo:
     client: str
     started: float
     listener: str = ""
-    version: int = 0
+    # "socks5", "socks4", "socks4a", "http-connect" or "http" once the request is read.
+    protocol: str = ""
     host: str = ""
     port: int = 0
     bytes_up: int = 0
@@ -93,16 +94,18 @@ class ClientAccepted:
 
 @dataclass(frozen=True, slots=True)
 class ClientRejected:
-    """The client broke the protocol or timed out before a complete request."""
+    """The client broke the protocol, timed out before a complete request, or (``auth``)
+    gave wrong proxy credentials."""
 
     connection: ConnectionInfo
     reason: str
+    auth: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class RequestParsed:
     connection: ConnectionInfo
-    version: int
+    protocol: str
     command: str
     host: str
     port: int

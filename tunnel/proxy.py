@@ -7,8 +7,8 @@ protocol level: client ``data_received`` goes straight to ``channel.write`` and 
 channel's data straight to ``transport.write``, with no task, await or copy per chunk.
 
 Flow control: when the channel's send buffer passes its high-water mark the opener
-calls :meth:`SocksClient.remote_pause` and we stop reading from the client; when the
-client's socket buffer fills up, asyncio calls :meth:`SocksClient.pause_writing` and we
+calls :meth:`ProxyClient.remote_pause` and we stop reading from the client; when the
+client's socket buffer fills up, asyncio calls :meth:`ProxyClient.pause_writing` and we
 pause the channel, so at most about one SSH window is buffered per connection.
 
 Half-close: EOF from either side is passed on with ``write_eof`` and the other
@@ -20,31 +20,60 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import hmac
+import ipaddress
 import itertools
 import logging
 import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, cast
 
+import h11
+
 from . import events
-from .channels import Channel, Opener
+from .channels import Channel, ChannelSink, Opener
 from .errors import ChannelOpenFailed, ListenError, RemoteProtocolError, ReplyReason
-from .socks import NEED_DATA, Command, Request, ServerConnection
+from .http import (
+    PAC_TYPE,
+    REALM,
+    BadTarget,
+    Kind,
+    Target,
+    check_basic,
+    forward_headers,
+    pac_file,
+    parse_target,
+    status_for,
+)
+from .rules import Rules
+from .socks import (
+    NEED_DATA,
+    Command,
+    Credentials,
+    Request,
+    ServerConnection,
+    SocksVersion,
+    State,
+)
 
 log = logging.getLogger(__name__)
 
 
-class SocksClient(asyncio.Protocol):
-    """One client connection, from its first byte to its close."""
+class ProxyClient(asyncio.Protocol):
+    """One client connection, from its first byte to its close. The first byte decides
+    the protocol: 0x04 or 0x05 SOCKS, an ASCII letter HTTP/1.1, anything else a close."""
 
     def __init__(self, server: ProxyServer) -> None:
         self._server = server
-        self._codec = ServerConnection()
+        self._codec = ServerConnection(require_auth=server.credentials is not None)
         self._transport: asyncio.Transport | None = None
         self._channel: Channel | None = None
         self._open_task: asyncio.Task[None] | None = None
+        self._http: _HttpSession | None = None
         self._deadline: asyncio.TimerHandle | None = None
+        self._writable = asyncio.Event()
+        self._writable.set()
         self._client_eof = False
         self._closed = False
         self._over_limit = False
@@ -55,19 +84,15 @@ class SocksClient(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it.
         self._transport = transport = cast(asyncio.Transport, transport)
-        peer = transport.get_extra_info("peername")
-        sockname = transport.get_extra_info("sockname")
         self.info = events.ConnectionInfo(
             id=next(self._server.ids),
-            client=_format_address(peer),
+            client=_format_address(transport.get_extra_info("peername")),
             started=time.monotonic(),
-            listener=_format_address(sockname),
+            listener=_format_address(transport.get_extra_info("sockname")),
         )
         self._over_limit = len(self._server.clients) >= self._server.max_clients
         self._server.clients.add(self)
-        self._deadline = asyncio.get_running_loop().call_later(
-            self._server.handshake_timeout, self._handshake_timed_out
-        )
+        self._arm_deadline()
         self._server.emit(events.ClientAccepted(self.info))
 
     def data_received(self, data: bytes) -> None:
@@ -77,30 +102,30 @@ class SocksClient(asyncio.Protocol):
             self.info.bytes_up += len(data)
             channel.write(data)
             return
+        if self._http is not None:
+            self._http.feed(data)
+            return
         if self._open_task is not None:
             # Pipelined after the request: the codec keeps it as trailing data.
             self._codec.receive_data(data)
             return
+        if self._codec.state is State.START and data[:1].isalpha():
+            self._http = _HttpSession(self)
+            self._http.feed(data)
+            return
         self._codec.receive_data(data)
-        try:
-            event = self._codec.next_event()
-        except RemoteProtocolError as exc:
-            self._protocol_error(exc)
-            return
-        self._flush_codec()
-        if event is NEED_DATA:
-            return
-        assert isinstance(event, Request)
-        self._request(event)
+        self._socks_events()
 
     def eof_received(self) -> bool:
+        self._client_eof = True
         if self._channel is not None:
-            self._client_eof = True
             self._channel.write_eof()
+            return True
+        if self._http is not None:
+            self._http.feed(b"")
             return True
         if self._open_task is not None:
             # The whole request (and maybe data) came before EOF: pass it on later.
-            self._client_eof = True
             return True
         self._reject_client("client closed its side during the handshake")
         return False
@@ -108,12 +133,15 @@ class SocksClient(asyncio.Protocol):
     def pause_writing(self) -> None:
         if self._channel is not None:
             self._channel.pause_reading()
+        self._writable.clear()
 
     def resume_writing(self) -> None:
         if self._channel is not None:
             self._channel.resume_reading()
+        self._writable.set()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._writable.set()
         self._finish()
 
     # -- channel side (ChannelSink) ------------------------------------------------
@@ -143,95 +171,156 @@ class SocksClient(asyncio.Protocol):
             # close() flushes what is still buffered towards the client first.
             self._transport.close()
 
-    # -- steps -------------------------------------------------------------------
+    # -- shared by SOCKS and HTTP ----------------------------------------------------
 
-    def _flush_codec(self) -> None:
-        out = self._codec.data_to_send()
-        if out and self._transport is not None:
-            self._transport.write(out)
-
-    def _request(self, request: Request) -> None:
+    @property
+    def transport(self) -> asyncio.Transport:
         assert self._transport is not None
+        return self._transport
+
+    async def drained(self) -> None:
+        """Wait while the client's socket buffer is full."""
+        await self._writable.wait()
+
+    def parsed(self, protocol: str, command: str, host: str, port: int, sent_name: bool) -> None:
         self._cancel_deadline()
-        self.info.version = request.version
-        self.info.host = request.host
-        self.info.port = request.port
-        self._server.emit(
-            events.RequestParsed(
-                self.info,
-                version=request.version,
-                command=request.command.name,
-                host=request.host,
-                port=request.port,
-                sent_name=request.sent_name,
-            )
-        )
+        self.info.protocol = protocol
+        self.info.host = host
+        self.info.port = port
+        self._server.emit(events.RequestParsed(self.info, protocol, command, host, port, sent_name))
+
+    async def open_channel(self, host: str, port: int, sink: ChannelSink) -> Channel:
+        """Ask the opener for a channel, after the limits and the rules; raise
+        ChannelOpenFailed with the reason. The channel arrives paused."""
         if self._over_limit:
-            self._fail(
+            raise ChannelOpenFailed(
                 ReplyReason.GENERAL_FAILURE,
                 f"too many connections (limit {self._server.max_clients})",
             )
-            return
-        if request.command is not Command.CONNECT:
-            self._fail(
-                ReplyReason.COMMAND_NOT_SUPPORTED, f"{request.command.name} is not supported"
-            )
-            return
-        # Stop reading until the channel is open: what was pipelined stays bounded.
-        self._transport.pause_reading()
-        self._open_task = asyncio.get_running_loop().create_task(self._open(request))
-
-    async def _open(self, request: Request) -> None:
-        assert self._transport is not None
-        origin = self._transport.get_extra_info("peername") or ("", 0)
+        rule = self._server.rules.denies(host, port)
+        if rule is not None:
+            raise ChannelOpenFailed(ReplyReason.CONNECTION_NOT_ALLOWED, f"denied by {rule}")
+        origin = self.transport.get_extra_info("peername") or ("", 0)
         started = time.monotonic()
         try:
             channel = await self._server.opener.open_tcp(
-                request.host, request.port, (str(origin[0]), int(origin[1])), self
+                host, port, (str(origin[0]), int(origin[1])), sink
             )
-        except ChannelOpenFailed as exc:
-            self._fail(exc.reason, exc.message)
-            return
+        except ChannelOpenFailed:
+            raise
         except Exception as exc:  # a bug or an unexpected failure: answer, never hang
-            log.debug("opening %s:%s failed", request.host, request.port, exc_info=True)
-            self._fail(ReplyReason.GENERAL_FAILURE, f"internal error: {exc!r}")
-            return
+            log.debug("opening %s:%s failed", host, port, exc_info=True)
+            raise ChannelOpenFailed(
+                ReplyReason.GENERAL_FAILURE, f"internal error: {exc!r}"
+            ) from exc
         if self._closed:
             channel.close()
-            return
-        self._channel = channel
+            raise ChannelOpenFailed(ReplyReason.GENERAL_FAILURE, "the client went away")
         self.info.open = True
         self._server.emit(events.ChannelOpened(self.info, time.monotonic() - started))
-        self._transport.write(self._codec.accept())
-        # Channels arrive paused so that nothing can overtake the reply; now it is out.
+        return channel
+
+    def failed(self, exc: ChannelOpenFailed) -> None:
+        self._server.emit(
+            events.ChannelFailed(self.info, int(exc.reason), exc.reason.label, exc.message)
+        )
+
+    def start_relay(self, channel: Channel, pipelined: bytes) -> None:
+        """Splice from here on: the reply is written, the channel may deliver."""
+        self._channel = channel
+        self._http = None
         channel.resume_reading()
-        pipelined = self._codec.trailing_data
         if pipelined:
             self.info.bytes_up += len(pipelined)
             channel.write(pipelined)
         if self._client_eof:
             channel.write_eof()
         else:
-            self._transport.resume_reading()
+            self.transport.resume_reading()
 
-    def _fail(self, reason: ReplyReason, text: str) -> None:
-        assert self._transport is not None
-        self._server.emit(events.ChannelFailed(self.info, int(reason), reason.label, text))
-        self._transport.write(self._codec.reject(reason))
+    # -- SOCKS -------------------------------------------------------------------
+
+    def _socks_events(self) -> None:
+        while True:
+            try:
+                event = self._codec.next_event()
+            except RemoteProtocolError as exc:
+                self._protocol_error(exc)
+                return
+            out = self._codec.data_to_send()
+            if out:
+                self.transport.write(out)
+            if event is NEED_DATA:
+                return
+            if isinstance(event, Credentials):
+                if not self._server.check_credentials(event.username, event.password):
+                    self.transport.write(self._codec.reject_auth())
+                    self._reject_client("wrong proxy credentials (SOCKS5)", auth=True)
+                    return
+                self.transport.write(self._codec.accept_auth())
+                continue
+            assert isinstance(event, Request)
+            self._socks_request(event)
+            return
+
+    def _socks_request(self, request: Request) -> None:
+        protocol = f"socks{request.version}"
+        if request.version is SocksVersion.SOCKS4 and request.sent_name:
+            protocol = "socks4a"
+        self.parsed(protocol, request.command.name, request.host, request.port, request.sent_name)
+        if request.command is not Command.CONNECT:
+            reason = ReplyReason.COMMAND_NOT_SUPPORTED
+            self._socks_fail(ChannelOpenFailed(reason, f"{request.command.name} not supported"))
+            return
+        if request.version is SocksVersion.SOCKS4 and self._server.credentials is not None:
+            self._socks_fail(
+                ChannelOpenFailed(
+                    ReplyReason.CONNECTION_NOT_ALLOWED,
+                    "SOCKS4 has no password and this proxy requires one: use SOCKS5 or HTTP",
+                )
+            )
+            return
+        # Stop reading until the channel is open: what was pipelined stays bounded.
+        self.transport.pause_reading()
+        self._open_task = asyncio.get_running_loop().create_task(self._socks_open(request))
+
+    async def _socks_open(self, request: Request) -> None:
+        try:
+            channel = await self.open_channel(request.host, request.port, self)
+        except ChannelOpenFailed as exc:
+            self._socks_fail(exc)
+            return
+        self.transport.write(self._codec.accept())
+        # Channels arrive paused so that nothing can overtake the reply; now it is out.
+        self.start_relay(channel, self._codec.trailing_data)
+
+    def _socks_fail(self, exc: ChannelOpenFailed) -> None:
+        self.failed(exc)
+        self.transport.write(self._codec.reject(exc.reason))
         # RFC 1928 section 6: close soon after a failure reply. close() flushes it first.
-        self._transport.close()
+        self.transport.close()
 
     def _protocol_error(self, exc: RemoteProtocolError) -> None:
-        assert self._transport is not None
-        self._flush_codec()
+        out = self._codec.data_to_send()
+        if out:
+            self.transport.write(out)
         if exc.reply:
-            self._transport.write(exc.reply)
+            self.transport.write(exc.reply)
         self._reject_client(exc.message)
 
-    def _reject_client(self, reason: str) -> None:
-        self._server.emit(events.ClientRejected(self.info, reason))
+    def _reject_client(self, reason: str, *, auth: bool = False) -> None:
+        self._server.emit(events.ClientRejected(self.info, reason, auth=auth))
         if self._transport is not None:
             self._transport.close()
+
+    # -- deadlines and closing --------------------------------------------------------
+
+    def _arm_deadline(self) -> None:
+        """The handshake bound; for HTTP keep-alive also the idle bound between requests."""
+        self._cancel_deadline()
+        self._deadline = asyncio.get_running_loop().call_later(
+            self._server.handshake_timeout, self._handshake_timed_out
+        )
 
     def _handshake_timed_out(self) -> None:
         self._deadline = None
@@ -246,7 +335,10 @@ class SocksClient(asyncio.Protocol):
     def close(self) -> None:
         """Close from our side (shutdown, session lost)."""
         if self._transport is not None:
-            self._transport.abort() if self._channel is None else self._transport.close()
+            if self._channel is None:
+                self._transport.abort()
+            else:
+                self._transport.close()
         self._finish()
 
     def _finish(self) -> None:
@@ -256,6 +348,8 @@ class SocksClient(asyncio.Protocol):
         self._cancel_deadline()
         if self._open_task is not None and not self._open_task.done():
             self._open_task.cancel()
+        if self._http is not None:
+            self._http.close()
         channel, self._channel = self._channel, None
         if channel is not None:
             channel.close()
@@ -268,6 +362,300 @@ class SocksClient(asyncio.Protocol):
                     info, info.bytes_up, info.bytes_down, time.monotonic() - info.started
                 )
             )
+
+
+class _Upstream:
+    """The origin side of an absolute-form HTTP request: a channel whose bytes feed an
+    h11 client connection. Reading pauses until the handler asks for more."""
+
+    def __init__(self, client: ProxyClient, key: tuple[str, int]) -> None:
+        self.client = client
+        self.key = key
+        self.conn = h11.Connection(h11.CLIENT)
+        self.channel: Channel | None = None
+        self.wakeup = asyncio.Event()
+        self.writable = asyncio.Event()
+        self.writable.set()
+        self.ended = False
+
+    def remote_data(self, data: bytes) -> None:
+        self.client.info.bytes_down += len(data)
+        self.conn.receive_data(data)
+        if self.channel is not None:
+            self.channel.pause_reading()
+        self.wakeup.set()
+
+    def remote_eof(self) -> None:
+        self._end()
+
+    def remote_pause(self) -> None:
+        self.writable.clear()
+
+    def remote_resume(self) -> None:
+        self.writable.set()
+
+    def remote_closed(self, exc: BaseException | None) -> None:
+        self._end()
+        self.writable.set()
+
+    def _end(self) -> None:
+        if not self.ended:
+            self.ended = True
+            self.conn.receive_data(b"")
+        self.wakeup.set()
+
+    async def next_event(self) -> Any:
+        while True:
+            event = self.conn.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            self.wakeup.clear()
+            if self.channel is not None:
+                self.channel.resume_reading()
+            await self.wakeup.wait()
+
+    async def send(self, event: Any) -> None:
+        data = self.conn.send(event)
+        if data and self.channel is not None:
+            self.client.info.bytes_up += len(data)
+            self.channel.write(data)
+            await self.writable.wait()
+
+    def reusable_for(self, key: tuple[str, int]) -> bool:
+        return (
+            self.key == key
+            and not self.ended
+            and self.conn.our_state is h11.DONE
+            and self.conn.their_state is h11.DONE
+        )
+
+    def close(self) -> None:
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
+
+
+class _HttpSession:
+    """HTTP/1.1 from a client: CONNECT becomes a spliced channel, absolute-form requests
+    are forwarded in origin form (keep-alive on both sides), and pytunnel answers for
+    itself at /proxy.pac and /wpad.dat."""
+
+    def __init__(self, client: ProxyClient) -> None:
+        self.client = client
+        self.conn = h11.Connection(h11.SERVER)
+        self.wakeup = asyncio.Event()
+        self.upstream: _Upstream | None = None
+        self.relaying = False
+        self.task = asyncio.get_running_loop().create_task(self.run())
+
+    def feed(self, data: bytes) -> None:
+        self.conn.receive_data(data)
+        if data:
+            # One chunk at a time: reading resumes when the handler needs more.
+            self.client.transport.pause_reading()
+        self.wakeup.set()
+
+    async def next_event(self) -> Any:
+        while True:
+            event = self.conn.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            self.wakeup.clear()
+            if not self.client.transport.is_closing():
+                self.client.transport.resume_reading()
+            await self.wakeup.wait()
+
+    async def send(self, event: Any) -> None:
+        data = self.conn.send(event)
+        if data:
+            self.client.transport.write(data)
+            await self.client.drained()
+
+    async def run(self) -> None:
+        try:
+            while True:
+                event = await self.next_event()
+                if not isinstance(event, h11.Request):
+                    return
+                if not await self.handle(event):
+                    return
+                if self.conn.our_state is not h11.DONE or self.conn.their_state is not h11.DONE:
+                    return
+                self.conn.start_next_cycle()
+                self.client._arm_deadline()
+        except h11.RemoteProtocolError as exc:
+            if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                await self.respond(exc.error_status_hint, f"bad request: {exc}")
+            self.client._reject_client(f"HTTP protocol error: {exc}")
+        except (ConnectionError, h11.LocalProtocolError) as exc:
+            log.debug("HTTP client #%s: %s", self.client.info.id, exc)
+        finally:
+            if self.upstream is not None:
+                self.upstream.close()
+            if not self.relaying and not self.client.transport.is_closing():
+                self.client.transport.close()
+
+    async def respond(
+        self,
+        status: int,
+        text: str,
+        *,
+        content_type: bytes = b"text/plain; charset=utf-8",
+        body: bytes | None = None,
+        extra: Sequence[tuple[bytes, bytes]] = (),
+        close: bool = True,
+    ) -> None:
+        payload = body if body is not None else (text + "\n").encode()
+        headers = [
+            (b"Content-Type", content_type),
+            (b"Content-Length", str(len(payload)).encode()),
+            *extra,
+        ]
+        if close:
+            headers.append((b"Connection", b"close"))
+        await self.send(h11.Response(status_code=status, headers=headers))
+        await self.send(h11.Data(data=payload))
+        await self.send(h11.EndOfMessage())
+
+    async def handle(self, request: h11.Request) -> bool:
+        """Serve one request; True to keep the client connection for another."""
+        server = self.client._server
+        try:
+            target = parse_target(request.method, request.target)
+        except BadTarget as exc:
+            await self.respond(400, str(exc))
+            return False
+        if target.kind is Kind.PAC:
+            listener = self.client.info.listener
+            await self.respond(200, "", content_type=PAC_TYPE, body=pac_file(listener), close=False)
+            return await self._finish_body()
+        if target.kind is Kind.LOCAL:
+            await self.respond(404, "not found: this is pytunnel; try /proxy.pac", close=False)
+            return await self._finish_body()
+        if server.credentials is not None:
+            header = next(
+                (v for n, v in request.headers if n.lower() == b"proxy-authorization"), None
+            )
+            if not check_basic(header, *server.credentials):
+                self.client._server.emit(
+                    events.ClientRejected(
+                        self.client.info, "wrong proxy credentials (HTTP)", auth=True
+                    )
+                )
+                await self.respond(
+                    407,
+                    "proxy authentication required",
+                    extra=[(b"Proxy-Authenticate", f'Basic realm="{REALM}"'.encode())],
+                )
+                return False
+        if target.kind is Kind.CONNECT:
+            await self.connect(target)
+            return False
+        return await self.forward(request, target)
+
+    async def _finish_body(self) -> bool:
+        """Read (and drop) what is left of a request we answered ourselves."""
+        while True:
+            event = await self.next_event()
+            if isinstance(event, h11.EndOfMessage):
+                return True
+            if not isinstance(event, h11.Data):
+                return False
+
+    async def connect(self, target: Target) -> None:
+        client = self.client
+        client.parsed("http-connect", "CONNECT", target.host, target.port, _is_name(target.host))
+        client.transport.pause_reading()
+        try:
+            channel = await client.open_channel(target.host, target.port, client)
+        except ChannelOpenFailed as exc:
+            client.failed(exc)
+            await self.respond(status_for(exc.reason), f"{exc.reason.label}: {exc.message}")
+            return
+        await self.send(h11.Response(status_code=200, headers=[], reason=b"Connection established"))
+        self.relaying = True
+        pipelined, _ = self.conn.trailing_data
+        client.start_relay(channel, bytes(pipelined))
+
+    async def forward(self, request: h11.Request, target: Target) -> bool:
+        client = self.client
+        client.parsed(
+            "http", request.method.decode(), target.host, target.port, _is_name(target.host)
+        )
+        key = (target.host, target.port)
+        upstream = self.upstream
+        if upstream is None or not upstream.reusable_for(key):
+            if upstream is not None:
+                upstream.close()
+            self.upstream = upstream = _Upstream(client, key)
+            try:
+                upstream.channel = await client.open_channel(target.host, target.port, upstream)
+            except ChannelOpenFailed as exc:
+                self.upstream = None
+                client.failed(exc)
+                await self.respond(status_for(exc.reason), f"{exc.reason.label}: {exc.message}")
+                return False
+            upstream.channel.resume_reading()
+        else:
+            upstream.conn.start_next_cycle()
+        headers = forward_headers(list(request.headers))
+        if not any(name.lower() == b"host" for name, _ in headers):
+            headers.insert(0, (b"Host", _host_header(target)))
+        await upstream.send(h11.Request(method=request.method, target=target.path, headers=headers))
+        while True:
+            event = await self.next_event()
+            if isinstance(event, h11.Data):
+                await upstream.send(h11.Data(data=event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                await upstream.send(h11.EndOfMessage())
+                break
+            else:
+                return False
+        while True:
+            try:
+                answer = await upstream.next_event()
+            except h11.RemoteProtocolError as exc:
+                if self.conn.our_state is h11.SEND_RESPONSE:
+                    await self.respond(502, f"bad response from {target.host}: {exc}")
+                return False
+            if isinstance(answer, h11.InformationalResponse):
+                continue
+            if isinstance(answer, h11.Response):
+                await self.send(
+                    h11.Response(
+                        status_code=answer.status_code,
+                        headers=forward_headers(list(answer.headers)),
+                        reason=answer.reason,
+                    )
+                )
+            elif isinstance(answer, h11.Data):
+                await self.send(h11.Data(data=answer.data))
+            elif isinstance(answer, h11.EndOfMessage):
+                await self.send(h11.EndOfMessage())
+                return True
+            else:
+                if self.conn.our_state is h11.SEND_RESPONSE:
+                    await self.respond(502, f"{target.host} closed the connection")
+                return False
+
+    def close(self) -> None:
+        if not self.task.done():
+            self.task.cancel()
+        if self.upstream is not None:
+            self.upstream.close()
+
+
+def _is_name(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return True
+    return False
+
+
+def _host_header(target: Target) -> bytes:
+    host = f"[{target.host}]" if ":" in target.host else target.host
+    return (host if target.port == 80 else f"{host}:{target.port}").encode()
 
 
 def _format_address(address: object) -> str:
@@ -358,12 +746,16 @@ class ProxyServer:
         *,
         handshake_timeout: float = 30.0,
         max_clients: int = 4096,
+        rules: Rules | None = None,
+        credentials: tuple[bytes, bytes] | None = None,
     ) -> None:
         self.opener = opener
         self.emit = emit
         self.handshake_timeout = handshake_timeout
         self.max_clients = max_clients
-        self.clients: set[SocksClient] = set()
+        self.rules = rules or Rules()
+        self.credentials = credentials
+        self.clients: set[ProxyClient] = set()
         self.ids = itertools.count(1)
         self.listeners: list[events.Listener] = []
         self.starved = False
@@ -391,6 +783,13 @@ class ProxyServer:
             self.emit(events.ListenerStarted(listener))
         return list(self.listeners)
 
+    def check_credentials(self, username: bytes, password: bytes) -> bool:
+        """Constant time, so how long the answer takes says nothing about the secret."""
+        assert self.credentials is not None
+        same_user = hmac.compare_digest(username, self.credentials[0])
+        same_secret = hmac.compare_digest(password, self.credentials[1])
+        return same_user and same_secret
+
     def accepted(self, conn: socket.socket) -> None:
         conn.setblocking(False)
         if conn.family in (socket.AF_INET, socket.AF_INET6):
@@ -402,7 +801,7 @@ class ProxyServer:
 
     async def _connect(self, loop: asyncio.AbstractEventLoop, conn: socket.socket) -> None:
         try:
-            await loop.connect_accepted_socket(lambda: SocksClient(self), conn)
+            await loop.connect_accepted_socket(lambda: ProxyClient(self), conn)
         except OSError as exc:
             log.debug("could not set up an accepted connection: %s", exc)
             conn.close()
@@ -420,7 +819,7 @@ class ProxyServer:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), seconds)
 
-    def forget(self, client: SocksClient) -> None:
+    def forget(self, client: ProxyClient) -> None:
         self.clients.discard(client)
         if not self.clients:
             self._idle.set()

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 from .errors import LocalProtocolError, RemoteProtocolError, ReplyReason, socks4_code
@@ -52,6 +52,8 @@ class AuthMethod(enum.IntEnum):
 class State(enum.Enum):
     START = enum.auto()
     SOCKS5_GREETING = enum.auto()
+    SOCKS5_AUTH = enum.auto()
+    AWAITING_AUTH = enum.auto()
     SOCKS5_REQUEST = enum.auto()
     SOCKS4_REQUEST = enum.auto()
     AWAITING_DECISION = enum.auto()
@@ -93,7 +95,18 @@ class Request:
         return self.address_type is AddressType.DOMAINNAME
 
 
-Event = Request | _NeedData
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """RFC 1929 username/password, to be checked with :meth:`ServerConnection.accept_auth`
+    or :meth:`ServerConnection.reject_auth`."""
+
+    username: bytes
+    password: bytes = field(repr=False)
+
+
+Event = Request | Credentials | _NeedData
+
+AUTH_VERSION: Final = 0x01
 
 # Limits. SOCKS5 fields carry their own one-byte lengths; SOCKS4's NUL-terminated fields
 # do not, so a client that never sends the NUL must not make us buffer without bound.
@@ -137,7 +150,9 @@ def _decode_host_name(raw: bytes, failure: bytes) -> str:
 class ServerConnection:
     """The server side of one SOCKS exchange, from the first byte to the reply."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, require_auth: bool = False) -> None:
+        # With require_auth, SOCKS5 clients must use RFC 1929 username/password.
+        self._require_auth = require_auth
         self._buffer = bytearray()
         self._outgoing = bytearray()
         self._state = State.START
@@ -191,6 +206,23 @@ class ServerConnection:
             return socks4_reply(reason)
         return socks5_reply(reason)
 
+    def accept_auth(self) -> bytes:
+        """RFC 1929 success; the request comes next."""
+        self._expect(State.AWAITING_AUTH)
+        self._state = State.SOCKS5_REQUEST
+        return bytes((AUTH_VERSION, 0x00))
+
+    def reject_auth(self) -> bytes:
+        """RFC 1929 failure: the server must close the connection after sending it."""
+        self._expect(State.AWAITING_AUTH)
+        self._state = State.CLOSED
+        self._buffer.clear()
+        return bytes((AUTH_VERSION, 0x01))
+
+    def _expect(self, state: State) -> None:
+        if self._state is not state:
+            raise LocalProtocolError(f"expected state {state.name}, not {self._state.name}")
+
     def _decided(self) -> Request:
         if self._state is not State.AWAITING_DECISION or self._request is None:
             raise LocalProtocolError(f"no request awaits a reply (state {self._state.name})")
@@ -211,6 +243,10 @@ class ServerConnection:
                 raise RemoteProtocolError(f"not a SOCKS client (first byte 0x{first:02x})")
         if self._state is State.SOCKS5_GREETING and not self._socks5_greeting():
             return NEED_DATA
+        if self._state is State.SOCKS5_AUTH:
+            return self._socks5_auth()
+        if self._state is State.AWAITING_AUTH:
+            raise LocalProtocolError("next_event() before accept_auth() or reject_auth()")
         if self._state is State.SOCKS5_REQUEST:
             return self._socks5_request()
         if self._state is State.SOCKS4_REQUEST:
@@ -228,14 +264,41 @@ class ServerConnection:
             return False
         methods = bytes(buf[2 : 2 + nmethods])
         del buf[: 2 + nmethods]
-        if AuthMethod.NO_AUTHENTICATION_REQUIRED not in methods:
+        wanted = (
+            AuthMethod.USERNAME_PASSWORD
+            if self._require_auth
+            else AuthMethod.NO_AUTHENTICATION_REQUIRED
+        )
+        if wanted not in methods:
             raise RemoteProtocolError(
                 "no acceptable authentication method offered",
                 reply=bytes((SocksVersion.SOCKS5, AuthMethod.NO_ACCEPTABLE_METHODS)),
             )
-        self._outgoing += bytes((SocksVersion.SOCKS5, AuthMethod.NO_AUTHENTICATION_REQUIRED))
-        self._state = State.SOCKS5_REQUEST
+        self._outgoing += bytes((SocksVersion.SOCKS5, wanted))
+        self._state = State.SOCKS5_AUTH if self._require_auth else State.SOCKS5_REQUEST
         return True
+
+    def _socks5_auth(self) -> Event:
+        """RFC 1929: VER(1) ULEN UNAME PLEN PASSWD."""
+        buf = self._buffer
+        if not buf:
+            return NEED_DATA
+        if buf[0] != AUTH_VERSION:
+            raise RemoteProtocolError(
+                f"username/password version 0x{buf[0]:02x}", reply=bytes((AUTH_VERSION, 0x01))
+            )
+        if len(buf) < 2:
+            return NEED_DATA
+        user_end = 2 + buf[1]
+        if len(buf) < user_end + 1:
+            return NEED_DATA
+        pass_end = user_end + 1 + buf[user_end]
+        if len(buf) < pass_end:
+            return NEED_DATA
+        credentials = Credentials(bytes(buf[2:user_end]), bytes(buf[user_end + 1 : pass_end]))
+        del buf[:pass_end]
+        self._state = State.AWAITING_AUTH
+        return credentials
 
     def _socks5_request(self) -> Event:
         buf = self._buffer

@@ -39,6 +39,7 @@ class Stats:
     served: int = 0
     failed: int = 0
     rejected: int = 0
+    auth_failures: int = 0
     closed_bytes_up: int = 0
     closed_bytes_down: int = 0
     local_dns_requests: int = 0
@@ -82,8 +83,9 @@ class Stats:
             case events.ChannelFailed(connection=info, reply=reply, reply_label=label, reason=why):
                 self.failed += 1
                 self.failures.append(Failure(_destination(info), reply, label, why))
-            case events.ClientRejected():
+            case events.ClientRejected(auth=auth):
                 self.rejected += 1
+                self.auth_failures += auth
             case events.ConnectionClosed(connection=info, bytes_up=up, bytes_down=down):
                 self.open.pop(info.id, None)
                 self.closed_bytes_up += up

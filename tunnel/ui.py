@@ -46,6 +46,19 @@ def human_seconds(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
 
 
+_PROTOCOL_LABELS = {
+    "socks5": "SOCKS5",
+    "socks4": "SOCKS4",
+    "socks4a": "SOCKS4a",
+    "http-connect": "HTTP CONNECT",
+    "http": "HTTP",
+}
+
+
+def protocol_label(protocol: str) -> str:
+    return _PROTOCOL_LABELS.get(protocol, protocol)
+
+
 def _destination(info: events.ConnectionInfo) -> str:
     host = f"[{info.host}]" if ":" in info.host else info.host
     return f"{host}:{info.port}"
@@ -73,7 +86,7 @@ def describe(event: events.Event) -> tuple[str, bool] | None:
         case events.ChannelOpened(connection=info, latency=latency):
             return (
                 f"#{info.id} {info.client} -> {_destination(info)} "
-                f"SOCKS{info.version} opened in {human_seconds(latency)}",
+                f"{protocol_label(info.protocol)} opened in {human_seconds(latency)}",
                 False,
             )
         case events.ChannelFailed(connection=info, reply=reply, reply_label=label, reason=why):
@@ -427,7 +440,7 @@ class LiveRenderer:
             ("#", "right"),
             ("client", "left"),
             ("destination", "left"),
-            ("socks", "left"),
+            ("via", "left"),
             ("age", "right"),
             ("up", "right"),
             ("down", "right"),
@@ -441,7 +454,7 @@ class LiveRenderer:
                 str(info.id),
                 info.client,
                 _destination(info),
-                f"{info.version}",
+                protocol_label(info.protocol),
                 human_seconds(now - info.started),
                 human_bytes(info.bytes_up),
                 human_bytes(info.bytes_down),

@@ -12,7 +12,7 @@ def conn(
     id: int, host: str = "192.0.2.10", port: int = 443, *, version: int = 5
 ) -> events.ConnectionInfo:
     return events.ConnectionInfo(
-        id=id, client=f"127.0.0.1:{40000 + id}", started=100.0, version=version,
+        id=id, client=f"127.0.0.1:{40000 + id}", started=100.0, protocol=f"socks{version}",
         host=host, port=port,
     )  # fmt: skip
 
@@ -24,7 +24,7 @@ def fold(stats: Stats, items: list[tuple[float, events.Event]]) -> Stats:
 
 
 def parsed(info: events.ConnectionInfo, host: str, *, sent_name: bool) -> events.RequestParsed:
-    return events.RequestParsed(info, 5, "CONNECT", host, 443, sent_name)
+    return events.RequestParsed(info, "socks5", "CONNECT", host, 443, sent_name)
 
 
 def failed(info: events.ConnectionInfo, reply: int = 5) -> events.ChannelFailed:

@@ -42,7 +42,7 @@ def utc() -> Iterator[None]:
 
 def info(id: int = 7, host: str = "example.com", port: int = 443) -> events.ConnectionInfo:
     return events.ConnectionInfo(
-        id=id, client="127.0.0.1:50000", started=1.0, listener="127.0.0.1:1080", version=5,
+        id=id, client="127.0.0.1:50000", started=1.0, listener="127.0.0.1:1080", protocol="socks5",
         host=host, port=port,
     )  # fmt: skip
 
@@ -113,7 +113,7 @@ def test_describe_first_attempt_does_not_mention_attempts() -> None:
     "event",
     [
         events.ClientAccepted(info()),
-        events.RequestParsed(info(), 5, "CONNECT", "example.com", 443, True),
+        events.RequestParsed(info(), "socks5", "CONNECT", "example.com", 443, True),
     ],
     ids=["client-accepted", "request-parsed"],
 )
@@ -149,7 +149,7 @@ def test_plain_renderer_skips_json_only_events() -> None:
     stream = io.StringIO()
     render = PlainRenderer(stream, clock=lambda: FIXED_TIME)
     render(events.ClientAccepted(info()))
-    render(events.RequestParsed(info(), 5, "CONNECT", "example.com", 443, True))
+    render(events.RequestParsed(info(), "socks5", "CONNECT", "example.com", 443, True))
     assert stream.getvalue() == ""
 
 
@@ -176,12 +176,12 @@ def test_plain_renderer_quiet_keeps_only_problems(utc: None) -> None:
 def test_plain_renderer_gives_the_dns_hint_once(utc: None, quiet: bool) -> None:
     stream = io.StringIO()
     render = PlainRenderer(stream, quiet=quiet, clock=lambda: FIXED_TIME)
-    render(events.RequestParsed(info(1), 5, "CONNECT", "example.com", 443, True))
-    render(events.RequestParsed(info(2), 5, "CONNECT", "10.0.0.1", 443, False))
-    render(events.RequestParsed(info(3), 4, "CONNECT", "8.8.4.4", 443, True))  # SOCKS4a name
+    render(events.RequestParsed(info(1), "socks5", "CONNECT", "example.com", 443, True))
+    render(events.RequestParsed(info(2), "socks5", "CONNECT", "10.0.0.1", 443, False))
+    render(events.RequestParsed(info(3), "socks4a", "CONNECT", "8.8.4.4", 443, True))  # SOCKS4a name
     assert stream.getvalue() == "", "names, private addresses and 4a names are not leaks"
-    render(events.RequestParsed(info(4), 5, "CONNECT", "93.184.216.34", 443, False))
-    render(events.RequestParsed(info(5), 5, "CONNECT", "2606:4700::1", 443, False))
+    render(events.RequestParsed(info(4), "socks5", "CONNECT", "93.184.216.34", 443, False))
+    render(events.RequestParsed(info(5), "socks5", "CONNECT", "2606:4700::1", 443, False))
     (line,) = stream.getvalue().splitlines()
     assert line.startswith("2023-11-14T22:13:20 hint: ")
     assert "socks5h://" in line
@@ -245,7 +245,7 @@ def test_json_renderer_one_object_per_event_after_ready() -> None:
     render(READY)
     connection = info()
     render(events.ClientAccepted(connection))
-    render(events.RequestParsed(connection, 5, "CONNECT", "example.com", 443, True))
+    render(events.RequestParsed(connection, "socks5", "CONNECT", "example.com", 443, True))
     render(events.ChannelOpened(connection, 0.25))
     render(events.ConnectionClosed(connection, 10, 20, 1.5))
     render(events.SessionLost("user@host:22", "EOF"))

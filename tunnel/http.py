@@ -1,0 +1,153 @@
+"""HTTP/1.1 on the SOCKS port: the pure parts.
+
+Parsing is h11's; this module decides what a request means for a proxy (CONNECT
+authority, absolute-form URL, a request for the PAC file), which headers are hop-by-hop,
+how a failed channel reads as an HTTP status, and what the PAC file says. The asyncio
+side lives in :mod:`tunnel.proxy`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+import hmac
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from .errors import ReplyReason
+
+# RFC 9110 section 7.6.1 plus the proxy ones: never forwarded, whatever they say.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"proxy-connection",
+        b"keep-alive",
+        b"proxy-authorization",
+        b"proxy-authenticate",
+        b"te",
+        b"trailer",
+        b"upgrade",
+    }
+)
+
+PAC_PATHS = frozenset({"/proxy.pac", "/wpad.dat"})
+PAC_TYPE = b"application/x-ns-proxy-autoconfig"
+REALM = "pytunnel"
+
+
+class Kind(enum.Enum):
+    CONNECT = "connect"
+    FORWARD = "forward"
+    PAC = "pac"
+    LOCAL = "local"  # origin-form for pytunnel itself, other than the PAC file
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    kind: Kind
+    host: str = ""
+    port: int = 0
+    path: bytes = b"/"
+
+
+class BadTarget(ValueError):
+    """The request target cannot be served; the message is the 400 body."""
+
+
+def _port(text: str, default: int) -> int:
+    if not text:
+        return default
+    if not (text.isascii() and text.isdigit()) or not 0 < int(text) < 65536:
+        raise BadTarget(f"bad port {text!r}")
+    return int(text)
+
+
+def parse_target(method: bytes, target: bytes) -> Target:
+    """What a request asks of the proxy, from its method and request target."""
+    text = target.decode("ascii", errors="replace")
+    if method == b"CONNECT":
+        # authority-form: host:port, [v6]:port
+        host, sep, port_text = text.rpartition(":")
+        if not sep or not host or not port_text:
+            raise BadTarget("CONNECT needs host:port")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        elif ":" in host:
+            raise BadTarget("put an IPv6 address in brackets")
+        return Target(Kind.CONNECT, host, _port(port_text, 0))
+    if text.startswith("/"):
+        path = text.split("?", 1)[0]
+        return Target(Kind.PAC if path in PAC_PATHS else Kind.LOCAL, path=target)
+    parts = urlsplit(text)
+    if parts.scheme.lower() != "http":
+        raise BadTarget(
+            f"only http:// URLs are forwarded; use CONNECT for {parts.scheme or 'this'}"
+        )
+    if not parts.hostname:
+        raise BadTarget("the URL has no host")
+    try:
+        port = parts.port or 80
+    except ValueError:
+        raise BadTarget("bad port in the URL") from None
+    path = parts.path or "/"
+    if parts.query:
+        path += "?" + parts.query
+    return Target(Kind.FORWARD, parts.hostname, port, path.encode("ascii", errors="replace"))
+
+
+def forward_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """Headers to pass on: without hop-by-hop ones, nor those the Connection header
+    names (RFC 9110 section 7.6.1)."""
+    named = {
+        token.strip().lower()
+        for name, value in headers
+        if name.lower() == b"connection"
+        for token in value.split(b",")
+    }
+    return [
+        (name, value)
+        for name, value in headers
+        if name.lower() not in HOP_BY_HOP and name.lower() not in named
+    ]
+
+
+def status_for(reason: ReplyReason) -> int:
+    """The HTTP status that tells the truth about a failed channel."""
+    if reason is ReplyReason.CONNECTION_NOT_ALLOWED:
+        return 403
+    if reason is ReplyReason.TTL_EXPIRED:
+        return 504
+    return 502
+
+
+def check_basic(header: bytes | None, username: bytes, password: bytes) -> bool:
+    """``Proxy-Authorization: Basic ...`` against the expected credentials, comparing in
+    constant time so the answer's timing tells nothing about the secret."""
+    expected = b"Basic " + base64.b64encode(username + b":" + password)
+    if header is None:
+        return hmac.compare_digest(expected, b"")
+    scheme, _, token = header.strip().partition(b" ")
+    if scheme.lower() != b"basic":
+        return hmac.compare_digest(expected, b"")
+    try:
+        decoded = base64.b64decode(token.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        return hmac.compare_digest(expected, b"")
+    user, _, secret = decoded.partition(b":")
+    same_user = hmac.compare_digest(user, username)
+    same_secret = hmac.compare_digest(secret, password)
+    return same_user and same_secret
+
+
+def pac_file(listener: str) -> bytes:
+    """Everything through the tunnel, SOCKS5 first; loopback and plain host names
+    direct. ``listener`` is host:port as the client reached us."""
+    return (
+        "function FindProxyForURL(url, host) {\n"
+        '  if (isPlainHostName(host) || host == "localhost" ||\n'
+        '      shExpMatch(host, "127.*") || host == "::1" || host == "[::1]")\n'
+        '    return "DIRECT";\n'
+        f'  return "SOCKS5 {listener}; SOCKS {listener}";\n'
+        "}\n"
+    ).encode()

@@ -1,0 +1,137 @@
+"""Destination rules: ``--allow RULE`` / ``--deny RULE``, first match wins, default allow.
+
+A rule is a host part and an optional port part::
+
+    *.internal            a host glob (case-insensitive, matched against names only)
+    10.0.0.0/8            a CIDR block (matched against addresses only)
+    192.0.2.7  [::1]      an exact address
+    db.internal:5432      with a port
+    *:1-1023              any host, a port range
+    [fd00::]/8:443        brackets around IPv6, as in URLs
+
+Pure: no DNS. A name is never resolved to check a CIDR rule (the far end resolves it,
+and a local lookup would leak it); write a host glob for names.
+"""
+
+from __future__ import annotations
+
+import enum
+import fnmatch
+import ipaddress
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .errors import ConfigError
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class Action(enum.Enum):
+    ALLOW = "allow"
+    DENY = "deny"
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    action: Action
+    text: str
+    glob: str | None = None
+    network: IPNetwork | None = None
+    ports: tuple[int, int] = (0, 65535)
+
+    def matches(self, host: str, port: int) -> bool:
+        if not self.ports[0] <= port <= self.ports[1]:
+            return False
+        address = _address(host)
+        if self.network is not None:
+            return address is not None and address in self.network
+        assert self.glob is not None
+        if self.glob == "*":
+            return True
+        if address is not None:
+            # A glob names hosts; an address matches only itself written out.
+            return self.glob == str(address)
+        return fnmatch.fnmatchcase(host.lower().rstrip("."), self.glob)
+
+    def __str__(self) -> str:
+        return f"--{self.action.value} {self.text}"
+
+
+def _address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return None
+
+
+_PORTS = re.compile(r"(\d{1,5})(?:-(\d{1,5}))?")
+_GLOB = re.compile(r"[A-Za-z0-9_.*?\[\]!-]+")
+
+
+def _parse_ports(text: str, rule: str) -> tuple[int, int]:
+    if text == "*":
+        return (0, 65535)
+    match = _PORTS.fullmatch(text)
+    if match is None:
+        raise ConfigError(f"bad rule {rule!r}: ports are N or N-M")
+    low = int(match.group(1))
+    high = int(match.group(2) or low)
+    if not 0 <= low <= high <= 65535:
+        raise ConfigError(f"bad rule {rule!r}: ports must be 0-65535, low to high")
+    return (low, high)
+
+
+def parse_rule(action: Action, text: str) -> Rule:
+    spec = text.strip()
+    if not spec:
+        raise ConfigError(f"empty --{action.value} rule")
+    host, ports = spec, "*"
+    if spec.startswith("["):
+        close = spec.find("]")
+        if close < 0:
+            raise ConfigError(f"bad rule {text!r}: missing ']'")
+        host, rest = spec[1:close], spec[close + 1 :]
+        if rest.startswith("/"):
+            prefix, _, after = rest[1:].partition(":")
+            host, rest = f"{host}/{prefix}", f":{after}" if after else ""
+        if rest:
+            if not rest.startswith(":"):
+                raise ConfigError(f"bad rule {text!r}: expected [address]:port")
+            ports = rest[1:]
+    elif spec.count(":") == 1:
+        host, _, ports = spec.partition(":")
+    # Otherwise a bare IPv6 address or block: no port part.
+    port_range = _parse_ports(ports, text)
+    if "/" in host:
+        try:
+            network = ipaddress.ip_network(host, strict=False)
+        except ValueError:
+            raise ConfigError(f"bad rule {text!r}: {host!r} is not a CIDR block") from None
+        return Rule(action, text, network=network, ports=port_range)
+    address = _address(host)
+    if address is not None:
+        return Rule(action, text, glob=str(address), ports=port_range)
+    if not _GLOB.fullmatch(host):
+        raise ConfigError(f"bad rule {text!r}: {host!r} is not a host name, glob or address")
+    return Rule(action, text, glob=host.lower().rstrip("."), ports=port_range)
+
+
+@dataclass(frozen=True, slots=True)
+class Rules:
+    rules: tuple[Rule, ...] = ()
+
+    def check(self, host: str, port: int) -> Rule | None:
+        """The first rule that matches, or None (no rule: allowed)."""
+        for rule in self.rules:
+            if rule.matches(host, port):
+                return rule
+        return None
+
+    def denies(self, host: str, port: int) -> Rule | None:
+        rule = self.check(host, port)
+        return rule if rule is not None and rule.action is Action.DENY else None
+
+
+def parse_rules(ordered: Sequence[tuple[Action, str]]) -> Rules:
+    return Rules(tuple(parse_rule(action, text) for action, text in ordered))
