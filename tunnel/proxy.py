@@ -720,7 +720,7 @@ class _Acceptor:
                 f"cannot accept connections: {exc.strerror}; pausing accepts for "
                 f"{_ACCEPT_PAUSE:g} s at a time until descriptors are free (ulimit -n)"
             )
-            log.warning("%s", message)
+            # An event, not a log line: the renderers show it once, where the user looks.
             self.server.emit(events.Notice(message, key="accept-starved"))
 
     def _restart(self) -> None:

@@ -236,25 +236,29 @@ class TerminalPrompter:
     def ask(self, prompt: str, echo: bool) -> str | None:
         self.before_prompt()
         try:
-            self.tty.write(prompt)
-            self.tty.flush()
-            line = self.tty.readline() if echo else self._read_secret()
+            line = self._read_line(prompt) if echo else self._read_secret(prompt)
             return None if not line else line.rstrip("\r\n")
         except (OSError, EOFError, KeyboardInterrupt):
             return None
         finally:
             self.after_prompt()
 
-    def _read_secret(self) -> str:
+    def _read_line(self, prompt: str) -> str:
+        self.tty.write(prompt)
+        self.tty.flush()
+        return self.tty.readline()
+
+    def _read_secret(self, prompt: str) -> str:
+        """Echo goes off before the prompt shows, so nothing typed early is echoed."""
         fd = self.tty.fileno()
         old = termios.tcgetattr(fd)
         new = termios.tcgetattr(fd)
         new[3] &= ~termios.ECHO
         try:
-            termios.tcsetattr(fd, termios.TCSAFLUSH, new)
-            line = self.tty.readline()
+            termios.tcsetattr(fd, termios.TCSADRAIN, new)
+            line = self._read_line(prompt)
         finally:
-            termios.tcsetattr(fd, termios.TCSAFLUSH, old)
+            termios.tcsetattr(fd, termios.TCSADRAIN, old)
             self.tty.write("\n")
             self.tty.flush()
         return line
