@@ -18,7 +18,7 @@ from .config import Config, Destination, Forward, HostKeyPolicy, open_proxy_forw
 from .errors import ConfigError, ExitStatus, SessionError
 from .proxy import ProxyServer
 from .retry import backoff, is_retryable
-from .session import Session, apply_ssh_config
+from .session import Session, SessionPool, apply_ssh_config
 
 log = logging.getLogger(__name__)
 
@@ -171,8 +171,12 @@ async def serve(
                 )
             guard_open_proxy(config)
             session = Session(config, emit, prompter)
+            opener: Session | SessionPool = session
+            if config.ssh_connections > 1:
+                opener = pool = SessionPool(session, config.ssh_connections)
+                stack.push_async_callback(pool.close)
             proxy = ProxyServer(
-                session,
+                opener,
                 emit,
                 handshake_timeout=config.handshake_timeout,
                 max_clients=config.max_connections,

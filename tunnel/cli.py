@@ -572,6 +572,14 @@ def _seconds(default: float, *, positive: bool = True) -> dict[str, Any]:
     help="Clients served at once; more get a failure reply.",
 )
 @click.option(
+    "--connections",
+    type=click.IntRange(min=1, max=64),
+    default=1,
+    show_default=True,
+    metavar="N",
+    help="Spread channels over up to N SSH connections (opened as they are needed).",
+)
+@click.option(
     "--drain",
     **_seconds(0.0, positive=False),
     help="On SIGTERM or Ctrl-C, let open connections finish for this long.",
@@ -654,6 +662,7 @@ def command(ctx: click.Context, /, **params: Any) -> None:
             reconnect_wait=params["reconnect_wait"],
             max_connections=params["max_connections"],
             drain=params["drain"],
+            ssh_connections=params["connections"],
             rules=parse_rules(ctx.meta.get("pytunnel.rules", [])),
             proxy_credentials=proxy_credentials(
                 params["proxy_auth"], params["proxy_password_file"]

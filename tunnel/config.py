@@ -90,6 +90,8 @@ class Config:
     reconnect_wait: float = 10.0
     reconnect_cap: float = 60.0
     max_connections: int = 4096
+    # --connections: SSH connections to spread channels over.
+    ssh_connections: int = 1
     drain: float = 0.0
     # Algorithm lists as ssh_config spells them (a list, or +, - or ^ edits of the
     # default): keys "ciphers", "kex", "host_key_algorithms", "macs".

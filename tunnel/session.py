@@ -182,10 +182,11 @@ def apply_ssh_config(config: Config) -> Config:
 class _Bridge(asyncssh.SSHTCPSession[bytes]):
     """Hands what arrives on a direct-tcpip channel to the proxy's sink."""
 
-    __slots__ = ("_sink",)
+    __slots__ = ("_session", "_sink")
 
-    def __init__(self, sink: ChannelSink) -> None:
+    def __init__(self, sink: ChannelSink, session: Session) -> None:
         self._sink = sink
+        self._session = session
 
     def connection_made(self, chan: asyncssh.SSHTCPChannel[bytes]) -> None:
         # Hold data back until the proxy has written its SOCKS reply; it resumes then.
@@ -205,6 +206,7 @@ class _Bridge(asyncssh.SSHTCPSession[bytes]):
         self._sink.remote_resume()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._session.channels -= 1
         self._sink.remote_closed(exc)
 
 
@@ -446,6 +448,8 @@ class Session:
         self._lost: asyncio.Future[SessionError] | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._hops: list[asyncssh.SSHClientConnection] = []
+        # Channels open now, for the pool's "least loaded first".
+        self.channels = 0
         self.attempts = 0
 
     @property
@@ -665,7 +669,7 @@ class Session:
         if conn is None:
             raise ChannelOpenFailed(ReplyReason.GENERAL_FAILURE, "the SSH session is not up")
         task = loop.create_task(
-            conn.create_connection(lambda: _Bridge(sink), host, port, origin[0], origin[1])
+            conn.create_connection(lambda: _Bridge(sink, self), host, port, origin[0], origin[1])
         )
         try:
             done, _ = await asyncio.wait({task}, timeout=max(0.0, deadline - loop.time()))
@@ -687,7 +691,12 @@ class Session:
             raise ChannelOpenFailed(
                 ReplyReason.GENERAL_FAILURE, f"SSH session failed: {exc}"
             ) from exc
+        self.channels += 1
         return chan
+
+    @property
+    def is_up(self) -> bool:
+        return self._conn is not None
 
     async def close(self) -> None:
         conn, self._conn = self._conn, None
@@ -697,6 +706,66 @@ class Session:
             each.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(each.wait_closed(), 5.0)
+
+
+class SessionPool:
+    """``--connections N``: channels spread over up to N SSH connections to the same
+    server, so that one slow flow or one busy core does not hold up the others.
+
+    The first session is the one the supervisor keeps up (it decides readiness and what
+    is fatal). The others are opened only when every live one already carries a channel,
+    and a lost one is simply dropped: the next busy moment opens a new one.
+    """
+
+    def __init__(self, primary: Session, size: int) -> None:
+        self.primary = primary
+        self.size = size
+        self.extras: list[Session] = []
+        self._growing: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def pick(self) -> Session:
+        live = [s for s in (self.primary, *self.extras) if s.is_up]
+        if not live:
+            return self.primary  # it waits for the reconnect, within its bound
+        best = min(live, key=lambda s: s.channels)
+        if best.channels and 1 + len(self.extras) < self.size and self._growing is None:
+            self._growing = asyncio.get_running_loop().create_task(self._grow())
+        return best
+
+    async def open_tcp(
+        self, host: str, port: int, origin: tuple[str, int], sink: ChannelSink
+    ) -> Channel:
+        return await self.pick().open_tcp(host, port, origin, sink)
+
+    async def _grow(self) -> None:
+        # The extra connections report nothing of their own: the status view follows
+        # the primary, and a failure here only means fewer connections for a while.
+        extra = Session(self.primary.config, events.discard, None)
+        try:
+            await extra.connect()
+        except SessionError as exc:
+            log.info("extra connection failed: %s", exc)
+            return
+        finally:
+            self._growing = None
+        self.extras.append(extra)
+        task = asyncio.get_running_loop().create_task(self._forget_when_lost(extra))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _forget_when_lost(self, extra: Session) -> None:
+        error = await extra.wait_lost()
+        log.info("extra connection lost: %s", error)
+        if extra in self.extras:
+            self.extras.remove(extra)
+
+    async def close(self) -> None:
+        for task in [*self._tasks, *([self._growing] if self._growing else [])]:
+            task.cancel()
+        for extra in self.extras:
+            await extra.close()
+        self.extras.clear()
 
 
 def enable_protocol_debug() -> None:
