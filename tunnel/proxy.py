@@ -27,6 +27,7 @@ import logging
 import socket
 import time
 from collections.abc import Iterable, Sequence
+from http import HTTPStatus
 from typing import Any, cast
 
 import h11
@@ -485,7 +486,9 @@ class _HttpSession:
                 self.client._arm_deadline()
         except h11.RemoteProtocolError as exc:
             if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-                await self.respond(exc.error_status_hint, f"bad request: {exc}")
+                # h11 lets a server answer a broken request; if even that fails, close.
+                with contextlib.suppress(h11.LocalProtocolError, ConnectionError):
+                    await self.respond(exc.error_status_hint, f"bad request: {exc}")
             self.client._reject_client(f"HTTP protocol error: {exc}")
         except (ConnectionError, h11.LocalProtocolError) as exc:
             log.debug("HTTP client #%s: %s", self.client.info.id, exc)
@@ -513,7 +516,8 @@ class _HttpSession:
         ]
         if close:
             headers.append((b"Connection", b"close"))
-        await self.send(h11.Response(status_code=status, headers=headers))
+        reason = HTTPStatus(status).phrase.encode() if status in _STATUSES else b""
+        await self.send(h11.Response(status_code=status, headers=headers, reason=reason))
         await self.send(h11.Data(data=payload))
         await self.send(h11.EndOfMessage())
 
@@ -643,6 +647,9 @@ class _HttpSession:
             self.task.cancel()
         if self.upstream is not None:
             self.upstream.close()
+
+
+_STATUSES = frozenset(HTTPStatus)
 
 
 def _is_name(host: str) -> bool:
