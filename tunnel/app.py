@@ -169,6 +169,12 @@ async def serve(
                         Forward("" if f.host is None else f.host, f.port) for f in config.forwards
                     ),
                 )
+            if not config.forwards:
+                raise ConfigError(
+                    "nothing to forward",
+                    hint="give -D [bind_address:]port, such as -D 1080, or a "
+                    "DynamicForward line for this host in ssh_config",
+                )
             guard_open_proxy(config)
             session = Session(config, emit, prompter)
             opener: Session | SessionPool = session

@@ -120,9 +120,10 @@ OPTION_KEYS: dict[str, OptionKey] = {
         OptionKey(
             "StrictHostKeyChecking",
             _set("host_key_policy", parse_host_key_policy),
-            "yes",
-            "yes: refuse unknown and changed host keys; accept-new: record unknown keys, "
-            "refuse changed ones; no: accept any key",
+            "ask",
+            "ask: ask about unknown host keys on a terminal, refuse them without one; yes: "
+            "refuse unknown and changed keys; accept-new: record unknown keys, refuse "
+            "changed ones; no: accept any key",
         ),
         OptionKey(
             "UserKnownHostsFile",
@@ -587,7 +588,7 @@ def _seconds(default: float, *, positive: bool = True) -> dict[str, Any]:
 @click.option(
     "--proxy-auth",
     metavar="USER",
-    help=f"Require this user and a password (from ${'{'}PASSWORD_ENV{'}'} or "
+    help=f"Require this user and a password (from ${PASSWORD_ENV} or "
     "--proxy-password-file) from clients: SOCKS5 username/password, HTTP Basic.",
 )
 @click.option(
@@ -669,10 +670,6 @@ def command(ctx: click.Context, /, **params: Any) -> None:
             ),
             allow_open_proxy=params["allow_open_proxy"],
         )
-        if not config.forwards:
-            raise ConfigError(
-                "nothing to forward", hint="give -D [bind_address:]port, for example -D 1080"
-            )
     except ConfigError as exc:
         _fail(str(exc), ExitStatus.USAGE, json_out=json_out)
     verbose: int = params["verbose"] if log_level is None else max(params["verbose"], log_level)
