@@ -15,7 +15,7 @@ from typing import Any, NoReturn
 
 from . import events
 from .config import Config, Destination, Forward, HostKeyPolicy, open_proxy_forwards
-from .errors import ConfigError, ExitStatus, SessionError
+from .errors import ConfigError, ExitStatus, SessionClosed, SessionError
 from .proxy import ProxyServer
 from .retry import backoff, is_retryable
 from .session import Session, SessionPool, apply_ssh_config
@@ -29,13 +29,15 @@ _COMMAND_GRACE = 5.0
 class _Stop:
     """Why the tunnel is stopping: the first signal wins, a second Ctrl-C exits at once."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_force_exit: Callable[[], None]) -> None:
         self.event = asyncio.Event()
         self.status = ExitStatus.OK
         self.signal: int | None = None
+        self.on_force_exit = on_force_exit
 
     def request(self, signum: int) -> None:
         if self.event.is_set() and signum == signal.SIGINT:
+            self.on_force_exit()
             os._exit(ExitStatus.INTERRUPTED)
         self.signal = signum
         self.status = ExitStatus.INTERRUPTED if signum == signal.SIGINT else ExitStatus.OK
@@ -64,7 +66,12 @@ def command_environment(listeners: Sequence[events.Listener]) -> dict[str, str]:
     http = first.url.replace("socks5h://", "http://", 1)
     for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
         env[name] = http
-    env["NO_PROXY"] = env["no_proxy"] = "localhost,127.0.0.1,::1"
+    # Loopback stays local (the command's own services), added to what the user had.
+    mine = [item.strip() for item in (env.get("NO_PROXY") or env.get("no_proxy") or "").split(",")]
+    merged = [item for item in mine if item] + [
+        item for item in ("localhost", "127.0.0.1", "::1") if item not in mine
+    ]
+    env["NO_PROXY"] = env["no_proxy"] = ",".join(merged)
     env["PYTUNNEL_PORT"] = str(first.port)
     return env
 
@@ -111,17 +118,20 @@ class Supervisor:
         """Run until a fatal error, which it raises."""
         while True:
             error = await self.session.wait_lost()
-            self.emit(events.SessionLost(self.session.server, error.message))
+            reason = error.reason if isinstance(error, SessionClosed) else error.message
+            self.emit(events.SessionLost(self.session.server, reason))
             # What was open went through the dead connection; asyncssh closes those
             # channels, and the proxy closes their clients with the byte counts.
             if not self.config.reconnect:
                 raise error
-            await self._reconnect(error.message)
+            await self._reconnect(reason)
 
     async def _reconnect(self, reason: str) -> None:
         schedule = backoff(cap=self.config.reconnect_cap, random=self.random)
-        for attempt, delay in enumerate(schedule, start=1):
+        for delay in schedule:
             if delay > 0:
+                # The number the next "connecting" line will carry.
+                attempt = self.session.attempts + 1
                 self.emit(events.ReconnectScheduled(self.session.server, delay, attempt, reason))
                 await asyncio.sleep(delay)
             try:
@@ -139,10 +149,12 @@ async def serve(
     emit: events.Sink,
     command: Sequence[str] = (),
     prompter: events.Prompter | None = None,
+    on_force_exit: Callable[[], None] = lambda: None,
 ) -> int:
-    """Run the tunnel until a signal, a fatal error, or the command's end."""
+    """Run the tunnel until a signal, a fatal error, or the command's end.
+    ``on_force_exit`` runs before a second Ctrl-C ends the process at once."""
     loop = asyncio.get_running_loop()
-    stop = _Stop()
+    stop = _Stop(on_force_exit)
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.request, signum)
     try:
@@ -253,10 +265,12 @@ def run(
     emit: events.Sink,
     command: Sequence[str] = (),
     prompter: events.Prompter | None = None,
+    on_force_exit: Callable[[], None] = lambda: None,
 ) -> int:
     """Run :func:`serve` on the fastest event loop available."""
+    main = serve(config, emit, command, prompter, on_force_exit)
     try:
         import uvloop
     except ImportError:
-        return asyncio.run(serve(config, emit, command, prompter))
-    return int(uvloop.run(serve(config, emit, command, prompter)))
+        return asyncio.run(main)
+    return int(uvloop.run(main))

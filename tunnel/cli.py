@@ -698,12 +698,18 @@ def command(ctx: click.Context, /, **params: Any) -> None:
     if notifier is not None:
         sinks.append(notifier)
     pidfile: str | None = params["pidfile"]
+
+    def remove_pidfile() -> None:
+        if pidfile:
+            with contextlib.suppress(OSError):
+                os.unlink(pidfile)
+
     if pidfile:
         sinks.append(OnReady(lambda _: _write_pidfile(pidfile)))
     if params["background"]:
         sinks.append(OnReady(_background()))
     try:
-        status = app.run(config, Tee(*sinks), run_command, prompter)
+        status = app.run(config, Tee(*sinks), run_command, prompter, remove_pidfile)
     except TunnelError as exc:
         if verbose:
             logging.getLogger("tunnel").exception("failed")
@@ -711,9 +717,7 @@ def command(ctx: click.Context, /, **params: Any) -> None:
     except KeyboardInterrupt:
         sys.exit(ExitStatus.INTERRUPTED)
     finally:
-        if pidfile:
-            with contextlib.suppress(OSError):
-                os.unlink(pidfile)
+        remove_pidfile()
     sys.exit(status)
 
 

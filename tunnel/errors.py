@@ -160,7 +160,13 @@ class ConnectFailed(SessionError):
 
 
 class SessionClosed(SessionError):
+    """A live session ended. ``reason`` is why, without the server's name."""
+
     retryable = True
+
+    def __init__(self, server: str, reason: str) -> None:
+        super().__init__(f"connection to {server} lost: {reason}")
+        self.reason = reason
 
 
 class ChannelOpenFailed(TunnelError):

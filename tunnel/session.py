@@ -189,6 +189,9 @@ class _Bridge(asyncssh.SSHTCPSession[bytes]):
         self._session = session
 
     def connection_made(self, chan: asyncssh.SSHTCPChannel[bytes]) -> None:
+        # Counted here and uncounted in connection_lost, so that an open nobody waited
+        # for (timed out, then closed) balances too.
+        self._session.channels += 1
         # Hold data back until the proxy has written its SOCKS reply; it resumes then.
         chan.pause_reading()
 
@@ -641,7 +644,7 @@ class Session:
                     hop.close()
                 self._hops = []
             if not lost.done():
-                lost.set_result(SessionClosed(f"{self.server}: {client.lost_reason}"))
+                lost.set_result(SessionClosed(self.server, client.lost_reason))
 
     async def wait_lost(self) -> SessionError:
         """Wait until the live connection ends; return why."""
@@ -691,7 +694,6 @@ class Session:
             raise ChannelOpenFailed(
                 ReplyReason.GENERAL_FAILURE, f"SSH session failed: {exc}"
             ) from exc
-        self.channels += 1
         return chan
 
     @property

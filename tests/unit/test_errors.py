@@ -176,7 +176,14 @@ def test_exit_statuses() -> None:
 )
 def test_retryable(cls: type[SessionError], retryable: bool) -> None:
     assert cls.retryable is retryable
-    assert cls("x").retryable is retryable
+    instance = SessionClosed("user@host", "x") if cls is SessionClosed else cls("x")
+    assert instance.retryable is retryable
+
+
+def test_session_closed_names_the_server_once() -> None:
+    error = SessionClosed("user@host:22", "Connection lost")
+    assert error.reason == "Connection lost"
+    assert str(error) == "connection to user@host:22 lost: Connection lost"
 
 
 def test_str_without_hint() -> None:
