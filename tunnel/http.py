@@ -79,21 +79,23 @@ def parse_target(method: bytes, target: bytes) -> Target:
     if text.startswith("/"):
         path = text.split("?", 1)[0]
         return Target(Kind.PAC if path in PAC_PATHS else Kind.LOCAL, path=target)
-    parts = urlsplit(text)
+    try:
+        parts = urlsplit(text)
+        hostname, port = parts.hostname, parts.port
+    except ValueError as exc:
+        raise BadTarget(f"bad URL: {exc}") from None
     if parts.scheme.lower() != "http":
         raise BadTarget(
             f"only http:// URLs are forwarded; use CONNECT for {parts.scheme or 'this'}"
         )
-    if not parts.hostname:
+    if not hostname:
         raise BadTarget("the URL has no host")
-    try:
-        port = parts.port or 80
-    except ValueError:
-        raise BadTarget("bad port in the URL") from None
+    if port == 0:
+        raise BadTarget("port 0 in the URL")
     path = parts.path or "/"
     if parts.query:
         path += "?" + parts.query
-    return Target(Kind.FORWARD, parts.hostname, port, path.encode("ascii", errors="replace"))
+    return Target(Kind.FORWARD, hostname, port or 80, path.encode("ascii", errors="replace"))
 
 
 def forward_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:

@@ -59,13 +59,18 @@ class Rule:
 
 
 def _address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address a host names, if it is one. ``::ffff:a.b.c.d`` is the IPv4 address
+    it maps (the server connects to that), so IPv4 rules apply to it."""
     try:
-        return ipaddress.ip_address(host.strip("[]"))
+        address = ipaddress.ip_address(host.strip("[]"))
     except ValueError:
         return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
 
 
-_PORTS = re.compile(r"(\d{1,5})(?:-(\d{1,5}))?")
+_PORTS = re.compile(r"([0-9]{1,5})(?:-([0-9]{1,5}))?")
 _GLOB = re.compile(r"[A-Za-z0-9_.*?\[\]!-]+")
 
 
