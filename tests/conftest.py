@@ -131,3 +131,34 @@ def talker_target() -> Iterator[TalkerTarget]:
 def closed_port() -> int:
     # Function scope: a fresh probe per test keeps the "nothing listens" window short.
     return _closed_port()
+
+
+# ==== pytunnel subprocess fixtures (tests/fixtures/pytunnel_proc.py) =======================
+# Appended block: the real console script under test, against the servers above.
+
+from fixtures.pytunnel_proc import PytunnelFactory, Running, server_args  # noqa: E402
+
+
+@pytest.fixture
+def pytunnel_factory() -> Iterator[PytunnelFactory]:
+    """``start(args, **kw) -> Running``; every tunnel started is stopped by PID at teardown."""
+    factory = PytunnelFactory()
+    try:
+        yield factory
+    finally:
+        factory.close()
+
+
+@pytest.fixture
+def tunnel(pytunnel_factory: PytunnelFactory, sshd: SshdServer) -> Running:
+    """pytunnel -D 127.0.0.1:0 --json through the real OpenSSH sshd, ready to use."""
+    return pytunnel_factory(["-D", "127.0.0.1:0", *server_args(sshd)])
+
+
+@pytest.fixture
+def tunnel_asyncssh(pytunnel_factory: PytunnelFactory, asyncssh_server: AsyncsshServer) -> Running:
+    """pytunnel -D 127.0.0.1:0 --json through the in-process asyncssh server (magic ports)."""
+    return pytunnel_factory(["-D", "127.0.0.1:0", *server_args(asyncssh_server)])
+
+
+# ==== end of pytunnel subprocess fixtures ==================================================

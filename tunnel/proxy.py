@@ -606,6 +606,26 @@ class _HttpSession:
         if not any(name.lower() == b"host" for name, _ in headers):
             headers.insert(0, (b"Host", _host_header(target)))
         await upstream.send(h11.Request(method=request.method, target=target.path, headers=headers))
+        if self.conn.they_are_waiting_for_100_continue:
+            # The client holds its body until "100 Continue": relay the origin's answer
+            # (a proxy must pass 1xx on). An origin that says nothing in a second gets
+            # the body anyway, as clients themselves do.
+            try:
+                early = await asyncio.wait_for(upstream.next_event(), _CONTINUE_WAIT)
+            except TimeoutError:
+                early = None
+            if isinstance(early, h11.InformationalResponse):
+                await self.send(
+                    h11.InformationalResponse(
+                        status_code=early.status_code,
+                        headers=forward_headers(list(early.headers)),
+                        reason=early.reason,
+                    )
+                )
+            elif early is not None:
+                # A final answer without the body: pass it on, then this connection ends.
+                await self._relay_response(upstream, target, early)
+                return False
         while True:
             event = await self.next_event()
             if isinstance(event, h11.Data):
@@ -615,9 +635,14 @@ class _HttpSession:
                 break
             else:
                 return False
+        return await self._relay_response(upstream, target, None)
+
+    async def _relay_response(self, upstream: _Upstream, target: Target, first: Any) -> bool:
+        """Pass the origin's response on; True if both sides may keep the connection."""
         while True:
             try:
-                answer = await upstream.next_event()
+                answer = first if first is not None else await upstream.next_event()
+                first = None
             except h11.RemoteProtocolError as exc:
                 if self.conn.our_state is h11.SEND_RESPONSE:
                     await self.respond(502, f"bad response from {target.host}: {exc}")
@@ -650,6 +675,7 @@ class _HttpSession:
 
 
 _STATUSES = frozenset(HTTPStatus)
+_CONTINUE_WAIT = 1.0
 
 
 def _is_name(host: str) -> bool:

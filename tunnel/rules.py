@@ -10,7 +10,9 @@ A rule is a host part and an optional port part::
     [fd00::]/8:443        brackets around IPv6, as in URLs
 
 Pure: no DNS. A name is never resolved to check a CIDR rule (the far end resolves it,
-and a local lookup would leak it); write a host glob for names.
+and a local lookup would leak it); write a host glob for names. Numeric forms the
+server would read as an address (``127.1``, ``2130706433``, ``::ffff:10.0.0.1``) are
+treated as that address.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import enum
 import fnmatch
 import ipaddress
 import re
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -64,12 +67,21 @@ def _address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
         address = ipaddress.ip_address(host.strip("[]"))
     except ValueError:
-        return None
+        if not _INET_ATON.fullmatch(host):
+            return None
+        # 127.1, 2130706433, 0x7f.1: the server's resolver (inet_aton) reads these as
+        # IPv4 addresses, so rules must too. Pure parsing, no lookup.
+        try:
+            return ipaddress.IPv4Address(socket.inet_aton(host))
+        except OSError:
+            return None
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return address.ipv4_mapped
     return address
 
 
+_NUMBER = r"(?:0[xX][0-9a-fA-F]+|[0-9]+)"
+_INET_ATON = re.compile(rf"{_NUMBER}(?:\.{_NUMBER}){{0,3}}")
 _PORTS = re.compile(r"([0-9]{1,5})(?:-([0-9]{1,5}))?")
 _GLOB = re.compile(r"[A-Za-z0-9_.*?\[\]!-]+")
 

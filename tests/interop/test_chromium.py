@@ -1,0 +1,239 @@
+"""Headless Chromium through pytunnel and the real OpenSSH sshd: as an HTTP proxy, as a
+SOCKS5 proxy, and through the PAC file pytunnel serves.
+
+Chromium never proxies loopback by default; ``--proxy-bypass-list=<-loopback>`` turns
+that off for ``--proxy-server``. It does not apply to a PAC script, and the PAC file
+sends loopback and plain names DIRECT anyway, so the PAC test needs a destination that
+is neither loopback nor a plain name to Chromium, yet reaches the loopback target at the
+far end: ``0.0.0.0``. Chromium passes it to the PAC script and then, as a SOCKS5 host
+name, to pytunnel; sshd connects to 0.0.0.0, which Linux routes to this host, where the
+target listens on 127.0.0.1 (checked first with a plain connect). Nothing but the PAC
+file told Chromium to speak SOCKS5 to that port, so a SOCKS5 request for 0.0.0.0 proves
+that Chromium fetched and ran pytunnel's PAC file.
+
+The tunnel allows only the target's port and denies everything else, so Chromium's own
+background requests (update and account hosts) never reach sshd's resolver.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fixtures.net import wait_until
+from fixtures.pytunnel_proc import Running, clean_env, client_name, running_pytunnel, server_args
+from fixtures.sshd import SshdServer
+from fixtures.targets import HttpTarget
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(150)]
+
+CHROMIUM_TIMEOUT = 60.0
+KILL_TIMEOUT = 10.0
+LOG_TIMEOUT = 5.0
+# Where Linux takes a connect to 0.0.0.0: this host.
+THIS_HOST = "0.0.0.0"
+
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    path = shutil.which("chromium")
+    if path is None:
+        pytest.skip("chromium not installed (Debian package: chromium)")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tunnel(sshd: SshdServer, http_target: HttpTarget) -> Iterator[Running]:
+    port = http_target.port
+    rules = ["--allow", f"127.0.0.1:{port}", "--allow", f"{THIS_HOST}:{port}", "--deny", "*"]
+    with running_pytunnel(["-D", "127.0.0.1:0", *rules, *server_args(sshd)]) as running:
+        yield running
+
+
+def run_chromium(chromium: str, home: Path, url: str, *proxy_args: str) -> str:
+    """``chromium --dump-dom URL`` with a throwaway profile; returns the DOM. Chromium and
+    its helpers run in a session of their own, killed by its id if anything is left."""
+    profile = home / "profile"
+    command = [
+        chromium,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+        *proxy_args,
+        "--dump-dom",
+        url,
+    ]
+    proc = subprocess.Popen(
+        command,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=clean_env({"HOME": str(home)}),
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=CHROMIUM_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        _kill_session(proc)
+        out, err = proc.communicate(timeout=KILL_TIMEOUT)
+        pytest.fail(f"chromium did not finish within {CHROMIUM_TIMEOUT:g} s: {err[-2000:]!r}")
+    finally:
+        _kill_session(proc)
+    assert proc.returncode == 0, err.decode(errors="replace")[-2000:]
+    return out.decode(errors="replace")
+
+
+def _kill_session(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the session Chromium leads (its pid is the group id), then reap it."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(KILL_TIMEOUT)
+
+
+# Events arrive through a reader thread, so "the events so far" can lag behind what
+# pytunnel already did. A connection that closes at once is a fence: pytunnel emits its
+# client_rejected after everything it emitted before, so once that is read, so is the
+# rest. Fence connections are left out of every answer below.
+_FENCE_IDS: set[tuple[int, int]] = set()
+EVENT_TIMEOUT = 10.0
+
+
+def _new_events(tunnel: Running, before: int, name: str, **match: Any) -> list[dict[str, Any]]:
+    return [
+        ev
+        for ev in tunnel.events()[before:]
+        if ev["event"] == name
+        and (tunnel.pid, ev.get("id")) not in _FENCE_IDS
+        and all(ev.get(key) == value for key, value in match.items())
+    ]
+
+
+def fence(tunnel: Running) -> int:
+    """How many events pytunnel has emitted so far, every one of them read."""
+    start = len(tunnel.events())
+    with socket.create_connection(tunnel.address, timeout=EVENT_TIMEOUT) as sock:
+        name = client_name(sock)
+    found: list[dict[str, Any]] = []
+
+    def seen() -> bool:
+        found[:] = [
+            ev
+            for ev in tunnel.events()[start:]
+            if ev["event"] == "client_rejected" and ev["client"] == name
+        ]
+        return bool(found)
+
+    assert wait_until(seen, EVENT_TIMEOUT), f"fence {name} never seen: {tunnel.describe()}"
+    _FENCE_IDS.add((tunnel.pid, found[0]["id"]))
+    return len(tunnel.events())
+
+
+def since(tunnel: Running, before: int, name: str, **match: Any) -> list[dict[str, Any]]:
+    """Every matching event after the first ``before``, up to now (behind a fence)."""
+    fence(tunnel)
+    return _new_events(tunnel, before, name, **match)
+
+
+def wait_since(
+    tunnel: Running, before: int, name: str, count: int = 1, **match: Any
+) -> list[dict[str, Any]]:
+    """Wait (with a deadline) for ``count`` matching events after the first ``before``;
+    returns those seen by then."""
+    found: list[dict[str, Any]] = []
+
+    def enough() -> bool:
+        found[:] = _new_events(tunnel, before, name, **match)
+        return len(found) >= count
+
+    assert wait_until(enough, EVENT_TIMEOUT), (
+        f"{len(found)} of {count} {name} {match} events: {tunnel.describe()}"
+    )
+    return found
+
+
+def assert_through_tunnel(
+    tunnel: Running,
+    sshd: SshdServer,
+    before: int,
+    mark: int,
+    host: str,
+    port: int,
+    protocol: str,
+) -> None:
+    assert wait_since(tunnel, before, "channel_opened", host=host, port=port)
+    parsed = since(tunnel, before, "request_parsed", host=host, port=port)
+    assert {ev["protocol"] for ev in parsed} == {protocol}
+    assert sshd.wait_log(f"target {host} port {port}", LOG_TIMEOUT, mark)
+
+
+def test_http_proxy(
+    chromium: str, tunnel: Running, sshd: SshdServer, http_target: HttpTarget, tmp_path: Path
+) -> None:
+    before, mark = fence(tunnel), sshd.log_mark()
+    dom = run_chromium(
+        chromium,
+        tmp_path,
+        http_target.url("/hello"),
+        f"--proxy-server=http://{tunnel.netloc}",
+        "--proxy-bypass-list=<-loopback>",
+    )
+    assert http_target.hello_body.decode().strip() in dom
+    assert_through_tunnel(tunnel, sshd, before, mark, "127.0.0.1", http_target.port, "http")
+
+
+def test_socks5_proxy(
+    chromium: str, tunnel: Running, sshd: SshdServer, http_target: HttpTarget, tmp_path: Path
+) -> None:
+    before, mark = fence(tunnel), sshd.log_mark()
+    dom = run_chromium(
+        chromium,
+        tmp_path,
+        http_target.url("/hello"),
+        f"--proxy-server=socks5://{tunnel.netloc}",
+        "--proxy-bypass-list=<-loopback>",
+    )
+    assert http_target.hello_body.decode().strip() in dom
+    assert_through_tunnel(tunnel, sshd, before, mark, "127.0.0.1", http_target.port, "socks5")
+
+
+def _reaches_target_at_this_host(port: int) -> bool:
+    try:
+        with socket.create_connection((THIS_HOST, port), timeout=5) as sock:
+            sock.sendall(b"HEAD /hello HTTP/1.0\r\n\r\n")
+            return sock.recv(16).startswith(b"HTTP/1.")
+    except OSError:
+        return False
+
+
+def test_pac_file(
+    chromium: str, tunnel: Running, sshd: SshdServer, http_target: HttpTarget, tmp_path: Path
+) -> None:
+    if not _reaches_target_at_this_host(http_target.port):
+        pytest.skip(f"a connect to {THIS_HOST} does not reach this host here")
+    before, mark = fence(tunnel), sshd.log_mark()
+    dom = run_chromium(
+        chromium,
+        tmp_path,
+        f"http://{THIS_HOST}:{http_target.port}/hello",
+        f"--proxy-pac-url=http://{tunnel.netloc}/proxy.pac",
+    )
+    assert http_target.hello_body.decode().strip() in dom
+    assert_through_tunnel(tunnel, sshd, before, mark, THIS_HOST, http_target.port, "socks5")
+    # Chromium hands the host to the proxy as a name (remote resolution).
+    parsed = since(tunnel, before, "request_parsed", host=THIS_HOST)
+    assert all(ev["sent_name"] for ev in parsed)

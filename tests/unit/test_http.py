@@ -1,0 +1,382 @@
+"""HTTP on the SOCKS port, the pure parts: what a request target asks of the proxy,
+which headers are hop-by-hop, the status that tells the truth about a failed channel,
+Basic credentials and the PAC file.
+"""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from tunnel.errors import ReplyReason
+from tunnel.http import (
+    HOP_BY_HOP,
+    PAC_PATHS,
+    BadTarget,
+    Kind,
+    Target,
+    check_basic,
+    forward_headers,
+    pac_file,
+    parse_target,
+    status_for,
+)
+
+# ---- parse_target ----------------------------------------------------------------------
+
+GOOD_TARGETS: list[tuple[str, bytes, bytes, Target]] = [
+    # CONNECT: authority-form
+    ("connect-name", b"CONNECT", b"example.com:443", Target(Kind.CONNECT, "example.com", 443)),
+    ("connect-ipv4", b"CONNECT", b"192.0.2.7:8080", Target(Kind.CONNECT, "192.0.2.7", 8080)),
+    ("connect-ipv6", b"CONNECT", b"[2001:db8::1]:443", Target(Kind.CONNECT, "2001:db8::1", 443)),
+    ("connect-ipv6-loopback", b"CONNECT", b"[::1]:22", Target(Kind.CONNECT, "::1", 22)),
+    ("connect-port-1", b"CONNECT", b"h:1", Target(Kind.CONNECT, "h", 1)),
+    ("connect-port-65535", b"CONNECT", b"h:65535", Target(Kind.CONNECT, "h", 65535)),
+    # absolute-form: forwarded in origin form
+    (
+        "absolute-default-port",
+        b"GET",
+        b"http://example.com/a/b",
+        Target(Kind.FORWARD, "example.com", 80, b"/a/b"),
+    ),
+    (
+        "absolute-with-port",
+        b"GET",
+        b"http://127.0.0.1:8080/big",
+        Target(Kind.FORWARD, "127.0.0.1", 8080, b"/big"),
+    ),
+    (
+        "absolute-query-kept",
+        b"GET",
+        b"http://example.com:81/search?q=a+b&x=%2F",
+        Target(Kind.FORWARD, "example.com", 81, b"/search?q=a+b&x=%2F"),
+    ),
+    (
+        "absolute-no-path",
+        b"GET",
+        b"http://example.com",
+        Target(Kind.FORWARD, "example.com", 80, b"/"),
+    ),
+    (
+        "absolute-query-without-path",
+        b"GET",
+        b"http://example.com?q=1",
+        Target(Kind.FORWARD, "example.com", 80, b"/?q=1"),
+    ),
+    (
+        "absolute-fragment-dropped",
+        b"GET",
+        b"http://example.com/p#frag",
+        Target(Kind.FORWARD, "example.com", 80, b"/p"),
+    ),
+    (
+        "absolute-ipv6",
+        b"GET",
+        b"http://[::1]:8080/x",
+        Target(Kind.FORWARD, "::1", 8080, b"/x"),
+    ),
+    (
+        "absolute-scheme-and-host-case",
+        b"POST",
+        b"HTTP://Example.COM/Path",
+        Target(Kind.FORWARD, "example.com", 80, b"/Path"),
+    ),
+    (
+        "absolute-empty-port-is-default",
+        b"GET",
+        b"http://example.com:/",
+        Target(Kind.FORWARD, "example.com", 80, b"/"),
+    ),
+    # origin-form: pytunnel answers for itself
+    ("pac", b"GET", b"/proxy.pac", Target(Kind.PAC, path=b"/proxy.pac")),
+    ("wpad", b"GET", b"/wpad.dat", Target(Kind.PAC, path=b"/wpad.dat")),
+    ("pac-with-query", b"GET", b"/proxy.pac?v=2", Target(Kind.PAC, path=b"/proxy.pac?v=2")),
+    ("other", b"GET", b"/other", Target(Kind.LOCAL, path=b"/other")),
+    ("root", b"GET", b"/", Target(Kind.LOCAL, path=b"/")),
+    ("pac-prefix-only", b"GET", b"/proxy.pac.bak", Target(Kind.LOCAL, path=b"/proxy.pac.bak")),
+    ("pac-case-sensitive", b"GET", b"/PROXY.PAC", Target(Kind.LOCAL, path=b"/PROXY.PAC")),
+]
+
+
+@pytest.mark.parametrize(
+    ("method", "target", "expected"),
+    [case[1:] for case in GOOD_TARGETS],
+    ids=[case[0] for case in GOOD_TARGETS],
+)
+def test_parse_target(method: bytes, target: bytes, expected: Target) -> None:
+    assert parse_target(method, target) == expected
+
+
+BAD_TARGETS: list[tuple[str, bytes, bytes, str]] = [
+    # (id, method, target, a word the 400 body must contain)
+    ("connect-missing-port", b"CONNECT", b"example.com", "host:port"),
+    ("connect-empty-port", b"CONNECT", b"example.com:", "host:port"),
+    ("connect-missing-host", b"CONNECT", b":443", "host:port"),
+    ("connect-port-zero", b"CONNECT", b"example.com:0", "port"),
+    ("connect-port-too-big", b"CONNECT", b"example.com:65536", "port"),
+    ("connect-port-name", b"CONNECT", b"example.com:https", "port"),
+    ("connect-port-negative", b"CONNECT", b"example.com:-1", "port"),
+    ("connect-port-non-ascii-digits", b"CONNECT", "h:٤٤٣".encode(), "port"),
+    ("connect-unbracketed-ipv6", b"CONNECT", b"2001:db8::1:443", "brackets"),
+    ("connect-unbracketed-ipv6-loopback", b"CONNECT", b"::1:22", "brackets"),
+    ("https-absolute", b"GET", b"https://example.com/", "CONNECT"),
+    ("ftp-absolute", b"GET", b"ftp://example.com/", "http://"),
+    ("no-scheme", b"GET", b"example.com:80", "http://"),
+    ("asterisk-form", b"OPTIONS", b"*", "http://"),
+    ("no-host", b"GET", b"http:///path", "host"),
+    ("bad-url-port", b"GET", b"http://example.com:99999/", "port"),
+    ("url-port-name", b"GET", b"http://example.com:http/", "port"),
+]
+
+
+@pytest.mark.parametrize(
+    ("method", "target", "word"),
+    [case[1:] for case in BAD_TARGETS],
+    ids=[case[0] for case in BAD_TARGETS],
+)
+def test_parse_target_refuses(method: bytes, target: bytes, word: str) -> None:
+    with pytest.raises(BadTarget) as info:
+        parse_target(method, target)
+    # The message is the 400 body: it must say what is wrong.
+    assert word.lower() in str(info.value).lower()
+
+
+def test_bad_target_is_a_value_error() -> None:
+    assert issubclass(BadTarget, ValueError)
+
+
+def test_absolute_url_port_zero_is_refused() -> None:
+    # Regression: it used to become port 80 ("parts.port or 80").
+    with pytest.raises(BadTarget, match="port 0"):
+        parse_target(b"GET", b"http://example.com:0/")
+
+
+@pytest.mark.parametrize("target", [b"http://[::1/", b"http://[zz]/", b"http://a]b/"])
+def test_malformed_bracketed_host_is_a_bad_target(target: bytes) -> None:
+    # Regression: urlsplit's own ValueError used to escape, and the client got no 400.
+    with pytest.raises(BadTarget, match="bad URL"):
+        parse_target(b"GET", target)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    method=st.sampled_from([b"GET", b"CONNECT", b"POST", b"OPTIONS"]),
+    target=st.one_of(
+        st.binary(max_size=80),
+        st.binary(max_size=40).map(lambda tail: b"http://" + tail),
+        st.binary(max_size=40).map(lambda tail: b"http://[" + tail),
+    ),
+)
+def test_parse_target_only_raises_bad_target(method: bytes, target: bytes) -> None:
+    try:
+        result = parse_target(method, target)
+    except BadTarget:
+        return
+    if result.kind in (Kind.CONNECT, Kind.FORWARD):
+        # Whatever is accepted names a host and a port a channel can be opened to.
+        assert result.host
+        assert 0 < result.port < 65536
+    else:
+        assert result.path.startswith(b"/")
+
+
+# ---- forward_headers -------------------------------------------------------------------
+
+
+def test_forward_headers_drops_every_hop_by_hop_header() -> None:
+    headers = [
+        (b"Host", b"example.com"),
+        (b"Connection", b"keep-alive"),
+        (b"Proxy-Connection", b"keep-alive"),
+        (b"Keep-Alive", b"timeout=5"),
+        (b"Proxy-Authorization", b"Basic Ym9iOnNlY3JldA=="),
+        (b"Proxy-Authenticate", b'Basic realm="x"'),
+        (b"TE", b"trailers"),
+        (b"Trailer", b"Expires"),
+        (b"Upgrade", b"websocket"),
+        (b"Accept", b"*/*"),
+    ]
+    assert forward_headers(headers) == [(b"Host", b"example.com"), (b"Accept", b"*/*")]
+
+
+def test_hop_by_hop_set_is_lower_case_and_complete() -> None:
+    assert {
+        b"connection",
+        b"proxy-connection",
+        b"keep-alive",
+        b"proxy-authorization",
+        b"proxy-authenticate",
+        b"te",
+        b"trailer",
+        b"upgrade",
+    } == HOP_BY_HOP
+
+
+def test_forward_headers_drops_headers_named_in_connection_case_insensitively() -> None:
+    headers = [
+        (b"connection", b"close, X-Secret-Hop ,x-other"),
+        (b"x-secret-hop", b"1"),
+        (b"X-OTHER", b"2"),
+        (b"X-Kept", b"3"),
+    ]
+    assert forward_headers(headers) == [(b"X-Kept", b"3")]
+
+
+def test_forward_headers_honours_several_connection_headers() -> None:
+    headers = [
+        (b"Connection", b"X-A"),
+        (b"CONNECTION", b"x-b"),
+        (b"X-A", b"1"),
+        (b"X-B", b"2"),
+        (b"X-C", b"3"),
+    ]
+    assert forward_headers(headers) == [(b"X-C", b"3")]
+
+
+def test_forward_headers_keeps_framing_and_host_in_order() -> None:
+    headers = [
+        (b"Host", b"example.com:8080"),
+        (b"Content-Length", b"5"),
+        (b"Transfer-Encoding", b"chunked"),
+        (b"Set-Cookie", b"a=1"),
+        (b"Set-Cookie", b"b=2"),
+        (b"Connection", b"keep-alive"),
+    ]
+    assert forward_headers(headers) == headers[:5]
+
+
+def test_forward_headers_does_not_mutate_its_input() -> None:
+    headers = [(b"Connection", b"close"), (b"Accept", b"*/*")]
+    copy = list(headers)
+    forward_headers(headers)
+    assert headers == copy
+
+
+def test_forward_headers_empty() -> None:
+    assert forward_headers([]) == []
+
+
+# ---- status_for ------------------------------------------------------------------------
+
+STATUS = [
+    (ReplyReason.CONNECTION_NOT_ALLOWED, 403),
+    (ReplyReason.TTL_EXPIRED, 504),
+    (ReplyReason.GENERAL_FAILURE, 502),
+    (ReplyReason.NETWORK_UNREACHABLE, 502),
+    (ReplyReason.HOST_UNREACHABLE, 502),
+    (ReplyReason.CONNECTION_REFUSED, 502),
+    (ReplyReason.COMMAND_NOT_SUPPORTED, 502),
+    (ReplyReason.ADDRESS_TYPE_NOT_SUPPORTED, 502),
+]
+
+
+@pytest.mark.parametrize(("reason", "status"), STATUS, ids=[r.name for r, _ in STATUS])
+def test_status_for(reason: ReplyReason, status: int) -> None:
+    assert status_for(reason) == status
+
+
+def test_status_table_covers_every_failure() -> None:
+    assert {reason for reason, _ in STATUS} == set(ReplyReason) - {ReplyReason.SUCCEEDED}
+
+
+# ---- check_basic -----------------------------------------------------------------------
+
+USER = b"bob"
+SECRET = b"s3cret:with:colons"
+
+
+def basic(credentials: bytes, scheme: bytes = b"Basic") -> bytes:
+    return scheme + b" " + base64.b64encode(credentials)
+
+
+BASIC_CASES: list[tuple[str, bytes | None, bool]] = [
+    ("right", basic(USER + b":" + SECRET), True),
+    ("scheme-lower-case", basic(USER + b":" + SECRET, b"basic"), True),
+    ("scheme-upper-case", basic(USER + b":" + SECRET, b"BASIC"), True),
+    ("surrounding-space", b"  " + basic(USER + b":" + SECRET) + b"  ", True),
+    ("wrong-user", basic(b"alice:" + SECRET), False),
+    ("user-case-matters", basic(b"Bob:" + SECRET), False),
+    ("wrong-password", basic(USER + b":wrong"), False),
+    ("password-prefix", basic(USER + b":s3cret"), False),
+    ("password-longer", basic(USER + b":" + SECRET + b"x"), False),
+    ("empty-password", basic(USER + b":"), False),
+    ("no-colon", basic(USER + SECRET), False),
+    ("other-scheme", basic(USER + b":" + SECRET, b"Bearer"), False),
+    ("digest-scheme", b"Digest username=" + USER, False),
+    ("bad-base64", b"Basic !!!not-base64!!!", False),
+    ("base64-bad-padding", b"Basic Ym9iOnM", False),
+    ("no-token", b"Basic", False),
+    ("empty", b"", False),
+    ("missing", None, False),
+]
+
+
+@pytest.mark.parametrize(
+    ("header", "ok"), [c[1:] for c in BASIC_CASES], ids=[c[0] for c in BASIC_CASES]
+)
+def test_check_basic(header: bytes | None, ok: bool) -> None:
+    assert check_basic(header, USER, SECRET) is ok
+
+
+@settings(max_examples=200, deadline=None)
+@given(header=st.one_of(st.none(), st.binary(max_size=64)))
+def test_check_basic_never_raises_on_garbage(header: bytes | None) -> None:
+    token = base64.b64encode(USER + b":" + SECRET)
+    assume(header is None or token not in header)
+    assert check_basic(header, USER, SECRET) is False
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    user=st.binary(min_size=1, max_size=40).filter(lambda u: b":" not in u),
+    password=st.binary(min_size=1, max_size=40),
+)
+def test_check_basic_accepts_any_credentials_it_was_given(user: bytes, password: bytes) -> None:
+    assert check_basic(basic(user + b":" + password), user, password)
+    assert not check_basic(basic(user + b":" + password + b"!"), user, password)
+
+
+# ---- pac_file --------------------------------------------------------------------------
+
+
+def test_pac_file_sends_everything_through_the_listener() -> None:
+    text = pac_file("127.0.0.1:1080").decode()
+    assert text.startswith("function FindProxyForURL(url, host) {")
+    assert 'return "SOCKS5 127.0.0.1:1080; SOCKS 127.0.0.1:1080";' in text
+    assert text.rstrip().endswith("}")
+
+
+def test_pac_file_sends_loopback_and_plain_names_direct() -> None:
+    text = pac_file("127.0.0.1:1080").decode()
+    assert 'return "DIRECT";' in text
+    for check in (
+        "isPlainHostName(host)",
+        'host == "localhost"',
+        'shExpMatch(host, "127.*")',
+        'host == "::1"',
+        'host == "[::1]"',
+    ):
+        assert check in text
+    # DIRECT comes first, so loopback never goes through the tunnel.
+    assert text.index('"DIRECT"') < text.index('"SOCKS5 ')
+
+
+def test_pac_file_names_an_ipv6_listener_with_brackets() -> None:
+    text = pac_file("[::1]:1080").decode()
+    assert '"SOCKS5 [::1]:1080; SOCKS [::1]:1080"' in text
+
+
+def test_pac_file_is_ascii_and_balanced() -> None:
+    raw = pac_file("127.0.0.1:9")
+    assert raw.isascii()
+    text = raw.decode()
+    assert text.count("{") == text.count("}")
+    assert text.count("(") == text.count(")")
+    assert text.count('"') % 2 == 0
+
+
+def test_pac_paths() -> None:
+    assert frozenset({"/proxy.pac", "/wpad.dat"}) == PAC_PATHS
