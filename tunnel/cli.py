@@ -10,271 +10,33 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, NoReturn, TextIO
 
 import click
 from rich.console import Console
 
 from . import __version__, app, events
+from .config import LOG_LEVELS as LOG_LEVELS  # the docs generator reads these here
+from .config import OPTION_KEYS as OPTION_KEYS
 from .config import (
     AddressFamily,
     Config,
     Destination,
     Forward,
+    apply_options,
     merge_forwards,
-    parse_address_family,
-    parse_algorithms,
-    parse_count,
     parse_destination,
     parse_forward,
-    parse_host_key_policy,
-    parse_interval,
     parse_jump_hosts,
-    parse_option,
     parse_port,
-    parse_preferred_auth,
-    parse_seconds,
-    parse_yes_no,
-    split_paths,
 )
+from .config import OptionKey as OptionKey
 from .errors import ConfigError, ExitStatus, TunnelError
 from .notify import OnReady, SystemdNotifier
 from .rules import Action, parse_rules
 from .ui import JsonRenderer, LiveRenderer, PlainRenderer, Tee, TerminalPrompter
 
 PROG = "pytunnel"
-
-# -o keys pytunnel understands, with what each one sets. Keys are matched
-# case-insensitively, as ssh does.
-_OptionSetter = Callable[[dict[str, Any], str], None]
-
-
-def _set(field: str, parse: Callable[[str], object]) -> _OptionSetter:
-    def setter(values: dict[str, Any], value: str) -> None:
-        values[field] = parse(value)
-
-    return setter
-
-
-def _set_auth(method: str) -> _OptionSetter:
-    def setter(values: dict[str, Any], value: str) -> None:
-        values.setdefault("auth_methods", {})[method] = parse_yes_no(method, value)
-
-    return setter
-
-
-def _set_algorithms(field: str, key: str) -> _OptionSetter:
-    def setter(values: dict[str, Any], value: str) -> None:
-        values.setdefault("algorithms", {})[field] = parse_algorithms(key, value)
-
-    return setter
-
-
-# LogLevel -> the -v count it means (-1 for quiet).
-LOG_LEVELS = {
-    "QUIET": -1,
-    "FATAL": -1,
-    "ERROR": -1,
-    "INFO": 0,
-    "VERBOSE": 1,
-    "DEBUG": 2,
-    "DEBUG1": 2,
-    "DEBUG2": 3,
-    "DEBUG3": 3,
-}
-
-
-def parse_log_level(value: str) -> int:
-    try:
-        return LOG_LEVELS[value.upper()]
-    except KeyError:
-        raise ConfigError(
-            f"bad value {value!r} for LogLevel: expected one of " + ", ".join(LOG_LEVELS)
-        ) from None
-
-
-def _add_forward(values: dict[str, Any], value: str) -> None:
-    values.setdefault("forwards", []).append(parse_forward(value))
-
-
-def _add_identity(values: dict[str, Any], value: str) -> None:
-    values.setdefault("identities", []).append(value)
-
-
-@dataclass(frozen=True, slots=True)
-class OptionKey:
-    """One ``-o`` key: its ssh_config name, what it sets, its default and meaning (the
-    man page and completions are generated from these)."""
-
-    name: str
-    setter: _OptionSetter
-    default: str
-    help: str
-    repeatable: bool = False
-
-
-OPTION_KEYS: dict[str, OptionKey] = {
-    key.name.lower(): key
-    for key in (
-        OptionKey(
-            "StrictHostKeyChecking",
-            _set("host_key_policy", parse_host_key_policy),
-            "ask",
-            "ask: ask about unknown host keys on a terminal, refuse them without one; yes: "
-            "refuse unknown and changed keys; accept-new: record unknown keys, refuse "
-            "changed ones; no: accept any key",
-        ),
-        OptionKey(
-            "UserKnownHostsFile",
-            _set("known_hosts", split_paths),
-            "~/.ssh/known_hosts ~/.ssh/known_hosts2",
-            "known_hosts files to check (and to add accepted keys to, the first one)",
-        ),
-        OptionKey(
-            "GlobalKnownHostsFile",
-            _set("global_known_hosts", split_paths),
-            "/etc/ssh/ssh_known_hosts /etc/ssh/ssh_known_hosts2",
-            "system-wide known_hosts files",
-        ),
-        OptionKey(
-            "ConnectTimeout",
-            _set("connect_timeout", lambda v: parse_seconds("ConnectTimeout", v)),
-            "15",
-            "seconds to wait for the SSH connection and login",
-        ),
-        OptionKey("Port", _set("port", lambda v: parse_port(v, what="Port")), "22", "SSH port"),
-        OptionKey("User", _set("user", str), "the local user", "user to log in as"),
-        OptionKey(
-            "IdentityFile",
-            _add_identity,
-            "~/.ssh/id_*",
-            "private key file to authenticate with",
-            repeatable=True,
-        ),
-        OptionKey(
-            "DynamicForward",
-            _add_forward,
-            "none",
-            "[bind_address:]port to serve SOCKS on, as -D",
-            repeatable=True,
-        ),
-        OptionKey(
-            "ServerAliveInterval",
-            _set("keepalive_interval", lambda v: parse_interval("ServerAliveInterval", v)),
-            "15",
-            "seconds between keepalive requests when the server is quiet (0: off)",
-        ),
-        OptionKey(
-            "ServerAliveCountMax",
-            _set("keepalive_count", lambda v: parse_count("ServerAliveCountMax", v, low=1)),
-            "3",
-            "unanswered keepalives before the session counts as lost",
-        ),
-        OptionKey(
-            "HostName",
-            _set("hostname", lambda v: parse_destination(v).host),
-            "the destination",
-            "real host name to connect to",
-        ),
-        OptionKey(
-            "IdentitiesOnly",
-            _set("identities_only", lambda v: parse_yes_no("IdentitiesOnly", v)),
-            "no",
-            "use only the identity files given, not every key the agent holds",
-        ),
-        OptionKey(
-            "ProxyJump",
-            _set("jump_hosts", parse_jump_hosts),
-            "none",
-            "[user@]host[:port][,...] jump hosts to reach the server through, as -J",
-        ),
-        OptionKey(
-            "BatchMode",
-            _set("batch_mode", lambda v: parse_yes_no("BatchMode", v)),
-            "no",
-            "never ask for a password, passphrase or host-key confirmation",
-        ),
-        *(
-            OptionKey(
-                key,
-                _set_auth(method),
-                "yes",
-                f"allow {method} authentication",
-            )
-            for key, method in (
-                ("PubkeyAuthentication", "publickey"),
-                ("PasswordAuthentication", "password"),
-                ("KbdInteractiveAuthentication", "keyboard-interactive"),
-            )
-        ),
-        OptionKey(
-            "PreferredAuthentications",
-            _set("preferred_auth", parse_preferred_auth),
-            "publickey,keyboard-interactive,password",
-            "the order to try authentication methods in",
-        ),
-        OptionKey(
-            "Compression",
-            _set("compression", lambda v: parse_yes_no("Compression", v)),
-            "no",
-            "compress the SSH connection, as -C",
-        ),
-        *(
-            OptionKey(key, _set_algorithms(field, key), "asyncssh's list", help)
-            for key, field, help in (
-                ("Ciphers", "ciphers", "ciphers, in order of preference (+, - or ^ edit)"),
-                ("KexAlgorithms", "kex", "key exchange algorithms"),
-                ("HostKeyAlgorithms", "host_key_algorithms", "host key algorithms"),
-                ("MACs", "macs", "message authentication codes"),
-            )
-        ),
-        OptionKey(
-            "AddressFamily",
-            _set("address_family", parse_address_family),
-            "any",
-            "any, inet (IPv4 only, as -4) or inet6 (IPv6 only, as -6) for the SSH connection",
-        ),
-        OptionKey(
-            "GatewayPorts",
-            _set("gateway_ports", lambda v: parse_yes_no("GatewayPorts", v)),
-            "no",
-            "let -D without an address listen on every interface, as -g",
-        ),
-        OptionKey(
-            "ExitOnForwardFailure",
-            _set("exit_on_forward_failure", lambda v: parse_yes_no("ExitOnForwardFailure", v)),
-            "yes",
-            "accepted for compatibility: pytunnel always exits (status 3) when a listener "
-            "cannot be bound",
-        ),
-        OptionKey(
-            "LogLevel",
-            _set("log_level", parse_log_level),
-            "INFO",
-            "QUIET, FATAL, ERROR (as -q), INFO, VERBOSE (as -v), DEBUG, DEBUG1-3 (as -vv, -vvv)",
-        ),
-    )
-}
-
-
-def apply_options(pairs: Sequence[str]) -> dict[str, Any]:
-    """Parse every ``-o``; like ssh, the first value given for a key wins."""
-    values: dict[str, Any] = {}
-    seen: set[str] = set()
-    for text in pairs:
-        key, value = parse_option(text)
-        entry = OPTION_KEYS.get(key.lower())
-        if entry is None:
-            raise ConfigError(
-                f"-o {key}: unsupported option",
-                hint="supported: " + ", ".join(key.name for key in OPTION_KEYS.values()),
-            )
-        if entry.name in seen and not entry.repeatable:
-            continue
-        seen.add(entry.name)
-        entry.setter(values, value)
-    return values
 
 
 def build_config(
