@@ -1,6 +1,7 @@
-"""SOCKS listeners and the per-client relay.
+"""Listeners and the per-client relay.
 
-Each client is one :class:`asyncio.Protocol`. It feeds the sans-I/O codec until a
+Each client is one :class:`asyncio.Protocol`; its first byte says SOCKS or HTTP (the
+HTTP side is :mod:`tunnel.http_proxy`). For SOCKS it feeds the sans-I/O codec until a
 request is complete, asks the injected :class:`Opener` for a channel, replies only once
 the channel is open (or with the reply that says why it is not), then splices at the
 protocol level: client ``data_received`` goes straight to ``channel.write`` and the
@@ -21,32 +22,17 @@ import asyncio
 import contextlib
 import errno
 import hmac
-import ipaddress
 import itertools
 import logging
 import socket
 import time
-from collections.abc import Iterable, Sequence
-from http import HTTPStatus
+from collections.abc import Iterable
 from typing import Any, cast
-
-import h11
 
 from . import events
 from .channels import Channel, ChannelSink, Opener
 from .errors import ChannelOpenFailed, ListenError, RemoteProtocolError, ReplyReason
-from .http import (
-    PAC_TYPE,
-    REALM,
-    BadTarget,
-    Kind,
-    Target,
-    check_basic,
-    forward_headers,
-    pac_file,
-    parse_target,
-    status_for,
-)
+from .http_proxy import HttpSession
 from .rules import Rules
 from .socks import (
     NEED_DATA,
@@ -71,7 +57,7 @@ class ProxyClient(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._channel: Channel | None = None
         self._open_task: asyncio.Task[None] | None = None
-        self._http: _HttpSession | None = None
+        self._http: HttpSession | None = None
         self._deadline: asyncio.TimerHandle | None = None
         self._writable = asyncio.Event()
         self._writable.set()
@@ -93,7 +79,7 @@ class ProxyClient(asyncio.Protocol):
         )
         self._over_limit = len(self._server.clients) >= self._server.max_clients
         self._server.clients.add(self)
-        self._arm_deadline()
+        self.arm_deadline()
         self._server.emit(events.ClientAccepted(self.info))
 
     def data_received(self, data: bytes) -> None:
@@ -111,7 +97,7 @@ class ProxyClient(asyncio.Protocol):
             self._codec.receive_data(data)
             return
         if self._codec.state is State.START and data[:1].isalpha():
-            self._http = _HttpSession(self)
+            self._http = HttpSession(self)
             self._http.feed(data)
             return
         self._codec.receive_data(data)
@@ -128,7 +114,7 @@ class ProxyClient(asyncio.Protocol):
         if self._open_task is not None:
             # The whole request (and maybe data) came before EOF: pass it on later.
             return True
-        self._reject_client("client closed its side during the handshake")
+        self.reject_client("client closed its side during the handshake")
         return False
 
     def pause_writing(self) -> None:
@@ -173,6 +159,10 @@ class ProxyClient(asyncio.Protocol):
             self._transport.close()
 
     # -- shared by SOCKS and HTTP ----------------------------------------------------
+
+    @property
+    def credentials(self) -> tuple[bytes, bytes] | None:
+        return self._server.credentials
 
     @property
     def transport(self) -> asyncio.Transport:
@@ -256,7 +246,7 @@ class ProxyClient(asyncio.Protocol):
             if isinstance(event, Credentials):
                 if not self._server.check_credentials(event.username, event.password):
                     self.transport.write(self._codec.reject_auth())
-                    self._reject_client("wrong proxy credentials (SOCKS5)", auth=True)
+                    self.reject_client("wrong proxy credentials (SOCKS5)", auth=True)
                     return
                 self.transport.write(self._codec.accept_auth())
                 continue
@@ -307,16 +297,17 @@ class ProxyClient(asyncio.Protocol):
             self.transport.write(out)
         if exc.reply:
             self.transport.write(exc.reply)
-        self._reject_client(exc.message)
+        self.reject_client(exc.message)
 
-    def _reject_client(self, reason: str, *, auth: bool = False) -> None:
+    def reject_client(self, reason: str, *, auth: bool = False, close: bool = True) -> None:
+        """Report a client we will not serve; close it unless the caller still answers."""
         self._server.emit(events.ClientRejected(self.info, reason, auth=auth))
-        if self._transport is not None:
+        if close and self._transport is not None:
             self._transport.close()
 
     # -- deadlines and closing --------------------------------------------------------
 
-    def _arm_deadline(self) -> None:
+    def arm_deadline(self) -> None:
         """The handshake bound; for HTTP keep-alive also the idle bound between requests."""
         self._cancel_deadline()
         self._deadline = asyncio.get_running_loop().call_later(
@@ -326,7 +317,7 @@ class ProxyClient(asyncio.Protocol):
     def _handshake_timed_out(self) -> None:
         self._deadline = None
         if self._channel is None and self._open_task is None:
-            self._reject_client(f"no complete request within {self._server.handshake_timeout:g} s")
+            self.reject_client(f"no complete request within {self._server.handshake_timeout:g} s")
 
     def _cancel_deadline(self) -> None:
         if self._deadline is not None:
@@ -363,332 +354,6 @@ class ProxyClient(asyncio.Protocol):
                     info, info.bytes_up, info.bytes_down, time.monotonic() - info.started
                 )
             )
-
-
-class _Upstream:
-    """The origin side of an absolute-form HTTP request: a channel whose bytes feed an
-    h11 client connection. Reading pauses until the handler asks for more."""
-
-    def __init__(self, client: ProxyClient, key: tuple[str, int]) -> None:
-        self.client = client
-        self.key = key
-        self.conn = h11.Connection(h11.CLIENT)
-        self.channel: Channel | None = None
-        self.wakeup = asyncio.Event()
-        self.writable = asyncio.Event()
-        self.writable.set()
-        self.ended = False
-
-    def remote_data(self, data: bytes) -> None:
-        self.client.info.bytes_down += len(data)
-        self.conn.receive_data(data)
-        if self.channel is not None:
-            self.channel.pause_reading()
-        self.wakeup.set()
-
-    def remote_eof(self) -> None:
-        self._end()
-
-    def remote_pause(self) -> None:
-        self.writable.clear()
-
-    def remote_resume(self) -> None:
-        self.writable.set()
-
-    def remote_closed(self, exc: BaseException | None) -> None:
-        self._end()
-        self.writable.set()
-
-    def _end(self) -> None:
-        if not self.ended:
-            self.ended = True
-            self.conn.receive_data(b"")
-        self.wakeup.set()
-
-    async def next_event(self) -> Any:
-        while True:
-            event = self.conn.next_event()
-            if event is not h11.NEED_DATA:
-                return event
-            self.wakeup.clear()
-            if self.channel is not None:
-                self.channel.resume_reading()
-            await self.wakeup.wait()
-
-    async def send(self, event: Any) -> None:
-        data = self.conn.send(event)
-        if data and self.channel is not None:
-            self.client.info.bytes_up += len(data)
-            self.channel.write(data)
-            await self.writable.wait()
-
-    def reusable_for(self, key: tuple[str, int]) -> bool:
-        return (
-            self.key == key
-            and not self.ended
-            and self.conn.our_state is h11.DONE
-            and self.conn.their_state is h11.DONE
-        )
-
-    def close(self) -> None:
-        if self.channel is not None:
-            self.channel.close()
-            self.channel = None
-
-
-class _HttpSession:
-    """HTTP/1.1 from a client: CONNECT becomes a spliced channel, absolute-form requests
-    are forwarded in origin form (keep-alive on both sides), and pytunnel answers for
-    itself at /proxy.pac and /wpad.dat."""
-
-    def __init__(self, client: ProxyClient) -> None:
-        self.client = client
-        self.conn = h11.Connection(h11.SERVER)
-        self.wakeup = asyncio.Event()
-        self.upstream: _Upstream | None = None
-        self.relaying = False
-        self.task = asyncio.get_running_loop().create_task(self.run())
-
-    def feed(self, data: bytes) -> None:
-        self.conn.receive_data(data)
-        if data:
-            # One chunk at a time: reading resumes when the handler needs more.
-            self.client.transport.pause_reading()
-        self.wakeup.set()
-
-    async def next_event(self) -> Any:
-        while True:
-            event = self.conn.next_event()
-            if event is not h11.NEED_DATA:
-                return event
-            self.wakeup.clear()
-            if not self.client.transport.is_closing():
-                self.client.transport.resume_reading()
-            await self.wakeup.wait()
-
-    async def send(self, event: Any) -> None:
-        data = self.conn.send(event)
-        if data:
-            self.client.transport.write(data)
-            await self.client.drained()
-
-    async def run(self) -> None:
-        try:
-            while True:
-                event = await self.next_event()
-                if not isinstance(event, h11.Request):
-                    return
-                if not await self.handle(event):
-                    return
-                if self.conn.our_state is not h11.DONE or self.conn.their_state is not h11.DONE:
-                    return
-                self.conn.start_next_cycle()
-                self.client._arm_deadline()
-        except h11.RemoteProtocolError as exc:
-            if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-                # h11 lets a server answer a broken request; if even that fails, close.
-                with contextlib.suppress(h11.LocalProtocolError, ConnectionError):
-                    await self.respond(exc.error_status_hint, f"bad request: {exc}")
-            self.client._reject_client(f"HTTP protocol error: {exc}")
-        except (ConnectionError, h11.LocalProtocolError) as exc:
-            log.debug("HTTP client #%s: %s", self.client.info.id, exc)
-        finally:
-            if self.upstream is not None:
-                self.upstream.close()
-            if not self.relaying and not self.client.transport.is_closing():
-                self.client.transport.close()
-
-    async def respond(
-        self,
-        status: int,
-        text: str,
-        *,
-        content_type: bytes = b"text/plain; charset=utf-8",
-        body: bytes | None = None,
-        extra: Sequence[tuple[bytes, bytes]] = (),
-        close: bool = True,
-    ) -> None:
-        payload = body if body is not None else (text + "\n").encode()
-        headers = [
-            (b"Content-Type", content_type),
-            (b"Content-Length", str(len(payload)).encode()),
-            *extra,
-        ]
-        if close:
-            headers.append((b"Connection", b"close"))
-        reason = HTTPStatus(status).phrase.encode() if status in _STATUSES else b""
-        await self.send(h11.Response(status_code=status, headers=headers, reason=reason))
-        await self.send(h11.Data(data=payload))
-        await self.send(h11.EndOfMessage())
-
-    async def handle(self, request: h11.Request) -> bool:
-        """Serve one request; True to keep the client connection for another."""
-        server = self.client._server
-        try:
-            target = parse_target(request.method, request.target)
-        except BadTarget as exc:
-            await self.respond(400, str(exc))
-            return False
-        if target.kind is Kind.PAC:
-            listener = self.client.info.listener
-            await self.respond(200, "", content_type=PAC_TYPE, body=pac_file(listener), close=False)
-            return await self._finish_body()
-        if target.kind is Kind.LOCAL:
-            await self.respond(404, "not found: this is pytunnel; try /proxy.pac", close=False)
-            return await self._finish_body()
-        if server.credentials is not None:
-            header = next(
-                (v for n, v in request.headers if n.lower() == b"proxy-authorization"), None
-            )
-            if not check_basic(header, *server.credentials):
-                self.client._server.emit(
-                    events.ClientRejected(
-                        self.client.info, "wrong proxy credentials (HTTP)", auth=True
-                    )
-                )
-                await self.respond(
-                    407,
-                    "proxy authentication required",
-                    extra=[(b"Proxy-Authenticate", f'Basic realm="{REALM}"'.encode())],
-                )
-                return False
-        if target.kind is Kind.CONNECT:
-            await self.connect(target)
-            return False
-        return await self.forward(request, target)
-
-    async def _finish_body(self) -> bool:
-        """Read (and drop) what is left of a request we answered ourselves."""
-        while True:
-            event = await self.next_event()
-            if isinstance(event, h11.EndOfMessage):
-                return True
-            if not isinstance(event, h11.Data):
-                return False
-
-    async def connect(self, target: Target) -> None:
-        client = self.client
-        client.parsed("http-connect", "CONNECT", target.host, target.port, _is_name(target.host))
-        client.transport.pause_reading()
-        try:
-            channel = await client.open_channel(target.host, target.port, client)
-        except ChannelOpenFailed as exc:
-            client.failed(exc)
-            await self.respond(status_for(exc.reason), f"{exc.reason.label}: {exc.message}")
-            return
-        await self.send(h11.Response(status_code=200, headers=[], reason=b"Connection established"))
-        self.relaying = True
-        pipelined, _ = self.conn.trailing_data
-        client.start_relay(channel, bytes(pipelined))
-
-    async def forward(self, request: h11.Request, target: Target) -> bool:
-        client = self.client
-        client.parsed(
-            "http", request.method.decode(), target.host, target.port, _is_name(target.host)
-        )
-        key = (target.host, target.port)
-        upstream = self.upstream
-        if upstream is None or not upstream.reusable_for(key):
-            if upstream is not None:
-                upstream.close()
-            self.upstream = upstream = _Upstream(client, key)
-            try:
-                upstream.channel = await client.open_channel(target.host, target.port, upstream)
-            except ChannelOpenFailed as exc:
-                self.upstream = None
-                client.failed(exc)
-                await self.respond(status_for(exc.reason), f"{exc.reason.label}: {exc.message}")
-                return False
-            upstream.channel.resume_reading()
-        else:
-            upstream.conn.start_next_cycle()
-        headers = forward_headers(list(request.headers))
-        if not any(name.lower() == b"host" for name, _ in headers):
-            headers.insert(0, (b"Host", _host_header(target)))
-        await upstream.send(h11.Request(method=request.method, target=target.path, headers=headers))
-        if self.conn.they_are_waiting_for_100_continue:
-            # The client holds its body until "100 Continue": relay the origin's answer
-            # (a proxy must pass 1xx on). An origin that says nothing in a second gets
-            # the body anyway, as clients themselves do.
-            try:
-                early = await asyncio.wait_for(upstream.next_event(), _CONTINUE_WAIT)
-            except TimeoutError:
-                early = None
-            if isinstance(early, h11.InformationalResponse):
-                await self.send(
-                    h11.InformationalResponse(
-                        status_code=early.status_code,
-                        headers=forward_headers(list(early.headers)),
-                        reason=early.reason,
-                    )
-                )
-            elif early is not None:
-                # A final answer without the body: pass it on, then this connection ends.
-                await self._relay_response(upstream, target, early)
-                return False
-        while True:
-            event = await self.next_event()
-            if isinstance(event, h11.Data):
-                await upstream.send(h11.Data(data=event.data))
-            elif isinstance(event, h11.EndOfMessage):
-                await upstream.send(h11.EndOfMessage())
-                break
-            else:
-                return False
-        return await self._relay_response(upstream, target, None)
-
-    async def _relay_response(self, upstream: _Upstream, target: Target, first: Any) -> bool:
-        """Pass the origin's response on; True if both sides may keep the connection."""
-        while True:
-            try:
-                answer = first if first is not None else await upstream.next_event()
-                first = None
-            except h11.RemoteProtocolError as exc:
-                if self.conn.our_state is h11.SEND_RESPONSE:
-                    await self.respond(502, f"bad response from {target.host}: {exc}")
-                return False
-            if isinstance(answer, h11.InformationalResponse):
-                continue
-            if isinstance(answer, h11.Response):
-                await self.send(
-                    h11.Response(
-                        status_code=answer.status_code,
-                        headers=forward_headers(list(answer.headers)),
-                        reason=answer.reason,
-                    )
-                )
-            elif isinstance(answer, h11.Data):
-                await self.send(h11.Data(data=answer.data))
-            elif isinstance(answer, h11.EndOfMessage):
-                await self.send(h11.EndOfMessage())
-                return True
-            else:
-                if self.conn.our_state is h11.SEND_RESPONSE:
-                    await self.respond(502, f"{target.host} closed the connection")
-                return False
-
-    def close(self) -> None:
-        if not self.task.done():
-            self.task.cancel()
-        if self.upstream is not None:
-            self.upstream.close()
-
-
-_STATUSES = frozenset(HTTPStatus)
-_CONTINUE_WAIT = 1.0
-
-
-def _is_name(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return True
-    return False
-
-
-def _host_header(target: Target) -> bytes:
-    host = f"[{target.host}]" if ":" in target.host else target.host
-    return (host if target.port == 80 else f"{host}:{target.port}").encode()
 
 
 def _format_address(address: object) -> str:
