@@ -15,7 +15,7 @@ from typing import Any, NoReturn
 
 from . import events
 from .config import Config, Destination, Forward, HostKeyPolicy, open_proxy_forwards
-from .errors import ConfigError, ExitStatus, SessionClosed, SessionError
+from .errors import CommandFailed, ConfigError, ExitStatus, SessionClosed, SessionError
 from .proxy import ProxyServer
 from .retry import backoff, is_retryable
 from .session import Session, SessionPool, apply_ssh_config
@@ -218,13 +218,12 @@ async def serve(
             starting.result()  # raises the SessionError of a failed start
             emit(events.Ready(tuple(listeners), session.server))
 
-            keeping = loop.create_task(supervisor.keep_up())
-            waiting: list[asyncio.Future[Any]] = [keeping, stopping]
             child: asyncio.subprocess.Process | None = None
             if command:
-                child = await asyncio.create_subprocess_exec(
-                    *command, env=command_environment(listeners)
-                )
+                child = await _spawn(command, command_environment(listeners))
+            keeping = loop.create_task(supervisor.keep_up())
+            waiting: list[asyncio.Future[Any]] = [keeping, stopping]
+            if child is not None:
                 waiting.append(loop.create_task(child.wait()))
             try:
                 await _first(*waiting)
@@ -245,6 +244,16 @@ async def serve(
     finally:
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
+
+
+async def _spawn(command: Sequence[str], env: dict[str, str]) -> asyncio.subprocess.Process:
+    """Start ``-- COMMAND``; a command that cannot start is 127 or 126, as in a shell."""
+    try:
+        return await asyncio.create_subprocess_exec(*command, env=env)
+    except FileNotFoundError as exc:
+        raise CommandFailed(f"cannot run {command[0]}: command not found", 127) from exc
+    except OSError as exc:
+        raise CommandFailed(f"cannot run {command[0]}: {exc.strerror or exc}", 126) from exc
 
 
 async def _stop_child(child: asyncio.subprocess.Process, stop: _Stop) -> None:

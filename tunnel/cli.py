@@ -450,7 +450,8 @@ def command(ctx: click.Context, /, **params: Any) -> None:
         and os.environ.get("TERM") != "dumb"
     )
     if live:
-        view = LiveRenderer(Console(stderr=True), str(config.destination), clock=time.time)
+        # Monotonic, like the start times the proxy records for each connection.
+        view = LiveRenderer(Console(stderr=True), str(config.destination), clock=time.monotonic)
         sinks.append(view)
         if prompter is not None:
             prompter.before_prompt, prompter.after_prompt = view.pause, view.resume

@@ -143,7 +143,13 @@ def parse_forward(text: str) -> Forward:
             raise ConfigError(f"bad -D {text!r}: put an IPv6 address in brackets, [::1]:1080")
         else:
             host, port_text = spec[:sep], spec[sep + 1 :]
-    port = parse_port(port_text, what=f"-D port in {text!r}", allow_zero=True)
+    try:
+        port = parse_port(port_text, allow_zero=True)
+    except ConfigError:
+        raise ConfigError(
+            f"bad -D {text!r}: expected a number from 0 to 65535 as the port, "
+            "in [bind_address:]port"
+        ) from None
     if host is not None:
         if host == "*":
             host = ""
@@ -323,9 +329,9 @@ def _set(field: str, parse: Callable[[str], object]) -> _OptionSetter:
     return setter
 
 
-def _set_auth(method: str) -> _OptionSetter:
+def _set_auth(method: str, key: str) -> _OptionSetter:
     def setter(values: dict[str, Any], value: str) -> None:
-        values.setdefault("auth_methods", {})[method] = parse_yes_no(method, value)
+        values.setdefault("auth_methods", {})[method] = parse_yes_no(key, value)
 
     return setter
 
@@ -464,7 +470,7 @@ OPTION_KEYS: dict[str, OptionKey] = {
         *(
             OptionKey(
                 key,
-                _set_auth(method),
+                _set_auth(method, key),
                 "yes",
                 f"allow {method} authentication",
             )
@@ -539,5 +545,10 @@ def apply_options(pairs: Sequence[str]) -> dict[str, Any]:
         if entry.name in seen and not entry.repeatable:
             continue
         seen.add(entry.name)
-        entry.setter(values, value)
+        try:
+            entry.setter(values, value)
+        except ConfigError as exc:
+            if entry.name in exc.message:
+                raise
+            raise ConfigError(f"-o {entry.name}: {exc.message}", hint=exc.hint) from exc
     return values

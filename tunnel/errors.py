@@ -10,6 +10,7 @@ The tree::
     │   ├── HostKeyRejected          fatal, never retried
     │   ├── ConnectFailed            retryable (refused, timeout, DNS, lost)
     │   └── SessionClosed            retryable (server disconnect)
+    ├── CommandFailed                -- COMMAND could not start                 exit 126/127
     ├── ChannelOpenFailed(reason)    one request; never fatal
     └── SOCKSError
         ├── RemoteProtocolError      the client broke the protocol (carries the reply to send)
@@ -167,6 +168,15 @@ class SessionClosed(SessionError):
     def __init__(self, server: str, reason: str) -> None:
         super().__init__(f"connection to {server} lost: {reason}")
         self.reason = reason
+
+
+class CommandFailed(TunnelError):
+    """The command after ``--`` could not be started; the status is a shell's: 127 when
+    it does not exist, 126 when it cannot be run."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.exit_status = status  # type: ignore[assignment]
 
 
 class ChannelOpenFailed(TunnelError):

@@ -64,6 +64,7 @@ class ProxyClient(asyncio.Protocol):
         self._client_eof = False
         self._closed = False
         self._over_limit = False
+        self._remote_paused = False
         self.info = events.ConnectionInfo(id=0, client="", started=0.0)
 
     # -- client side (asyncio.Protocol) ---------------------------------------------
@@ -145,10 +146,12 @@ class ProxyClient(asyncio.Protocol):
 
     def remote_pause(self) -> None:
         assert self._transport is not None
+        self._remote_paused = True
         self._transport.pause_reading()
 
     def remote_resume(self) -> None:
         assert self._transport is not None
+        self._remote_paused = False
         if not self._transport.is_closing():
             self._transport.resume_reading()
 
@@ -226,7 +229,8 @@ class ProxyClient(asyncio.Protocol):
             channel.write(pipelined)
         if self._client_eof:
             channel.write_eof()
-        else:
+        elif not self._remote_paused:
+            # (If the pipelined bytes filled the channel, remote_resume will do it.)
             self.transport.resume_reading()
 
     # -- SOCKS -------------------------------------------------------------------
@@ -538,11 +542,13 @@ def _bind_group(addresses: tuple[str, ...], port: int, spec: str | None) -> list
     picks the port and the others must get the same one; a clash there retries."""
     attempts = 20 if port == 0 else 1
     last_error: OSError | None = None
+    failed = addresses[0]
     for _ in range(attempts):
         bound: list[socket.socket] = []
         chosen = port
         try:
             for address in addresses:
+                failed = address
                 sock = _bind_one(address, chosen)
                 if sock is None:
                     continue
@@ -559,7 +565,8 @@ def _bind_group(addresses: tuple[str, ...], port: int, spec: str | None) -> list
             if not bound:
                 raise ListenError(f"cannot listen on {spec or 'loopback'}: no usable address")
             return bound
-    where = _describe(addresses, port)
+    # Name the address that failed (with the port it was asked for), not the whole group.
+    where = _describe((failed,), port)
     assert last_error is not None
     reason = last_error.strerror or str(last_error)
     hint = "pick another port with -D, or -D 0 for a free one"

@@ -23,6 +23,7 @@ from typing import Any
 
 import asyncssh
 from asyncssh.config import SSHClientConfig, SSHConfig
+from asyncssh.public_key import get_default_certificate_algs, get_default_public_key_algs
 
 from . import events
 from .channels import Channel, ChannelSink
@@ -232,6 +233,7 @@ class _Verdict:
     fingerprint: str
     host: str
     old_line: str
+    other_types: tuple[str, ...] = ()
 
 
 class _HostKeys:
@@ -250,17 +252,39 @@ class _HostKeys:
         self.files = self.user_files + tuple(os.path.expanduser(p) for p in global_files)
         self.prompter = prompter
         self.known_for_host: list[asyncssh.SSHKey] = []
+        self.revoked: set[asyncssh.SSHKey] = set()
+        self.name = ""
         self.verdict: _Verdict | None = None
         self.declined = False
 
     def match(self, host: str, addr: str, port: int | None) -> Any:
+        self.name = _known_hosts_name(host, port or 22)
         present = [p for p in self.files if os.path.isfile(p)]
         if not present:
             self.known_for_host = []
             return ([], [], [])
-        result = asyncssh.read_known_hosts(present).match(host, addr, port)
+        known = asyncssh.read_known_hosts(present)
+        result: list[Any] = list(known.match(host, addr, port))
         self.known_for_host = list(result[0])
-        return result
+        # asyncssh falls back from [host]:port to host when nothing is trusted for the
+        # port, and then forgets the port's @revoked lines. Match those on their own.
+        self.revoked = set(result[2]) | set(_revoked_keys(present, host, addr, port))
+        result[2] = list(self.revoked)
+        return tuple(result)
+
+    def preferred_algorithms(self, host: str, port: int | None) -> list[bytes] | None:
+        """Host-key algorithms with the known keys' types first, then all the others:
+        asyncssh alone would offer only the known types, and a server that lost that key
+        type would fail key exchange instead of showing whose key it has now."""
+        self.match(host, "", port if port != 22 else None)  # the address is not known yet
+        if not self.known_for_host:
+            return None
+        algorithms: list[bytes] = []
+        for key in self.known_for_host:
+            algorithms.extend(key.sig_algorithms)
+        algorithms.extend(get_default_certificate_algs())
+        algorithms.extend(get_default_public_key_algs())
+        return list(dict.fromkeys(algorithms))
 
     def decide(self, host: str, addr: str, port: int, key: asyncssh.SSHKey) -> bool:
         """Called by asyncssh for a key no known_hosts line trusts."""
@@ -273,9 +297,15 @@ class _HostKeys:
             fingerprint=fingerprint,
             host=name,
             old_line=_find_line(self.files, same_type) if same_type else "",
+            other_types=tuple(
+                sorted(
+                    {k.algorithm.decode("ascii") for k in self.known_for_host}
+                    - {key.algorithm.decode("ascii")}
+                )
+            ),
         )
-        if same_type:
-            return False  # a changed key is never accepted, whatever the policy
+        if same_type or key in self.revoked:
+            return False  # a changed or revoked key is never accepted, whatever the policy
         if self.policy is HostKeyPolicy.ACCEPT_NEW:
             self._record(name, key)
             return True
@@ -318,7 +348,12 @@ class _HostKeys:
     def error(self) -> HostKeyRejected:
         v = self.verdict
         if v is None:
-            return HostKeyRejected("host key verification failed", hint="the host key is revoked")
+            # asyncssh refuses a revoked key before asking us anything.
+            return HostKeyRejected(
+                f"REVOKED host key for {self.name or 'the server'}: known_hosts marks the "
+                "key the server offered @revoked; refusing to connect",
+                hint="the server's key was withdrawn on purpose; ask its owner for the new one",
+            )
         if v.changed:
             return HostKeyRejected(
                 f"HOST KEY CHANGED for {v.host}: the server now offers {v.key_type} key "
@@ -331,12 +366,50 @@ class _HostKeys:
             return HostKeyRejected(
                 f"host key for {v.host} not accepted: {v.key_type} {v.fingerprint}"
             )
+        also = ""
+        if v.other_types:
+            also = f" (known_hosts has a {', '.join(v.other_types)} key for it, not this type)"
         return HostKeyRejected(
-            f"host key for {v.host} is not known: {v.key_type} {v.fingerprint}",
+            f"host key for {v.host} is not known: {v.key_type} {v.fingerprint}{also}",
             hint=f"check the fingerprint with the server's owner, then add it to "
             f"{self.user_files[0]} (for example by running pytunnel or ssh once on a "
             "terminal), or use -o StrictHostKeyChecking=accept-new",
         )
+
+
+def _is_encrypted_key(filename: str) -> bool:
+    """Whether a private key file needs a passphrase (asyncssh asks about every file)."""
+    try:
+        asyncssh.read_private_key(filename)
+    except asyncssh.KeyEncryptionError:
+        return True
+    except asyncssh.KeyImportError as exc:
+        return "passphrase" in str(exc).lower()
+    except OSError:
+        return False
+    return False
+
+
+def _revoked_keys(
+    files: Sequence[str], host: str, addr: str, port: int | None
+) -> list[asyncssh.SSHKey]:
+    """Keys that ``@revoked`` lines name for this host. They are read as plain lines of
+    a known_hosts of their own, so asyncssh's own matching finds them by port too."""
+    lines: list[str] = []
+    for path in files:
+        try:
+            with open(path, encoding="utf-8", errors="replace") as handle:
+                lines.extend(
+                    line.split(None, 1)[1] for line in handle if line.startswith("@revoked ")
+                )
+        except OSError:
+            continue
+    if not lines:
+        return []
+    try:
+        return list(asyncssh.import_known_hosts("".join(lines)).match(host, addr, port)[0])
+    except (ValueError, asyncssh.KeyImportError):
+        return []
 
 
 def hash_known_host(name: str, salt: bytes) -> str:
@@ -389,6 +462,8 @@ class _Client(asyncssh.SSHClient):
         self.lost_reason = "connection closed by the server"
         self.password_tries = 0
         self.kbdint_rounds = 0
+        self._kbdint_waiting = False
+        self._kbdint_unanswered = False
 
     def auth_banner_received(self, msg: str, lang: str) -> None:
         if self._prompter is not None:
@@ -403,11 +478,20 @@ class _Client(asyncssh.SSHClient):
         return await asyncio.to_thread(self._prompter.ask, f"{self._server}'s password: ", False)
 
     def kbdint_auth_requested(self) -> str | None:
-        return None if self._prompter is None else ""
+        # A server may offer keyboard-interactive and then send no challenge for this
+        # user: after one such round, move on to the next method instead of looping.
+        if self._prompter is None or self._kbdint_unanswered:
+            return None
+        if self._kbdint_waiting:
+            self._kbdint_unanswered = True
+            return None
+        self._kbdint_waiting = True
+        return ""
 
     async def kbdint_challenge_received(
         self, name: str, instructions: str, lang: str, prompts: Sequence[tuple[str, bool]]
     ) -> list[str] | None:
+        self._kbdint_waiting = False
         prompter = self._prompter
         if prompter is None or self.kbdint_rounds >= PASSWORD_TRIES * 2:
             return None
@@ -524,6 +608,10 @@ class Session:
             kwargs["port"] = dest.port
         if tunnel is not None:
             kwargs["tunnel"] = tunnel
+        if host_keys is not None and "host_key_algorithms" not in cfg.algorithms:
+            preferred = host_keys.preferred_algorithms(dest.host, dest.port)
+            if preferred is not None:
+                kwargs["server_host_key_algs"] = [alg.decode("ascii") for alg in preferred]
         prompter = None if cfg.batch_mode else self.prompter
         client = _Client(host_keys, prompter, str(dest))
         try:
@@ -597,13 +685,7 @@ class Session:
         prompter = self.prompter
         if prompter is None:
             return None
-        try:
-            asyncssh.read_private_key(filename)
-        except asyncssh.KeyEncryptionError:
-            pass
-        except (OSError, asyncssh.KeyImportError):
-            return None
-        else:
+        if not _is_encrypted_key(filename):
             return None
         for _ in range(PASSWORD_TRIES):
             answer = prompter.ask(f"Enter passphrase for key '{filename}': ", False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import io
 import json
 import sys
 import termios
@@ -217,10 +218,12 @@ class TerminalPrompter:
     @classmethod
     def open(cls) -> TerminalPrompter | None:
         try:
-            tty = open("/dev/tty", "r+", encoding="utf-8", errors="replace")  # noqa: SIM115
+            # A terminal cannot seek, so open() in "r+" text mode refuses it: wrap the raw
+            # file by hand, writing through so prompts show before we wait for input.
+            raw = io.FileIO("/dev/tty", "r+")
         except OSError:
             return None
-        return cls(tty)
+        return cls(io.TextIOWrapper(raw, encoding="utf-8", errors="replace", write_through=True))
 
     def show(self, text: str) -> None:
         self.before_prompt()
@@ -430,11 +433,14 @@ class LiveRenderer:
         else:
             state.append(f"● {s.session_state}", style="yellow")
         line = Text.assemble(("pytunnel ", "bold"), (self.server, "bold cyan"), "  ", state)
+        # One screen line each, whatever the width: the height budget counts on it.
+        line.no_wrap = True
+        line.overflow = "ellipsis"
         if s.cipher:
             line.append(f"  {s.cipher}", style="dim")
         if s.server_version:
             line.append(f"  {s.server_version}", style="dim")
-        urls = Text("listening: ", style="dim")
+        urls = Text("listening: ", style="dim", no_wrap=True, overflow="ellipsis")
         urls.append("  ".join(item.url for item in s.listeners) or "-", style="bold")
         return Group(line, urls)
 
@@ -474,13 +480,14 @@ class LiveRenderer:
         failures = list(self.stats.failures)
         if not failures:
             return None
-        text = Text("last failures:\n", style="bold dim")
+        lines = [Text("last failures:", style="bold dim")]
         for failure in failures:
-            text.append(f"  {failure.destination}", style="red")
-            text.append(f"  {failure.label} (0x{failure.reply:02x})  ")
-            text.append(failure.reason + "\n", style="dim")
-        text.rstrip()
-        return text
+            line = Text(no_wrap=True, overflow="ellipsis")
+            line.append(f"  {failure.destination}", style="red")
+            line.append(f"  {failure.label} (0x{failure.reply:02x})  ")
+            line.append(failure.reason, style="dim")
+            lines.append(line)
+        return Group(*lines)
 
     def _totals(self) -> RenderableType:
         s = self.stats
@@ -500,4 +507,6 @@ class LiveRenderer:
         )
         if s.local_dns_requests:
             text.append(f"  local DNS {s.local_dns_requests}", style="yellow")
+        text.no_wrap = True
+        text.overflow = "ellipsis"
         return text

@@ -178,7 +178,7 @@ def test_plain_renderer_gives_the_dns_hint_once(utc: None, quiet: bool) -> None:
     render = PlainRenderer(stream, quiet=quiet, clock=lambda: FIXED_TIME)
     render(events.RequestParsed(info(1), "socks5", "CONNECT", "example.com", 443, True))
     render(events.RequestParsed(info(2), "socks5", "CONNECT", "10.0.0.1", 443, False))
-    render(events.RequestParsed(info(3), "socks4a", "CONNECT", "8.8.4.4", 443, True))  # SOCKS4a name
+    render(events.RequestParsed(info(3), "socks4a", "CONNECT", "8.8.4.4", 443, True))  # 4a name
     assert stream.getvalue() == "", "names, private addresses and 4a names are not leaks"
     render(events.RequestParsed(info(4), "socks5", "CONNECT", "93.184.216.34", 443, False))
     render(events.RequestParsed(info(5), "socks5", "CONNECT", "2606:4700::1", 443, False))

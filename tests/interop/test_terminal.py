@@ -1,0 +1,211 @@
+"""The live view on a real terminal: pytunnel in a tmux pane of a fixed size, read back
+with ``capture-pane`` while curl downloads through it slowly, then Ctrl-C.
+
+Each test runs its own tmux server (``tmux -L NAME``) and kills it at teardown; pytunnel
+and curl are stopped by PID.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from fixtures.net import free_port
+from fixtures.pytunnel_proc import PYTUNNEL, clean_env, server_args
+from fixtures.sshd import SshdServer
+from fixtures.targets import HttpTarget
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
+
+COLUMNS, ROWS = 120, 30
+SCREEN_TIMEOUT = 20.0
+POLL = 0.1
+
+
+class Tmux:
+    """One private tmux server with one pane running a shell command."""
+
+    def __init__(self, binary: str, workdir: Path) -> None:
+        self.binary = binary
+        self.socket = f"pytunnel-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.workdir = workdir
+
+    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [self.binary, "-L", self.socket, "-f", "/dev/null", *args],
+            capture_output=True,
+            text=True,
+            timeout=15,
+            check=False,
+            env=clean_env(),
+            cwd=self.workdir,
+        )
+
+    def start(self, command: str) -> None:
+        result = self.run(
+            "new-session", "-d", "-s", "main", "-x", str(COLUMNS), "-y", str(ROWS), command
+        )
+        assert result.returncode == 0, result.stderr
+
+    def capture(self) -> str:
+        result = self.run("capture-pane", "-p", "-t", "main")
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    def send(self, *keys: str) -> None:
+        result = self.run("send-keys", "-t", "main", *keys)
+        assert result.returncode == 0, result.stderr
+
+    def wait_screen(self, predicate: Callable[[str], bool], what: str) -> str:
+        deadline = time.monotonic() + SCREEN_TIMEOUT
+        text = self.capture()
+        while not predicate(text):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"screen never showed {what}:\n{text}")
+            time.sleep(POLL)
+            text = self.capture()
+        return text
+
+    def kill_server(self) -> None:
+        self.run("kill-server")
+
+
+@pytest.fixture
+def tmux(tmp_path: Path) -> Iterator[Tmux]:
+    binary = shutil.which("tmux")
+    if binary is None:
+        pytest.skip("tmux not installed")
+    server = Tmux(binary, tmp_path)
+    try:
+        yield server
+    finally:
+        server.kill_server()
+
+
+def _pid_from(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+@dataclass
+class LiveTunnel:
+    """pytunnel in the pane, up, with its live view; curl downloads on demand."""
+
+    tmux: Tmux
+    port: int
+    pidfile: Path
+    server: str
+    target: HttpTarget
+    downloads: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    @property
+    def destination(self) -> str:
+        return f"127.0.0.1:{self.target.port}"
+
+    def start_download(self) -> subprocess.Popen[bytes]:
+        """A slow download of /big, so the connection stays open on the screen. (Loopback
+        socket buffers take most of the 8 MiB at once, so the byte counts jump and then
+        stand still: no rate is asserted.)"""
+        curl = shutil.which("curl")
+        if curl is None:
+            pytest.skip("curl not installed")
+        download = subprocess.Popen(
+            [curl, "-s", "--limit-rate", "200k", "--max-time", "60", "-o", os.devnull,
+             "--socks5-hostname", f"127.0.0.1:{self.port}", self.target.url("/big")],
+            stdin=subprocess.DEVNULL,
+            env=clean_env(),
+        )  # fmt: skip
+        self.downloads.append(download)
+        return download
+
+    def row(self, screen: str) -> str:
+        rows = [line for line in screen.splitlines() if self.destination in line]
+        assert len(rows) <= 1, screen
+        return rows[0] if rows else ""
+
+    def wait_row_with_bytes(self) -> str:
+        pattern = re.compile(r"\sSOCKS5\s.*\d(\.\d)? (KiB|MiB)(\s|$)")
+        return self.tmux.wait_screen(
+            lambda s: bool(pattern.search(self.row(s))), "the download's row with bytes"
+        )
+
+    def close(self) -> None:
+        for download in self.downloads:
+            if download.poll() is None:
+                download.kill()
+                download.wait(10)
+        pid = _pid_from(self.pidfile)
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def live_tunnel(
+    tmux: Tmux, sshd: SshdServer, http_target: HttpTarget, tmp_path: Path
+) -> Iterator[LiveTunnel]:
+    port = free_port()
+    pidfile = tmp_path / "pytunnel.pid"
+    command = [str(PYTUNNEL), "-D", f"127.0.0.1:{port}", "--pidfile", str(pidfile),
+               *server_args(sshd)]  # fmt: skip
+    # "trap true INT": the shell survives Ctrl-C to report the status; a trap with a
+    # command (unlike an ignored signal) is reset to the default in pytunnel.
+    script = f"trap true INT; {shlex.join(command)}; echo EXIT=$?; exec sleep 300"
+    tmux.start(f"sh -c {shlex.quote(script)}")
+    live = LiveTunnel(tmux, port, pidfile, f"{sshd.user}@{sshd.host}:{sshd.port}", http_target)
+    try:
+        tmux.wait_screen(lambda s: pidfile.exists() and "● up" in s, "the session up")
+        yield live
+    finally:
+        live.close()
+
+
+def test_live_view_then_ctrl_c(live_tunnel: LiveTunnel) -> None:
+    tmux = live_tunnel.tmux
+    screen = tmux.capture()
+    header = screen.splitlines()[0]
+    assert header.startswith(f"pytunnel {live_tunnel.server}  ● up "), screen
+    assert f"listening: socks5h://127.0.0.1:{live_tunnel.port}" in screen
+    assert "no open connections" in screen
+
+    download = live_tunnel.start_download()
+    screen = live_tunnel.wait_row_with_bytes()
+    print(screen)  # shown on failure: the view as it was
+    assert re.search(r"served\s+1\s+failed\s+0\s+open\s+1\s", screen), screen
+    assert len(screen.rstrip("\n").splitlines()) <= ROWS
+    download.kill()
+    download.wait(10)
+    tmux.wait_screen(lambda s: "no open connections" in s, "the download closed")
+
+    tmux.send("C-c")
+    screen = tmux.wait_screen(lambda s: "EXIT=" in s, "pytunnel's exit status")
+    print(screen)
+    assert "EXIT=130" in screen, screen
+    summary = [line for line in screen.splitlines() if " ran " in line]
+    assert len(summary) == 1, screen
+    assert summary[0].startswith(f"pytunnel {live_tunnel.server} ran ")
+    assert "1 served, 0 failed, 0 rejected" in summary[0]
+    # The view was transient: nothing of the live table is left on the screen.
+    for leftover in ("listening:", "no open connections", "destination", "● up", "served 1"):
+        assert leftover not in screen, screen
+    assert not live_tunnel.pidfile.exists()  # removed on exit
+
+
+def test_connection_age_is_since_it_opened(live_tunnel: LiveTunnel) -> None:
+    live_tunnel.start_download()
+    row = live_tunnel.row(live_tunnel.wait_row_with_bytes())
+    age = row.split("SOCKS5", 1)[1].split()[:2]
+    assert re.fullmatch(r"\d+ ms|\d+\.\d s", " ".join(age)), row

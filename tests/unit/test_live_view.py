@@ -1,0 +1,485 @@
+"""The live view (:class:`LiveRenderer`) drawn on a recording rich console with a fake
+clock, and the JSON record of every event type against the README's schema.
+
+Events go in through the renderer's own ``__call__``, as the app sends them; the view is
+read back by rendering ``render()`` on a console of the same size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import io
+import json
+import re
+from collections.abc import Iterator
+
+import pytest
+from rich.console import Console
+
+from tunnel import events
+from tunnel.ui import DNS_HINT, LiveRenderer, event_record, human_bytes
+
+WIDTH, HEIGHT = 100, 30
+SERVER = "alice@bastion.example:22"
+LISTENER = events.Listener("127.0.0.1", 1080)
+LISTENER6 = events.Listener("::1", 1080)
+START = 1_700_000_000.0
+
+
+class FakeClock:
+    def __init__(self, now: float = START) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def make_console() -> Console:
+    return Console(record=True, width=WIDTH, height=HEIGHT, force_terminal=True, file=io.StringIO())
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def view(clock: FakeClock) -> Iterator[LiveRenderer]:
+    renderer = LiveRenderer(make_console(), "bastion.example", clock=clock)
+    try:
+        yield renderer
+    finally:
+        renderer.stop()  # ends rich's Live, which took over sys.stderr
+
+
+def screen(view: LiveRenderer) -> str:
+    """What the view shows now, as plain text."""
+    console = Console(
+        record=True,
+        width=view.console.width,
+        height=view.console.height,
+        force_terminal=True,
+        file=io.StringIO(),
+    )
+    console.print(view.render())
+    return console.export_text()
+
+
+def printed(view: LiveRenderer) -> str:
+    """What the view printed above itself (and its frames) so far."""
+    return view.console.export_text()
+
+
+def bring_up(view: LiveRenderer, clock: FakeClock) -> None:
+    view(events.ListenerStarted(LISTENER))
+    view(events.ListenerStarted(LISTENER6))
+    view(events.SessionConnecting(SERVER, 1))
+    view(
+        events.SessionUp(
+            SERVER, "OpenSSH_9.6p1", "aes128-gcm@openssh.com", "curve25519-sha256",
+            "hmac-sha2-256-etm@openssh.com", "none",
+        )
+    )  # fmt: skip
+    view(events.Ready((LISTENER, LISTENER6), SERVER))
+
+
+_ids = iter(range(1, 1_000_000))
+
+
+def connection(
+    clock: FakeClock, host: str, port: int, protocol: str = "socks5", **fields: int
+) -> events.ConnectionInfo:
+    conn_id = next(_ids)
+    return events.ConnectionInfo(
+        id=conn_id,
+        client=f"127.0.0.1:{40000 + conn_id % 20000}",
+        started=clock.now,
+        listener="127.0.0.1:1080",
+        protocol=protocol,
+        host=host,
+        port=port,
+        **fields,
+    )
+
+
+def open_one(
+    view: LiveRenderer, clock: FakeClock, host: str, port: int, protocol: str = "socks5"
+) -> events.ConnectionInfo:
+    info = connection(clock, host, port, protocol)
+    view(events.ClientAccepted(info))
+    view(events.RequestParsed(info, protocol, "CONNECT", host, port, True))
+    info.open = True
+    view(events.ChannelOpened(info, 0.012))
+    return info
+
+
+def fail_one(view: LiveRenderer, clock: FakeClock, host: str, port: int, reason: str) -> None:
+    info = connection(clock, host, port)
+    view(events.ClientAccepted(info))
+    view(events.RequestParsed(info, "socks5", "CONNECT", host, port, True))
+    view(events.ChannelFailed(info, 5, "connection refused", reason))
+
+
+# == the view ==============================================================================
+
+
+def test_header_shows_server_state_cipher_and_listeners(
+    view: LiveRenderer, clock: FakeClock
+) -> None:
+    bring_up(view, clock)
+    clock.advance(5)
+    text = screen(view)
+    first, second = text.splitlines()[:2]
+    assert SERVER in first
+    assert "● up 5.0 s" in first
+    assert "aes128-gcm@openssh.com" in first
+    assert "OpenSSH_9.6p1" in first
+    assert second.split() == ["listening:", "socks5h://127.0.0.1:1080", "socks5h://[::1]:1080"]
+    assert "no open connections" in text
+
+
+def test_state_before_the_session_is_up(view: LiveRenderer, clock: FakeClock) -> None:
+    view(events.ListenerStarted(LISTENER))
+    view(events.SessionConnecting(SERVER, 1))
+    text = screen(view)
+    assert "● connecting" in text
+    assert SERVER in text
+
+
+def test_open_connections_show_destination_protocol_and_bytes(
+    view: LiveRenderer, clock: FakeClock
+) -> None:
+    bring_up(view, clock)
+    web = open_one(view, clock, "intranet.example", 443)
+    clock.advance(2)
+    api = open_one(view, clock, "2001:db8::7", 8443, protocol="http-connect")
+    clock.advance(1)
+    old = open_one(view, clock, "10.0.0.5", 22, protocol="socks4a")
+    web.bytes_up, web.bytes_down = 2048, 3 * 1024 * 1024
+    api.bytes_up, api.bytes_down = 512, 1536
+    clock.advance(1)
+    rows = {
+        line.split()[0]: line for line in screen(view).splitlines() if line.strip()[:1].isdigit()
+    }
+    assert set(rows) == {str(web.id), str(api.id), str(old.id)}
+    assert all(
+        word in rows[str(web.id)].split()
+        for word in [web.client, "intranet.example:443", "SOCKS5", "2.0", "KiB", "3.0", "MiB"]
+    )
+    assert "4.0 s" in rows[str(web.id)]  # age
+    assert "[2001:db8::7]:8443" in rows[str(api.id)]
+    assert "HTTP CONNECT" in rows[str(api.id)]
+    assert "512 B" in rows[str(api.id)]
+    assert "1.5 KiB" in rows[str(api.id)]
+    assert "SOCKS4a" in rows[str(old.id)]
+    assert "0 B" in rows[str(old.id)]
+    # Newest first.
+    order = [line.split()[0] for line in screen(view).splitlines() if line[:1].strip().isdigit()]
+    assert order == sorted(order, key=int, reverse=True)
+
+
+@pytest.mark.parametrize("failures", [0, 3])
+def test_more_connections_than_fit_say_how_many_more(
+    view: LiveRenderer, clock: FakeClock, failures: int
+) -> None:
+    bring_up(view, clock)
+    opened = [open_one(view, clock, f"host{n}.example", 443) for n in range(40)]
+    for n in range(failures):
+        fail_one(view, clock, f"gone{n}.example", 80, "Connection refused")
+    text = screen(view)
+    lines = text.rstrip("\n").splitlines()
+    assert len(lines) <= HEIGHT, text
+    shown = [info for info in opened if f"host{opened.index(info)}.example:443" in text]
+    [more] = re.findall(r"\+(\d+) more", text)
+    assert int(more) > 0
+    assert len(shown) + int(more) == len(opened)
+    assert f"host{len(opened) - 1}.example:443" in text  # the newest are the ones shown
+    assert "host0.example:443" not in text
+    assert lines[-1].split()[:2] == ["served", "40"]
+
+
+def test_view_fits_the_terminal_when_the_header_wraps(clock: FakeClock) -> None:
+    view = LiveRenderer(make_console(), "x", clock=clock)
+    try:
+        server = "root@127.0.0.1:37065"
+        view(events.ListenerStarted(LISTENER))
+        view(events.SessionConnecting(server, 1))
+        version = "SSH-2.0-OpenSSH_9.2p1 Debian-2+deb12u10"
+        view(events.SessionUp(server, version, "aes128-gcm@openssh.com", "", "", "none"))
+        for n in range(40):
+            open_one(view, clock, f"host{n}.example", 443)
+        text = screen(view)
+        assert len(text.rstrip("\n").splitlines()) <= HEIGHT, text
+        assert text.rstrip("\n").splitlines()[-1].split()[:2] == ["served", "40"]
+    finally:
+        view.stop()
+
+
+def test_last_failures_show_the_servers_reason(view: LiveRenderer, clock: FakeClock) -> None:
+    bring_up(view, clock)
+    for n in range(7):
+        fail_one(view, clock, f"db{n}.internal", 5432, f"Connection refused (try {n})")
+    text = screen(view)
+    assert "last failures:" in text
+    failure_lines = [line for line in text.splitlines() if ".internal:5432" in line]
+    assert len(failure_lines) == 5  # the last five only
+    assert "db0.internal" not in text
+    assert "db1.internal" not in text
+    for n, line in zip(range(2, 7), failure_lines, strict=True):
+        assert f"db{n}.internal:5432" in line
+        assert "connection refused (0x05)" in line
+        assert f"Connection refused (try {n})" in line
+    assert "failed 7" in " ".join(text.splitlines()[-1].split())
+
+
+def test_totals_count_open_and_closed_bytes(view: LiveRenderer, clock: FakeClock) -> None:
+    bring_up(view, clock)
+    first = open_one(view, clock, "a.example", 80)
+    second = open_one(view, clock, "b.example", 80)
+    fail_one(view, clock, "c.example", 80, "Connection refused")
+    first.bytes_up, first.bytes_down = 1000, 4000
+    second.bytes_up, second.bytes_down = 24, 96
+    view(events.ConnectionClosed(first, 1000, 4000, 3.0))
+    totals = " ".join(screen(view).splitlines()[-1].split())
+    assert totals.startswith("served 2 failed 1 open 1 ")
+    assert f"up {human_bytes(1024)}" in totals
+    assert f"down {human_bytes(4096)}" in totals
+    assert "b.example:80" in screen(view)
+    assert "a.example:80" not in screen(view)
+
+
+def test_reconnect_shows_a_countdown(view: LiveRenderer, clock: FakeClock) -> None:
+    bring_up(view, clock)
+    clock.advance(60)
+    view(events.SessionLost(SERVER, "Connection reset by peer"))
+    assert "● lost" in screen(view)
+    view(events.ReconnectScheduled(SERVER, 8.0, 1, "Connection refused"))
+    clock.advance(3)
+    assert "● reconnecting in 5.0 s" in screen(view)
+    clock.advance(4.5)
+    assert "● reconnecting in 0.5 s" in screen(view)
+    clock.advance(10)
+    assert "● reconnecting in 0.0 s" in screen(view)  # never negative
+    view(events.SessionConnecting(SERVER, 2))
+    assert "● connecting" in screen(view)
+    view(events.SessionUp(SERVER, "OpenSSH_9.6p1", "aes128-gcm@openssh.com", "", "", "none"))
+    clock.advance(2)
+    assert "● up 2.0 s" in screen(view)
+    # Losing and rescheduling are also said above the view, once each.
+    above = printed(view)
+    assert above.count(f"lost {SERVER}: Connection reset by peer") == 1
+    assert above.count("reconnecting in 8.0 s (attempt 1): Connection refused") == 1
+
+
+def test_summary(view: LiveRenderer, clock: FakeClock) -> None:
+    bring_up(view, clock)
+    done = open_one(view, clock, "a.example", 80)
+    done.bytes_up, done.bytes_down = 300, 5 * 1024 * 1024
+    view(events.ConnectionClosed(done, 300, 5 * 1024 * 1024, 2.0))
+    still = open_one(view, clock, "b.example", 80)
+    still.bytes_up = 2048
+    fail_one(view, clock, "c.example", 80, "Connection refused")
+    view(events.ClientRejected(connection(clock, "", 0), "not a SOCKS or HTTP client"))
+    clock.advance(125)
+    summary = str(view.summary())
+    assert summary == (
+        f"pytunnel {SERVER} ran 2m05s: 2 served, 1 failed, 1 rejected, 2.3 KiB up, 5.0 MiB down"
+    )
+
+
+def test_stopping_prints_the_summary_once_and_ends_the_view(
+    view: LiveRenderer, clock: FakeClock
+) -> None:
+    bring_up(view, clock)
+    open_one(view, clock, "a.example", 80)
+    assert view.live.is_started
+    view.console.export_text(clear=True)
+    clock.advance(3)
+    view(events.Stopping("interrupted"))
+    assert not view.live.is_started
+    text = printed(view)
+    assert text.rstrip("\n").splitlines()[-1] == (
+        f"pytunnel {SERVER} ran 3.0 s: 1 served, 0 failed, 0 rejected, 0 B up, 0 B down"
+    )
+    view.console.export_text(clear=True)
+    view(events.ChannelOpened(connection(clock, "late.example", 80), 0.1))
+    view(events.Stopping("again"))
+    assert not view.live.is_started
+    assert printed(view) == ""
+
+
+def test_pause_and_resume_hand_the_terminal_to_a_prompt(
+    view: LiveRenderer, clock: FakeClock
+) -> None:
+    bring_up(view, clock)
+    assert view.live.is_started
+    view.pause()
+    assert not view.live.is_started
+    view.resume()
+    assert view.live.is_started
+
+
+async def test_the_timer_redraws_with_rates(clock: FakeClock) -> None:
+    view = LiveRenderer(make_console(), "bastion.example", clock=clock)
+    try:
+        bring_up(view, clock)
+        info = open_one(view, clock, "stream.example", 443)
+        deadline = asyncio.get_running_loop().time() + 10
+        while "/s" not in " ".join(screen(view).splitlines()[3].split()[7:]):
+            assert asyncio.get_running_loop().time() < deadline, screen(view)
+            clock.advance(1)
+            info.bytes_down += 1024 * 1024
+            await asyncio.sleep(view.REFRESH)
+        row = " ".join(screen(view).splitlines()[3].split())
+        assert row.endswith("1.0 MiB/s"), row
+        totals = " ".join(screen(view).splitlines()[-1].split())
+        assert totals.endswith("now 1.0 MiB/s"), totals
+    finally:
+        view.stop()
+
+
+# -- the DNS-leak hint ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("host", "sent_name", "hinted"),
+    [
+        ("93.184.216.34", False, True),
+        ("2606:4700:4700::1111", False, True),
+        ("10.1.2.3", False, False),
+        ("172.16.0.9", False, False),
+        ("192.168.1.1", False, False),
+        ("127.0.0.1", False, False),
+        ("::1", False, False),
+        ("169.254.1.1", False, False),
+        ("intranet.example", True, False),
+        ("93.184.216.34", True, False),  # the client sent it as a name: it did not resolve
+    ],
+)
+def test_dns_leak_hint(
+    view: LiveRenderer, clock: FakeClock, host: str, sent_name: bool, hinted: bool
+) -> None:
+    bring_up(view, clock)
+    info = connection(clock, host, 443)
+    view(events.RequestParsed(info, "socks5", "CONNECT", host, 443, sent_name))
+    flat = " ".join(printed(view).split())
+    assert (" ".join(DNS_HINT.split()) in flat) is hinted
+    assert ("local DNS" in screen(view)) is hinted
+
+
+def test_dns_leak_hint_is_given_once(view: LiveRenderer, clock: FakeClock) -> None:
+    bring_up(view, clock)
+    for host in ("93.184.216.34", "1.1.1.1", "93.184.216.34"):
+        info = connection(clock, host, 443)
+        view(events.RequestParsed(info, "socks4", "CONNECT", host, 443, False))
+    flat = " ".join(printed(view).split())
+    assert flat.count(" ".join(DNS_HINT.split())) == 1
+    assert "local DNS 3" in " ".join(screen(view).split())
+    assert str(view.summary()).endswith(", 3 resolved locally (DNS leak)")
+
+
+# == JSON records: the README's schema =====================================================
+
+
+def sample_info() -> events.ConnectionInfo:
+    return events.ConnectionInfo(
+        id=3, client="127.0.0.1:50000", started=START, listener="127.0.0.1:1080",
+        protocol="socks5", host="db.internal", port=5432,
+    )  # fmt: skip
+
+
+SESSION_UP = events.SessionUp("s", "OpenSSH_9.6p1", "aes128-gcm@openssh.com", "k", "m", "none")
+
+# (event, the keys the README documents besides "event" and "time", exact?)
+SCHEMA: list[tuple[events.Event, set[str], bool]] = [
+    (events.Ready((LISTENER,), "s"), {"listeners", "server"}, True),
+    (events.ClientAccepted(sample_info()), {"id", "client", "host", "port"}, True),
+    (
+        events.RequestParsed(sample_info(), "socks5", "CONNECT", "db.internal", 5432, True),
+        {"id", "client", "protocol", "command", "host", "port", "sent_name"},
+        True,
+    ),
+    (events.ChannelOpened(sample_info(), 0.5), {"id", "client", "host", "port", "latency"}, True),
+    (
+        events.ChannelFailed(sample_info(), 5, "connection refused", "Connection refused"),
+        {"id", "client", "host", "port", "reply", "reply_label", "reason"},
+        True,
+    ),
+    (
+        events.ConnectionClosed(sample_info(), 1, 2, 3.0),
+        {"id", "client", "host", "port", "bytes_up", "bytes_down", "duration"},
+        True,
+    ),
+    (
+        events.ClientRejected(sample_info(), "bad", auth=True),
+        {"id", "client", "host", "port", "reason", "auth"},
+        True,
+    ),
+    (events.SessionConnecting("s", 2), {"server", "attempt"}, False),
+    (SESSION_UP, {"server", "cipher"}, False),
+    (events.SessionLost("s", "EOF"), {"server", "reason"}, False),
+    (
+        events.ReconnectScheduled("s", 1.5, 2, "EOF"),
+        {"server", "delay", "attempt", "reason"},
+        False,
+    ),
+    (events.Notice("hello", "dns"), {"message", "key"}, True),
+    (events.Stopping("interrupted"), {"reason"}, True),
+    # Never printed (it comes before "ready"), but recorded all the same.
+    (events.ListenerStarted(LISTENER), {"host", "port", "url"}, True),
+]
+
+
+def test_schema_covers_every_event_type() -> None:
+    documented = {type(event) for event, _, _ in SCHEMA}
+    assert documented == set(events.Event.__args__)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("event", "keys", "exact"),
+    [
+        pytest.param(
+            *row,
+            id=type(row[0]).__name__,
+        )
+        for row in SCHEMA
+    ],
+)
+def test_json_record_has_the_documented_keys(
+    event: events.Event, keys: set[str], exact: bool
+) -> None:
+    record = event_record(event, START + 0.5)
+    assert list(record)[:2] == ["event", "time"]
+    assert record["event"] == re.sub(r"(?<!^)([A-Z])", r"_\1", type(event).__name__).lower()
+    assert record["time"] == START + 0.5
+    fields = set(record) - {"event", "time"}
+    if exact:
+        assert fields == keys
+    else:
+        assert keys <= fields
+    assert json.loads(json.dumps(record)) == record
+
+
+def test_json_record_values_follow_the_event() -> None:
+    info = sample_info()
+    rejected = event_record(events.ClientRejected(info, "wrong password", auth=True), 1.0)
+    assert (rejected["id"], rejected["client"], rejected["auth"]) == (3, "127.0.0.1:50000", True)
+    up = event_record(SESSION_UP, 1.0)
+    assert {k: up[k] for k in ("server_version", "cipher", "kex", "mac", "compression")} == {
+        field.name: getattr(SESSION_UP, field.name)
+        for field in dataclasses.fields(SESSION_UP)
+        if field.name != "server"
+    }
+    parsed = event_record(
+        events.RequestParsed(info, "http-connect", "CONNECT", "other.example", 443, True), 1.0
+    )
+    # The request's own host and port, not those the connection had before.
+    assert (parsed["host"], parsed["port"], parsed["protocol"]) == (
+        "other.example",
+        443,
+        "http-connect",
+    )
