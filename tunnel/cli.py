@@ -67,10 +67,11 @@ def build_config(
     else:
         dest = parse_destination(destination)
     dest_port = parse_port(port, what="-p port") if port is not None else None
+    # As ssh: -l and -o User beat user@host, -p and -o Port beat host:port.
     dest = Destination(
         opts.get("hostname", dest.host),
-        login or dest.user or opts.get("user"),
-        dest_port or dest.port or opts.get("port"),
+        login or opts.get("user") or dest.user,
+        dest_port or opts.get("port") or dest.port,
     )
     parsed = merge_forwards([parse_forward(f) for f in forwards] + opts.get("forwards", []))
     if not parsed and demo:

@@ -542,11 +542,11 @@ def apply_options(pairs: Sequence[str]) -> dict[str, Any]:
                 f"-o {key}: unsupported option",
                 hint="supported: " + ", ".join(key.name for key in OPTION_KEYS.values()),
             )
-        if entry.name in seen and not entry.repeatable:
-            continue
+        # Like ssh, the first value of a key wins, but a later one must still be valid.
+        target = {} if entry.name in seen and not entry.repeatable else values
         seen.add(entry.name)
         try:
-            entry.setter(values, value)
+            entry.setter(target, value)
         except ConfigError as exc:
             if entry.name in exc.message:
                 raise

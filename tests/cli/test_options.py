@@ -173,10 +173,11 @@ def test_nothing_to_forward(usage_error: UsageError) -> None:
         (["bob@[::1]:2222"], Destination("::1", "bob", 2222)),
         (["-p", "2200", "host"], Destination("host", None, 2200)),
         (["-l", "al", "host"], Destination("host", "al")),
-        # -l beats user@, and -p beats :port; both beat -o.
+        # As ssh: -l and -o User beat user@, -p and -o Port beat :port; flags beat -o.
         (["-l", "al", "bob@host"], Destination("host", "al")),
         (["-p", "2200", "ssh://bob@host:2222"], Destination("host", "bob", 2200)),
-        (["-o", "User=zed", "bob@host"], Destination("host", "bob")),
+        (["-o", "User=zed", "bob@host"], Destination("host", "zed")),
+        (["-o", "Port=2022", "bob@host:2222"], Destination("host", "bob", 2022)),
         (["-o", "User=zed", "-l", "al", "host"], Destination("host", "al")),
         (["-o", "User=zed", "host"], Destination("host", "zed")),
         (["-o", "Port=2022", "-p", "2200", "host"], Destination("host", None, 2200)),
@@ -185,6 +186,12 @@ def test_nothing_to_forward(usage_error: UsageError) -> None:
     ],
     ids=lambda value: " ".join(value) if isinstance(value, list) else None,
 )
+def test_a_later_bad_value_of_a_key_is_still_an_error(usage_error: UsageError) -> None:
+    # ssh checks every -o it is given, even when an earlier one already set the key.
+    line = usage_error("-D", "1080", "-o", "Port=22", "-o", "Port=x", "host")
+    assert "Port" in line
+
+
 def test_destination_precedence(
     recorded: Recorded, args: list[str], destination: Destination
 ) -> None:
