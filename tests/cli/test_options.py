@@ -162,6 +162,12 @@ def test_nothing_to_forward(usage_error: UsageError) -> None:
 # == destination, -p, -l ===================================================================
 
 
+def test_a_later_bad_value_of_a_key_is_still_an_error(usage_error: UsageError) -> None:
+    # ssh checks every -o it is given, even when an earlier one already set the key.
+    line = usage_error("-D", "1080", "-o", "Port=22", "-o", "Port=x", "host")
+    assert "Port" in line
+
+
 @pytest.mark.parametrize(
     ("args", "destination"),
     [
@@ -186,12 +192,6 @@ def test_nothing_to_forward(usage_error: UsageError) -> None:
     ],
     ids=lambda value: " ".join(value) if isinstance(value, list) else None,
 )
-def test_a_later_bad_value_of_a_key_is_still_an_error(usage_error: UsageError) -> None:
-    # ssh checks every -o it is given, even when an earlier one already set the key.
-    line = usage_error("-D", "1080", "-o", "Port=22", "-o", "Port=x", "host")
-    assert "Port" in line
-
-
 def test_destination_precedence(
     recorded: Recorded, args: list[str], destination: Destination
 ) -> None:
