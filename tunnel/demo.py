@@ -27,8 +27,8 @@ DEMO_HOST = "pytunnel.demo"
 _PAGE = (
     "Hello from the far side of the tunnel.\n\n"
     "This page came through an SSH direct-tcpip channel opened by pytunnel. The name\n"
-    f"{DEMO_HOST} exists only on the demo SSH server, so your browser or curl asked the\n"
-    "server to resolve it: that is what socks5h:// (remote DNS) means.\n"
+    f"{DEMO_HOST} exists only on the demo SSH server: your browser or curl left it to\n"
+    "the far side to resolve, as socks5h:// (remote DNS) and HTTP proxies do.\n"
 )
 
 
