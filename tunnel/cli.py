@@ -13,7 +13,6 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn, TextIO
 
 import click
-from rich.console import Console
 
 from . import __version__, app, events
 from .config import LOG_LEVELS as LOG_LEVELS  # the docs generator reads these here
@@ -34,7 +33,7 @@ from .config import OptionKey as OptionKey
 from .errors import ConfigError, ExitStatus, TunnelError
 from .notify import OnReady, SystemdNotifier
 from .rules import Action, parse_rules
-from .ui import JsonRenderer, LiveRenderer, PlainRenderer, Tee, TerminalPrompter
+from .ui import JsonRenderer, PlainRenderer, Tee, TerminalPrompter
 
 PROG = "pytunnel"
 
@@ -451,6 +450,10 @@ def command(ctx: click.Context, /, **params: Any) -> None:
         and os.environ.get("TERM") != "dumb"
     )
     if live:
+        from rich.console import Console
+
+        from .live import LiveRenderer
+
         # Monotonic, like the start times the proxy records for each connection.
         view = LiveRenderer(Console(stderr=True), str(config.destination), clock=time.monotonic)
         sinks.append(view)
@@ -472,8 +475,9 @@ def command(ctx: click.Context, /, **params: Any) -> None:
         sinks.append(OnReady(lambda _: _write_pidfile(pidfile)))
     if params["background"]:
         sinks.append(OnReady(_background()))
+    emit = Tee(*sinks)
     try:
-        status = app.run(config, Tee(*sinks), run_command, prompter, remove_pidfile)
+        status = app.run(config, emit, run_command, prompter, remove_pidfile)
     except TunnelError as exc:
         if verbose:
             logging.getLogger("tunnel").exception("failed")
@@ -481,6 +485,7 @@ def command(ctx: click.Context, /, **params: Any) -> None:
     except KeyboardInterrupt:
         sys.exit(ExitStatus.INTERRUPTED)
     finally:
+        emit.flush()
         remove_pidfile()
     sys.exit(status)
 

@@ -65,6 +65,8 @@ class ProxyClient(asyncio.Protocol):
         self._closed = False
         self._over_limit = False
         self._remote_paused = False
+        self._pending: list[bytes] | None = None
+        self._loop = asyncio.get_running_loop()
         self.info = events.ConnectionInfo(id=0, client="", started=0.0)
 
     # -- client side (asyncio.Protocol) ---------------------------------------------
@@ -135,12 +137,27 @@ class ProxyClient(asyncio.Protocol):
     # -- channel side (ChannelSink) ------------------------------------------------
 
     def remote_data(self, data: bytes) -> None:
+        # asyncssh hands over one 32 KiB packet at a time, often several in one pass of
+        # the event loop. The first is written at once (no added latency); the rest of
+        # the pass is gathered into one write at its end: far fewer system calls.
         self.info.bytes_down += len(data)
+        pending = self._pending
+        if pending is not None:
+            pending.append(data)
+            return
+        self._pending = []
+        self._loop.call_soon(self._flush_pending)
         assert self._transport is not None
         self._transport.write(data)
 
+    def _flush_pending(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending and self._transport is not None and not self._transport.is_closing():
+            self._transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
+
     def remote_eof(self) -> None:
         assert self._transport is not None
+        self._flush_pending()
         if not self._transport.is_closing():
             self._transport.write_eof()
 
@@ -157,6 +174,7 @@ class ProxyClient(asyncio.Protocol):
 
     def remote_closed(self, exc: BaseException | None) -> None:
         self._channel = None
+        self._flush_pending()
         if self._transport is not None:
             # close() flushes what is still buffered towards the client first.
             self._transport.close()

@@ -1,6 +1,7 @@
 """Renderers: they consume events and never touch the core.
 
-* :class:`LiveRenderer`: the rich live view, when stderr is a terminal.
+* :class:`tunnel.live.LiveRenderer` (its own module, so rich is imported only when a
+  terminal shows it): the rich live view.
 * :class:`PlainRenderer`: one timestamped line per event on stderr (logs, journald).
 * :class:`JsonRenderer`: one JSON object per line on stdout, ``ready`` first.
 * :class:`TerminalPrompter`: questions on the controlling terminal.
@@ -18,13 +19,8 @@ import time
 from collections.abc import Callable
 from typing import Any, TextIO
 
-from rich.console import Console, Group, RenderableType
-from rich.live import Live
-from rich.table import Table
-from rich.text import Text
-
 from . import events
-from .stats import Stats, is_public_address
+from .stats import is_public_address
 
 
 def human_bytes(count: float) -> str:
@@ -60,7 +56,7 @@ def protocol_label(protocol: str) -> str:
     return _PROTOCOL_LABELS.get(protocol, protocol)
 
 
-def _destination(info: events.ConnectionInfo) -> str:
+def destination(info: events.ConnectionInfo) -> str:
     host = f"[{info.host}]" if ":" in info.host else info.host
     return f"{host}:{info.port}"
 
@@ -86,19 +82,19 @@ def describe(event: events.Event) -> tuple[str, bool] | None:
             return f"#{info.id} {info.client} rejected: {reason}", True
         case events.ChannelOpened(connection=info, latency=latency):
             return (
-                f"#{info.id} {info.client} -> {_destination(info)} "
+                f"#{info.id} {info.client} -> {destination(info)} "
                 f"{protocol_label(info.protocol)} opened in {human_seconds(latency)}",
                 False,
             )
         case events.ChannelFailed(connection=info, reply=reply, reply_label=label, reason=why):
             return (
-                f"#{info.id} {info.client} -> {_destination(info)} "
+                f"#{info.id} {info.client} -> {destination(info)} "
                 f"failed: {label} (0x{reply:02x}): {why}",
                 True,
             )
         case events.ConnectionClosed(connection=info, bytes_up=up, bytes_down=down, duration=d):
             return (
-                f"#{info.id} {_destination(info)} closed: {human_bytes(up)} up, "
+                f"#{info.id} {destination(info)} closed: {human_bytes(up)} up, "
                 f"{human_bytes(down)} down, {human_seconds(d)}",
                 False,
             )
@@ -107,6 +103,46 @@ def describe(event: events.Event) -> tuple[str, bool] | None:
         case events.Notice(message=message):
             return message, True
     return None
+
+
+# Per-connection facts come by the thousand on a busy tunnel: their lines are gathered
+# and written once per pass of the event loop. Everything else (ready, the session,
+# stopping) is written at once, so readiness is never late and -f never loses a line.
+_BATCHED = (
+    events.ClientAccepted,
+    events.RequestParsed,
+    events.ChannelOpened,
+    events.ChannelFailed,
+    events.ConnectionClosed,
+    events.ClientRejected,
+)
+
+
+class LineWriter:
+    """Lines to a stream, each batch of per-connection lines in one write and flush."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self._pending: list[str] = []
+
+    def write(self, line: str, *, batch: bool) -> None:
+        self._pending.append(line)
+        if len(self._pending) > 1:
+            return  # a flush is already on its way
+        if batch:
+            try:
+                asyncio.get_running_loop().call_soon(self.flush)
+                return
+            except RuntimeError:
+                pass  # no loop: write now
+        self.flush()
+
+    def flush(self) -> None:
+        if self._pending:
+            text = "".join(self._pending)
+            self._pending.clear()
+            self.stream.write(text)
+            self.stream.flush()
 
 
 class PlainRenderer:
@@ -123,22 +159,26 @@ class PlainRenderer:
         self.quiet = quiet
         self.clock = clock
         self.hint = DnsLeakHint()
+        self.out = LineWriter(self.stream)
 
     def __call__(self, event: events.Event) -> None:
+        batch = isinstance(event, _BATCHED)
         if self.hint.check(event):
-            self._line(DNS_HINT)
+            self._line(DNS_HINT, batch)
         described = describe(event)
         if described is None:
             return
         text, problem = described
         if self.quiet and not problem:
             return
-        self._line(text)
+        self._line(text, batch)
 
-    def _line(self, text: str) -> None:
+    def _line(self, text: str, batch: bool) -> None:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(self.clock()))
-        self.stream.write(f"{stamp} {text}\n")
-        self.stream.flush()
+        self.out.write(f"{stamp} {text}\n", batch=batch)
+
+    def flush(self) -> None:
+        self.out.flush()
 
 
 def _snake(name: str) -> str:
@@ -176,6 +216,7 @@ class JsonRenderer:
         self.clock = clock
         self._ready = False
         self._session: events.SessionUp | None = None
+        self.out = LineWriter(self.stream)
 
     def __call__(self, event: events.Event) -> None:
         if not self._ready:
@@ -188,11 +229,13 @@ class JsonRenderer:
         if isinstance(event, events.Ready) and self._session is not None:
             up = self._session
             record.update(server_version=up.server_version, cipher=up.cipher, mac=up.mac)
-        self.write(record)
+        self.write(record, batch=isinstance(event, _BATCHED))
 
-    def write(self, record: dict[str, Any]) -> None:
-        self.stream.write(json.dumps(record, separators=(",", ":")) + "\n")
-        self.stream.flush()
+    def write(self, record: dict[str, Any], *, batch: bool = False) -> None:
+        self.out.write(json.dumps(record, separators=(",", ":")) + "\n", batch=batch)
+
+    def flush(self) -> None:
+        self.out.flush()
 
 
 class Tee:
@@ -204,6 +247,13 @@ class Tee:
     def __call__(self, event: events.Event) -> None:
         for sink in self.sinks:
             sink(event)
+
+    def flush(self) -> None:
+        """Write what renderers still hold (at exit, when no loop pass will come)."""
+        for sink in self.sinks:
+            flush = getattr(sink, "flush", None)
+            if flush is not None:
+                flush()
 
 
 class TerminalPrompter:
@@ -290,223 +340,3 @@ class DnsLeakHint:
             self.given = True
             return True
         return False
-
-
-class LiveRenderer:
-    """The terminal view: a header with the session and listeners, a table of open
-    connections sized to the terminal, the last failures and the totals. Redrawn at most
-    four times a second by a timer on the event loop (no thread reads the counters while
-    the relay writes them); log lines and prompts are printed above it."""
-
-    REFRESH = 0.25
-
-    def __init__(self, console: Console, server: str, *, clock: Callable[[], float]) -> None:
-        self.console = console
-        self.server = server
-        self.clock = clock
-        self.stats = Stats()
-        self.started = clock()
-        self.hint = DnsLeakHint()
-        self.live = Live(
-            console=console,
-            auto_refresh=False,
-            redirect_stdout=False,
-            redirect_stderr=True,
-            transient=True,
-            get_renderable=self.render,
-        )
-        self._rates: dict[int, tuple[int, float]] = {}
-        self._conn_rates: dict[int, float] = {}
-        self._timer: asyncio.TimerHandle | None = None
-        self._running = False
-        self._stopped = False
-
-    def __call__(self, event: events.Event) -> None:
-        now = self.clock()
-        self.stats.apply(event, now)
-        if isinstance(event, events.SessionConnecting | events.Ready):
-            self.server = event.server
-        if self.hint.check(event):
-            self.console.print(f"[yellow]{DNS_HINT}[/]")
-        if isinstance(event, events.Stopping):
-            self.stop()
-            return
-        if self._stopped:
-            return
-        if not self._running:
-            self.start()
-        if isinstance(event, events.Notice | events.SessionLost | events.ReconnectScheduled):
-            described = describe(event)
-            if described is not None:
-                self.console.print(f"[yellow]{described[0]}[/]")
-
-    def start(self) -> None:
-        if self._running or self._stopped:
-            return
-        self._running = True
-        self.live.start(refresh=True)
-        self._schedule()
-
-    def pause(self) -> None:
-        """Hand the terminal to a prompt."""
-        if self._running:
-            self.live.stop()
-
-    def resume(self) -> None:
-        if self._running and not self._stopped:
-            self.live.start(refresh=True)
-
-    def _schedule(self) -> None:
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return
-        self._timer = loop.call_later(self.REFRESH, self._tick)
-
-    def _tick(self) -> None:
-        if self._stopped:
-            return
-        self._sample(self.clock())
-        self.live.refresh()
-        self._schedule()
-
-    def _sample(self, now: float) -> None:
-        self.stats.sample(now)
-        rates: dict[int, float] = {}
-        seen: dict[int, tuple[int, float]] = {}
-        for conn_id, info in self.stats.open.items():
-            total = info.bytes_up + info.bytes_down
-            last = self._rates.get(conn_id)
-            if last is not None and now > last[1]:
-                rates[conn_id] = (total - last[0]) / (now - last[1])
-            seen[conn_id] = (total, now)
-        self._rates = seen
-        self._conn_rates = rates
-
-    def stop(self) -> None:
-        if self._stopped:
-            return
-        self._stopped = True
-        if self._timer is not None:
-            self._timer.cancel()
-        if self._running:
-            self.live.stop()
-        self.console.print(self.summary())
-
-    def summary(self) -> RenderableType:
-        s = self.stats
-        lines = Text()
-        lines.append(f"pytunnel {self.server}", style="bold")
-        lines.append(f" ran {human_seconds(self.clock() - self.started)}: ")
-        lines.append(f"{s.served} served, {s.failed} failed, {s.rejected} rejected, ")
-        lines.append(f"{human_bytes(s.bytes_up)} up, {human_bytes(s.bytes_down)} down")
-        if s.local_dns_requests:
-            lines.append(f", {s.local_dns_requests} resolved locally (DNS leak)")
-        return lines
-
-    # -- drawing ---------------------------------------------------------------------
-
-    def render(self) -> RenderableType:
-        now = self.clock()
-        height = self.console.size.height
-        failures = self._failures()
-        # Header (2 lines), table heading, totals, the failures block, and a spare line
-        # so the view never scrolls the terminal.
-        used = 5 + (len(self.stats.failures) + 1 if failures is not None else 0)
-        parts = [self._header(now), self._connections(now, max(1, height - used))]
-        if failures is not None:
-            parts.append(failures)
-        parts.append(self._totals())
-        return Group(*parts)
-
-    def _header(self, now: float) -> RenderableType:
-        s = self.stats
-        state = Text()
-        if s.session_state == "up" and s.session_since is not None:
-            state.append("● up ", style="green bold")
-            state.append(human_seconds(now - s.session_since))
-        elif s.session_state == "waiting" and s.reconnect_at is not None:
-            state.append("● reconnecting", style="yellow bold")
-            state.append(f" in {max(0.0, s.reconnect_at - now):.1f} s")
-        elif s.session_state == "lost":
-            state.append("● lost", style="red bold")
-        else:
-            state.append(f"● {s.session_state}", style="yellow")
-        line = Text.assemble(("pytunnel ", "bold"), (self.server, "bold cyan"), "  ", state)
-        # One screen line each, whatever the width: the height budget counts on it.
-        line.no_wrap = True
-        line.overflow = "ellipsis"
-        if s.cipher:
-            line.append(f"  {s.cipher}", style="dim")
-        if s.server_version:
-            line.append(f"  {s.server_version}", style="dim")
-        urls = Text("listening: ", style="dim", no_wrap=True, overflow="ellipsis")
-        urls.append("  ".join(item.url for item in s.listeners) or "-", style="bold")
-        return Group(line, urls)
-
-    def _connections(self, now: float, rows: int) -> RenderableType:
-        table = Table(box=None, expand=False, pad_edge=False, header_style="bold dim")
-        for title, justify in (
-            ("#", "right"),
-            ("client", "left"),
-            ("destination", "left"),
-            ("via", "left"),
-            ("age", "right"),
-            ("up", "right"),
-            ("down", "right"),
-            ("rate", "right"),
-        ):
-            table.add_column(title, justify=justify, no_wrap=True)  # type: ignore[arg-type]
-        open_now = sorted(self.stats.open.values(), key=lambda info: info.id, reverse=True)
-        for info in open_now[:rows]:
-            rate = self._conn_rates.get(info.id, 0.0)
-            table.add_row(
-                str(info.id),
-                info.client,
-                _destination(info),
-                protocol_label(info.protocol),
-                human_seconds(now - info.started),
-                human_bytes(info.bytes_up),
-                human_bytes(info.bytes_down),
-                f"{human_bytes(rate)}/s" if rate else "",
-            )
-        if len(open_now) > rows:
-            table.add_row("", f"+{len(open_now) - rows} more", "", "", "", "", "", "")
-        if not open_now:
-            return Text("no open connections", style="dim")
-        return table
-
-    def _failures(self) -> RenderableType | None:
-        failures = list(self.stats.failures)
-        if not failures:
-            return None
-        lines = [Text("last failures:", style="bold dim")]
-        for failure in failures:
-            line = Text(no_wrap=True, overflow="ellipsis")
-            line.append(f"  {failure.destination}", style="red")
-            line.append(f"  {failure.label} (0x{failure.reply:02x})  ")
-            line.append(failure.reason, style="dim")
-            lines.append(line)
-        return Group(*lines)
-
-    def _totals(self) -> RenderableType:
-        s = self.stats
-        text = Text.assemble(
-            ("served ", "dim"),
-            str(s.served),
-            ("  failed ", "dim"),
-            str(s.failed),
-            ("  open ", "dim"),
-            str(len(s.open)),
-            ("  up ", "dim"),
-            human_bytes(s.bytes_up),
-            ("  down ", "dim"),
-            human_bytes(s.bytes_down),
-            ("  now ", "dim"),
-            f"{human_bytes(s.rate)}/s",
-        )
-        if s.local_dns_requests:
-            text.append(f"  local DNS {s.local_dns_requests}", style="yellow")
-        text.no_wrap = True
-        text.overflow = "ellipsis"
-        return text

@@ -18,7 +18,8 @@ import pytest
 from rich.console import Console
 
 from tunnel import events
-from tunnel.ui import DNS_HINT, LiveRenderer, event_record, human_bytes
+from tunnel.live import LiveRenderer
+from tunnel.ui import DNS_HINT, event_record, human_bytes
 
 WIDTH, HEIGHT = 100, 30
 SERVER = "alice@bastion.example:22"
