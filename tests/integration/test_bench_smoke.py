@@ -1,0 +1,40 @@
+"""bench/run.py still runs: one tiny pass with pytunnel alone. No timing is asserted here;
+performance is measured (not tested) by running the benchmark itself."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from fixtures.sshd import SSHD_PATH, sshd_available
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
+
+RUN = Path(__file__).resolve().parents[2] / "bench" / "run.py"
+SMOKE_ARGS = [
+    "--quick", "--only", "pytunnel", "--rounds", "1", "--size", "2",
+    "--setups", "10", "--conc", "5", "--open", "20",
+]  # fmt: skip
+
+
+def test_bench_quick_run_prints_a_table(tmp_path: Path) -> None:
+    if not sshd_available():
+        pytest.skip(f"OpenSSH server not installed ({SSHD_PATH} missing)")
+    samples = tmp_path / "samples.json"
+    done = subprocess.run(
+        [sys.executable, str(RUN), *SMOKE_ARGS, "--json", str(samples)],
+        capture_output=True,
+        text=True,
+        timeout=75,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| metric | pytunnel |" in done.stdout
+    assert "Negotiated cipher: pytunnel `" in done.stdout
+    record = json.loads(samples.read_text())
+    assert {r["setting"] for r in record["rounds"]} == {"default", "same"}
+    same = next(r for r in record["rounds"] if r["setting"] == "same")
+    assert same["results"]["pytunnel"]["cipher"] == "aes128-gcm@openssh.com"
