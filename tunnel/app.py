@@ -44,6 +44,27 @@ class _Stop:
         self.event.set()
 
 
+def listeners_to_open(config: Config) -> Config:
+    """The final -D list, once ssh_config has added its DynamicForward lines: -g opens
+    the ones without an address to every interface; none at all, or an open proxy by
+    accident, is a usage error."""
+    if config.gateway_ports:
+        config = dataclasses.replace(
+            config,
+            forwards=tuple(
+                Forward("" if f.host is None else f.host, f.port) for f in config.forwards
+            ),
+        )
+    if not config.forwards:
+        raise ConfigError(
+            "nothing to forward",
+            hint="give -D [bind_address:]port, such as -D 1080, or a "
+            "DynamicForward line for this host in ssh_config",
+        )
+    guard_open_proxy(config)
+    return config
+
+
 def guard_open_proxy(config: Config) -> None:
     """Refuse to become an open proxy into the SSH server's network by accident."""
     exposed = open_proxy_forwards(config)
@@ -92,14 +113,12 @@ class Supervisor:
     def __init__(
         self,
         session: Session,
-        proxy: ProxyServer,
         config: Config,
         emit: events.Sink,
         *,
         random: Callable[[], float] = _random.random,
     ) -> None:
         self.session = session
-        self.proxy = proxy
         self.config = config
         self.emit = emit
         self.random = random
@@ -174,20 +193,7 @@ async def serve(
                 )
             else:
                 config = apply_ssh_config(config)
-            if config.gateway_ports:
-                config = dataclasses.replace(
-                    config,
-                    forwards=tuple(
-                        Forward("" if f.host is None else f.host, f.port) for f in config.forwards
-                    ),
-                )
-            if not config.forwards:
-                raise ConfigError(
-                    "nothing to forward",
-                    hint="give -D [bind_address:]port, such as -D 1080, or a "
-                    "DynamicForward line for this host in ssh_config",
-                )
-            guard_open_proxy(config)
+            config = listeners_to_open(config)
             session = Session(config, emit, prompter)
             opener: Session | SessionPool = session
             if config.ssh_connections > 1:
@@ -204,7 +210,7 @@ async def serve(
             stack.push_async_callback(session.close)
             stack.push_async_callback(proxy.close)
             listeners = await proxy.listen((f.host, f.port) for f in config.forwards)
-            supervisor = Supervisor(session, proxy, config, emit)
+            supervisor = Supervisor(session, config, emit)
 
             starting = loop.create_task(supervisor.start())
             stopping = loop.create_task(stop.event.wait())

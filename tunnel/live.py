@@ -239,6 +239,8 @@ class LiveRenderer:
         )
         if s.local_dns_requests:
             text.append(f"  local DNS {s.local_dns_requests}", style="yellow")
+        if s.auth_failures:
+            text.append(f"  bad logins {s.auth_failures}", style="red")
         text.no_wrap = True
         text.overflow = "ellipsis"
         return text

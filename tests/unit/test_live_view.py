@@ -484,3 +484,12 @@ def test_json_record_values_follow_the_event() -> None:
         443,
         "http-connect",
     )
+
+
+def test_totals_count_wrong_proxy_credentials() -> None:
+    console = Console(record=True, width=100, height=30, force_terminal=True, file=io.StringIO())
+    view = LiveRenderer(console, "u@h", clock=lambda: 10.0)
+    info = events.ConnectionInfo(id=1, client="127.0.0.1:5", started=9.0)
+    view.stats.apply(events.ClientRejected(info, "wrong proxy credentials", auth=True), 10.0)
+    console.print(view.render())
+    assert "bad logins 1" in console.export_text()
