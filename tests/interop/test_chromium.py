@@ -25,11 +25,10 @@ import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from fixtures.net import wait_until
-from fixtures.pytunnel_proc import Running, clean_env, client_name, running_pytunnel, server_args
+from fixtures.event_fence import fence, since, wait_since
+from fixtures.pytunnel_proc import Running, clean_env, running_pytunnel, server_args
 from fixtures.sshd import SshdServer
 from fixtures.targets import HttpTarget
 
@@ -103,67 +102,6 @@ def _kill_session(proc: subprocess.Popen[bytes]) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(KILL_TIMEOUT)
-
-
-# Events arrive through a reader thread, so "the events so far" can lag behind what
-# pytunnel already did. A connection that closes at once is a fence: pytunnel emits its
-# client_rejected after everything it emitted before, so once that is read, so is the
-# rest. Fence connections are left out of every answer below.
-_FENCE_IDS: set[tuple[int, int]] = set()
-EVENT_TIMEOUT = 10.0
-
-
-def _new_events(tunnel: Running, before: int, name: str, **match: Any) -> list[dict[str, Any]]:
-    return [
-        ev
-        for ev in tunnel.events()[before:]
-        if ev["event"] == name
-        and (tunnel.pid, ev.get("id")) not in _FENCE_IDS
-        and all(ev.get(key) == value for key, value in match.items())
-    ]
-
-
-def fence(tunnel: Running) -> int:
-    """How many events pytunnel has emitted so far, every one of them read."""
-    start = len(tunnel.events())
-    with socket.create_connection(tunnel.address, timeout=EVENT_TIMEOUT) as sock:
-        name = client_name(sock)
-    found: list[dict[str, Any]] = []
-
-    def seen() -> bool:
-        found[:] = [
-            ev
-            for ev in tunnel.events()[start:]
-            if ev["event"] == "client_rejected" and ev["client"] == name
-        ]
-        return bool(found)
-
-    assert wait_until(seen, EVENT_TIMEOUT), f"fence {name} never seen: {tunnel.describe()}"
-    _FENCE_IDS.add((tunnel.pid, found[0]["id"]))
-    return len(tunnel.events())
-
-
-def since(tunnel: Running, before: int, name: str, **match: Any) -> list[dict[str, Any]]:
-    """Every matching event after the first ``before``, up to now (behind a fence)."""
-    fence(tunnel)
-    return _new_events(tunnel, before, name, **match)
-
-
-def wait_since(
-    tunnel: Running, before: int, name: str, count: int = 1, **match: Any
-) -> list[dict[str, Any]]:
-    """Wait (with a deadline) for ``count`` matching events after the first ``before``;
-    returns those seen by then."""
-    found: list[dict[str, Any]] = []
-
-    def enough() -> bool:
-        found[:] = _new_events(tunnel, before, name, **match)
-        return len(found) >= count
-
-    assert wait_until(enough, EVENT_TIMEOUT), (
-        f"{len(found)} of {count} {name} {match} events: {tunnel.describe()}"
-    )
-    return found
 
 
 def assert_through_tunnel(

@@ -19,17 +19,15 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 from fixtures.asyncssh_server import PORT_NEVER_ANSWER, AsyncsshServer
-from fixtures.net import wait_until
+from fixtures.event_fence import fence, since, wait_since
 from fixtures.pytunnel_proc import (
     PytunnelFactory,
     Running,
     clean_env,
-    client_name,
     recv_all,
     running_pytunnel,
     server_args,
@@ -133,67 +131,6 @@ def proxy_url(tunnel: Running) -> str:
 
 def creds(password: str = PASSWORD) -> list[str]:
     return ["--proxy-user", f"{USER}:{password}"]
-
-
-# Events arrive through a reader thread, so "the events so far" can lag behind what
-# pytunnel already did. A connection that closes at once is a fence: pytunnel emits its
-# client_rejected after everything it emitted before, so once that is read, so is the
-# rest. Fence connections are left out of every answer below.
-_FENCE_IDS: set[tuple[int, int]] = set()
-EVENT_TIMEOUT = 10.0
-
-
-def _new_events(tunnel: Running, before: int, name: str, **match: Any) -> list[dict[str, Any]]:
-    return [
-        ev
-        for ev in tunnel.events()[before:]
-        if ev["event"] == name
-        and (tunnel.pid, ev.get("id")) not in _FENCE_IDS
-        and all(ev.get(key) == value for key, value in match.items())
-    ]
-
-
-def fence(tunnel: Running) -> int:
-    """How many events pytunnel has emitted so far, every one of them read."""
-    start = len(tunnel.events())
-    with socket.create_connection(tunnel.address, timeout=EVENT_TIMEOUT) as sock:
-        name = client_name(sock)
-    found: list[dict[str, Any]] = []
-
-    def seen() -> bool:
-        found[:] = [
-            ev
-            for ev in tunnel.events()[start:]
-            if ev["event"] == "client_rejected" and ev["client"] == name
-        ]
-        return bool(found)
-
-    assert wait_until(seen, EVENT_TIMEOUT), f"fence {name} never seen: {tunnel.describe()}"
-    _FENCE_IDS.add((tunnel.pid, found[0]["id"]))
-    return len(tunnel.events())
-
-
-def since(tunnel: Running, before: int, name: str, **match: Any) -> list[dict[str, Any]]:
-    """Every matching event after the first ``before``, up to now (behind a fence)."""
-    fence(tunnel)
-    return _new_events(tunnel, before, name, **match)
-
-
-def wait_since(
-    tunnel: Running, before: int, name: str, count: int = 1, **match: Any
-) -> list[dict[str, Any]]:
-    """Wait (with a deadline) for ``count`` matching events after the first ``before``;
-    returns those seen by then."""
-    found: list[dict[str, Any]] = []
-
-    def enough() -> bool:
-        found[:] = _new_events(tunnel, before, name, **match)
-        return len(found) >= count
-
-    assert wait_until(enough, EVENT_TIMEOUT), (
-        f"{len(found)} of {count} {name} {match} events: {tunnel.describe()}"
-    )
-    return found
 
 
 def curl_many(curl: str, *args: str) -> list[str]:
