@@ -61,26 +61,60 @@ class HttpClient(ChannelSink, Protocol):
     def reject_client(self, reason: str, *, auth: bool = False, close: bool = True) -> None: ...
 
 
-class _Upstream:
+class _Fed:
+    """An h11 connection fed from callbacks, one chunk at a time: the source pauses after
+    each chunk and resumes only when :meth:`next_event` needs more, so nothing piles up."""
+
+    def __init__(self, role: type[h11.CLIENT] | type[h11.SERVER]) -> None:
+        self.conn = h11.Connection(role)
+        self.wakeup = asyncio.Event()
+
+    def pause_source(self) -> None:
+        raise NotImplementedError
+
+    def resume_source(self) -> None:
+        raise NotImplementedError
+
+    def feed(self, data: bytes) -> None:
+        self.conn.receive_data(data)
+        if data:
+            self.pause_source()
+        self.wakeup.set()
+
+    async def next_event(self) -> Any:
+        while True:
+            event = self.conn.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            self.wakeup.clear()
+            self.resume_source()
+            await self.wakeup.wait()
+
+
+class _Upstream(_Fed):
     """The origin side of an absolute-form HTTP request: a channel whose bytes feed an
-    h11 client connection. Reading pauses until the handler asks for more."""
+    h11 client connection."""
 
     def __init__(self, client: HttpClient, key: tuple[str, int]) -> None:
+        super().__init__(h11.CLIENT)
         self.client = client
         self.key = key
-        self.conn = h11.Connection(h11.CLIENT)
         self.channel: Channel | None = None
-        self.wakeup = asyncio.Event()
         self.writable = asyncio.Event()
         self.writable.set()
         self.ended = False
 
-    def remote_data(self, data: bytes) -> None:
-        self.client.info.bytes_down += len(data)
-        self.conn.receive_data(data)
+    def pause_source(self) -> None:
         if self.channel is not None:
             self.channel.pause_reading()
-        self.wakeup.set()
+
+    def resume_source(self) -> None:
+        if self.channel is not None:
+            self.channel.resume_reading()
+
+    def remote_data(self, data: bytes) -> None:
+        self.client.info.bytes_down += len(data)
+        self.feed(data)
 
     def remote_eof(self) -> None:
         self._end()
@@ -98,18 +132,8 @@ class _Upstream:
     def _end(self) -> None:
         if not self.ended:
             self.ended = True
-            self.conn.receive_data(b"")
+            self.feed(b"")
         self.wakeup.set()
-
-    async def next_event(self) -> Any:
-        while True:
-            event = self.conn.next_event()
-            if event is not h11.NEED_DATA:
-                return event
-            self.wakeup.clear()
-            if self.channel is not None:
-                self.channel.resume_reading()
-            await self.wakeup.wait()
 
     async def send(self, event: Any) -> None:
         data = self.conn.send(event)
@@ -132,35 +156,24 @@ class _Upstream:
             self.channel = None
 
 
-class HttpSession:
+class HttpSession(_Fed):
     """HTTP/1.1 from a client: CONNECT becomes a spliced channel, absolute-form requests
     are forwarded in origin form (keep-alive on both sides), and pytunnel answers for
     itself at /proxy.pac and /wpad.dat."""
 
     def __init__(self, client: HttpClient) -> None:
+        super().__init__(h11.SERVER)
         self.client = client
-        self.conn = h11.Connection(h11.SERVER)
-        self.wakeup = asyncio.Event()
         self.upstream: _Upstream | None = None
         self.relaying = False
         self.task = asyncio.get_running_loop().create_task(self.run())
 
-    def feed(self, data: bytes) -> None:
-        self.conn.receive_data(data)
-        if data:
-            # One chunk at a time: reading resumes when the handler needs more.
-            self.client.transport.pause_reading()
-        self.wakeup.set()
+    def pause_source(self) -> None:
+        self.client.transport.pause_reading()
 
-    async def next_event(self) -> Any:
-        while True:
-            event = self.conn.next_event()
-            if event is not h11.NEED_DATA:
-                return event
-            self.wakeup.clear()
-            if not self.client.transport.is_closing():
-                self.client.transport.resume_reading()
-            await self.wakeup.wait()
+    def resume_source(self) -> None:
+        if not self.client.transport.is_closing():
+            self.client.transport.resume_reading()
 
     async def send(self, event: Any) -> None:
         data = self.conn.send(event)
