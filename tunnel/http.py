@@ -100,13 +100,17 @@ def parse_target(method: bytes, target: bytes) -> Target:
 
 def forward_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     """Headers to pass on: without hop-by-hop ones, nor those the Connection header
-    names (RFC 9110 section 7.6.1)."""
+    names (RFC 9110 section 7.6.1). With Transfer-Encoding, Content-Length goes too: an
+    intermediary must not pass both (RFC 9112 section 6.3), or the next hop may read the
+    body differently and take part of it for another request."""
     named = {
         token.strip().lower()
         for name, value in headers
         if name.lower() == b"connection"
         for token in value.split(b",")
     }
+    if any(name.lower() == b"transfer-encoding" for name, _ in headers):
+        named.add(b"content-length")
     return [
         (name, value)
         for name, value in headers

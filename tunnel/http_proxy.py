@@ -307,9 +307,13 @@ class HttpSession(_Fed):
             upstream.channel.resume_reading()
         else:
             upstream.conn.start_next_cycle()
-        headers = forward_headers(list(request.headers))
-        if not any(name.lower() == b"host" for name, _ in headers):
-            headers.insert(0, (b"Host", _host_header(target)))
+        # Host is the URL's (RFC 9112 section 3.2.2), whatever the client sent: the rules
+        # checked the URL's host, and a server picks its site by this header.
+        headers = [(b"Host", _host_header(target))] + [
+            (name, value)
+            for name, value in forward_headers(list(request.headers))
+            if name.lower() != b"host"
+        ]
         await upstream.send(h11.Request(method=request.method, target=target.path, headers=headers))
         if self.conn.they_are_waiting_for_100_continue:
             # The client holds its body until "100 Continue": relay the origin's answer

@@ -11,8 +11,9 @@ A rule is a host part and an optional port part::
 
 Pure: no DNS. A name is never resolved to check a CIDR rule (the far end resolves it,
 and a local lookup would leak it); write a host glob for names. Numeric forms the
-server would read as an address (``127.1``, ``2130706433``, ``::ffff:10.0.0.1``) are
-treated as that address.
+server would read as an address (``127.1``, ``2130706433``, ``::ffff:10.0.0.1``,
+``::1%1``) are treated as that address, and the unspecified addresses (``0.0.0.0``,
+``::``), which reach the server itself, as its loopback.
 """
 
 from __future__ import annotations
@@ -75,8 +76,15 @@ def _address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
             return ipaddress.IPv4Address(socket.inet_aton(host))
         except OSError:
             return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.scope_id:
+            # fe80::1%eth0: the zone picks an interface, not another address.
+            address = ipaddress.IPv6Address(str(address).partition("%")[0])
+        if address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+    # Connecting to 0.0.0.0 or :: reaches this very host (Linux): rules see loopback.
+    if address.is_unspecified:
+        return ipaddress.ip_address("127.0.0.1" if address.version == 4 else "::1")
     return address
 
 

@@ -239,13 +239,23 @@ def test_forward_headers_honours_several_connection_headers() -> None:
 def test_forward_headers_keeps_framing_and_host_in_order() -> None:
     headers = [
         (b"Host", b"example.com:8080"),
-        (b"Content-Length", b"5"),
         (b"Transfer-Encoding", b"chunked"),
         (b"Set-Cookie", b"a=1"),
         (b"Set-Cookie", b"b=2"),
         (b"Connection", b"keep-alive"),
     ]
-    assert forward_headers(headers) == headers[:5]
+    assert forward_headers(headers) == headers[:4]
+
+
+def test_forward_headers_keeps_content_length_alone() -> None:
+    headers = [(b"Host", b"h"), (b"Content-Length", b"5")]
+    assert forward_headers(headers) == headers
+
+
+def test_forward_headers_never_passes_both_framings() -> None:
+    # RFC 9112 section 6.3: with Transfer-Encoding, Content-Length must not go on.
+    headers = [(b"Content-Length", b"3"), (b"transfer-encoding", b"chunked")]
+    assert forward_headers(headers) == [(b"transfer-encoding", b"chunked")]
 
 
 def test_forward_headers_does_not_mutate_its_input() -> None:

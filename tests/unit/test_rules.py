@@ -336,3 +336,19 @@ def test_numeric_names_the_server_reads_as_addresses_meet_cidr_rules(host: str) 
 def test_names_that_only_look_numeric_stay_names(host: str) -> None:
     rules = parse_rules([(Action.DENY, "127.0.0.0/8"), (Action.DENY, "1.0.0.0/8")])
     assert rules.denies(host, 80) is None
+
+
+@pytest.mark.parametrize(
+    ("rule", "host"),
+    [
+        ("::1", "::1%1"),
+        ("fe80::/10", "fe80::1%eth0"),
+        ("127.0.0.0/8", "0.0.0.0"),
+        ("127.0.0.0/8", "0"),
+        ("::1", "::"),
+    ],
+    ids=str,
+)
+def test_scoped_and_unspecified_addresses_meet_the_rules(rule: str, host: str) -> None:
+    # A zone id picks an interface, not another host; 0.0.0.0 and :: reach this host.
+    assert parse_rules([(Action.DENY, rule)]).denies(host, 80) is not None
