@@ -63,26 +63,26 @@ class Rule:
 
 
 def _address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    """The address a host names, if it is one. ``::ffff:a.b.c.d`` is the IPv4 address
-    it maps (the server connects to that), so IPv4 rules apply to it."""
+    """The address a host names, if it is one, as the server will connect to it:
+    ``::ffff:a.b.c.d`` is the IPv4 address it maps, a zone id (``fe80::1%eth0``) picks an
+    interface, not another host, numeric forms like ``127.1`` are what inet_aton reads,
+    and 0.0.0.0 and :: reach the server itself, so they count as its loopback."""
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address
     try:
         address = ipaddress.ip_address(host.strip("[]"))
     except ValueError:
         if not _INET_ATON.fullmatch(host):
             return None
-        # 127.1, 2130706433, 0x7f.1: the server's resolver (inet_aton) reads these as
-        # IPv4 addresses, so rules must too. Pure parsing, no lookup.
+        # Pure parsing, no lookup.
         try:
-            return ipaddress.IPv4Address(socket.inet_aton(host))
+            address = ipaddress.IPv4Address(socket.inet_aton(host))
         except OSError:
             return None
     if isinstance(address, ipaddress.IPv6Address):
         if address.scope_id:
-            # fe80::1%eth0: the zone picks an interface, not another address.
             address = ipaddress.IPv6Address(str(address).partition("%")[0])
         if address.ipv4_mapped is not None:
             address = address.ipv4_mapped
-    # Connecting to 0.0.0.0 or :: reaches this very host (Linux): rules see loopback.
     if address.is_unspecified:
         return ipaddress.ip_address("127.0.0.1" if address.version == 4 else "::1")
     return address
