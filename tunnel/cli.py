@@ -158,12 +158,26 @@ def _fail(message: str, status: int, *, json_out: bool) -> NoReturn:
     sys.exit(status)
 
 
+def _check_pidfile(path: str, *, json_out: bool) -> None:
+    """Find out now, not once the tunnel is up, that the pidfile cannot be written."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.access(directory, os.W_OK | os.X_OK):
+        _fail(
+            f"cannot write --pidfile {path}: {directory} is not a writable directory",
+            ExitStatus.USAGE,
+            json_out=json_out,
+        )
+
+
 def _write_pidfile(path: str) -> None:
     """Atomically, so a reader never sees a half-written number."""
     tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="ascii") as handle:
-        handle.write(f"{os.getpid()}\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="ascii") as handle:
+            handle.write(f"{os.getpid()}\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        logging.getLogger("tunnel").warning("cannot write pidfile %s: %s", path, exc.strerror)
 
 
 def _background() -> Callable[[events.Ready], None]:
@@ -214,7 +228,9 @@ class _CurrentStderr(logging.StreamHandler):  # type: ignore[type-arg]
 
 def _setup_logging(verbose: int, stream: TextIO) -> None:
     handler = _CurrentStderr() if stream is sys.stderr else logging.StreamHandler(stream)
-    handler.setFormatter(logging.Formatter(f"{PROG}: %(levelname)s %(name)s: %(message)s"))
+    # Plain "pytunnel: message" as ssh words its warnings; level and logger only with -v.
+    detail = "%(levelname)s %(name)s: " if verbose else ""
+    handler.setFormatter(logging.Formatter(f"{PROG}: {detail}%(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)
@@ -388,7 +404,7 @@ def command(ctx: click.Context, /, **params: Any) -> None:
 
     \b
       pytunnel -D 1080 user@host        then use socks5h://127.0.0.1:1080
-      pytunnel -D 0 --json host -- curl https://intranet/
+      pytunnel -D 0 host -- curl https://intranet/
       pytunnel --demo                   try it with no SSH server of your own
     """
     run_command: list[str] = ctx.meta.get("pytunnel.command", [])
@@ -444,6 +460,7 @@ def command(ctx: click.Context, /, **params: Any) -> None:
         sinks.append(JsonRenderer())
     # The live view needs the terminal to itself: not with -- COMMAND (its output would
     # run through the view), -f, -q or -E.
+    view = None
     live = (
         log_stream.isatty()
         and not (run_command or params["background"] or quiet or params["log_file"])
@@ -465,6 +482,8 @@ def command(ctx: click.Context, /, **params: Any) -> None:
     if notifier is not None:
         sinks.append(notifier)
     pidfile: str | None = params["pidfile"]
+    if pidfile:
+        _check_pidfile(pidfile, json_out=json_out)
 
     def remove_pidfile() -> None:
         if pidfile:
@@ -479,6 +498,8 @@ def command(ctx: click.Context, /, **params: Any) -> None:
     try:
         status = app.run(config, emit, run_command, prompter, remove_pidfile)
     except TunnelError as exc:
+        if view is not None:
+            view.stop(summary=False)  # the error line goes below a restored terminal
         if verbose:
             logging.getLogger("tunnel").exception("failed")
         _fail(str(exc), exc.exit_status, json_out=json_out)

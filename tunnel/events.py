@@ -168,13 +168,16 @@ Sink = Callable[[Event], None]
 
 
 class Prompter(Protocol):
-    """How the core asks the person at the terminal something. Every method may block
-    (the session calls ``ask`` and ``passphrase`` from a worker thread); ``None`` means
-    no answer (no terminal, or the person gave up). Secrets are returned, never logged."""
+    """How the core asks the person at the terminal something. ``ask`` blocks, so the
+    session calls it from a thread of its own; the rest are called from the event loop.
+    ``None`` means no answer (no terminal, or the person gave up). Secrets are returned,
+    never logged."""
 
     def ask(self, prompt: str, echo: bool) -> str | None: ...
     def show(self, text: str) -> None: ...
-    def confirm(self, question: str) -> str | None: ...
+    def pause(self) -> None: ...
+    def resume(self) -> None: ...
+    def interrupt(self) -> None: ...
 
 
 def discard(event: Event) -> None:

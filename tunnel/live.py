@@ -115,7 +115,8 @@ class LiveRenderer:
         self._rates = seen
         self._conn_rates = rates
 
-    def stop(self) -> None:
+    def stop(self, *, summary: bool = True) -> None:
+        """Restore the terminal; print the summary unless the tunnel never ran."""
         if self._stopped:
             return
         self._stopped = True
@@ -123,7 +124,8 @@ class LiveRenderer:
             self._timer.cancel()
         if self._running:
             self.live.stop()
-        self.console.print(self.summary())
+        if summary:
+            self.console.print(self.summary())
 
     def summary(self) -> RenderableType:
         s = self.stats

@@ -10,12 +10,14 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
+import functools
 import getpass
 import hashlib
 import hmac
 import logging
 import os
 import socket
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,6 +87,16 @@ def preferred_ciphers() -> tuple[str, ...] | str:
     """The cipher order to offer when the user chose none."""
     return _AES_GCM_FIRST if _cpu_has_aes() else ()
 
+
+# OpenSSH's default identity files, in its order.
+DEFAULT_IDENTITIES = (
+    "~/.ssh/id_rsa",
+    "~/.ssh/id_ecdsa",
+    "~/.ssh/id_ecdsa_sk",
+    "~/.ssh/id_ed25519",
+    "~/.ssh/id_ed25519_sk",
+    "~/.ssh/id_dsa",
+)
 
 USER_KNOWN_HOSTS = ("~/.ssh/known_hosts", "~/.ssh/known_hosts2")
 GLOBAL_KNOWN_HOSTS = ("/etc/ssh/ssh_known_hosts", "/etc/ssh/ssh_known_hosts2")
@@ -172,6 +184,10 @@ def apply_ssh_config(config: Config) -> Config:
     ):
         if getattr(config, field) is None and get(option):
             changes[field] = tuple(get(option))
+    files = [f for f in get("IdentityFile") or [] if f not in config.identities]
+    if files:
+        # As ssh: -i files come first, then the config's; both are offered.
+        changes["identities"] = (*config.identities, *files)
     if "ciphers" not in config.algorithms and get("Ciphers"):
         changes["algorithms"] = {**config.algorithms, "ciphers": get("Ciphers")}
     return dataclasses.replace(config, **changes) if changes else config
@@ -246,6 +262,7 @@ class _HostKeys:
         user_files: Sequence[str],
         global_files: Sequence[str],
         prompter: events.Prompter | None,
+        accepted: set[asyncssh.SSHKey],
     ) -> None:
         self.policy = policy
         self.user_files = tuple(os.path.expanduser(p) for p in user_files)
@@ -256,6 +273,10 @@ class _HostKeys:
         self.name = ""
         self.verdict: _Verdict | None = None
         self.declined = False
+        # A key met but not known, waiting for the question (policy ask).
+        self.pending: tuple[str, str, asyncssh.SSHKey] | None = None
+        # Keys the person accepted this run (also when known_hosts is /dev/null).
+        self.accepted = accepted
 
     def match(self, host: str, addr: str, port: int | None) -> Any:
         self.name = _known_hosts_name(host, port or 22)
@@ -309,30 +330,36 @@ class _HostKeys:
         if self.policy is HostKeyPolicy.ACCEPT_NEW:
             self._record(name, key)
             return True
+        if key in self.accepted:
+            return True
         if self.policy is HostKeyPolicy.ASK and self.prompter is not None:
-            if self._ask(name, addr, key, fingerprint):
-                self._record(name, key)
-                return True
-            self.declined = True
+            # asyncssh calls us synchronously, inside its connect timeout: the question
+            # is asked by the session after this attempt, then the connection is retried.
+            self.pending = (name, addr, key)
         return False
 
-    def _ask(self, name: str, addr: str, key: asyncssh.SSHKey, fingerprint: str) -> bool:
+    async def ask(self) -> bool:
+        """Ask about the key this attempt met (see decide); record it if accepted."""
         assert self.prompter is not None
+        assert self.pending is not None
+        name, addr, key = self.pending
+        self.pending = None
+        fingerprint = key.get_fingerprint("sha256")
         kind = key.algorithm.decode("ascii").removeprefix("ssh-").upper()
-        self.prompter.show(
+        question = (
             f"The authenticity of host '{name} ({addr})' can't be established.\n"
-            f"{kind} key fingerprint is {fingerprint}."
+            f"{kind} key fingerprint is {fingerprint}.\n"
+            "Are you sure you want to continue connecting (yes/no/[fingerprint])? "
         )
-        question = "Are you sure you want to continue connecting (yes/no/[fingerprint])? "
         while True:
-            answer = self.prompter.confirm(question)
-            if answer is None:
+            answer = await ask_in_thread(self.prompter, question, echo=True)
+            if answer is None or answer.strip().lower() == "no":
+                self.declined = True
                 return False
-            answer = answer.strip()
-            if answer.lower() == "yes" or answer == fingerprint:
+            if answer.strip().lower() == "yes" or answer.strip() == fingerprint:
+                self.accepted.add(key)
+                self._record(name, key)
                 return True
-            if answer.lower() == "no":
-                return False
             question = "Please type 'yes', 'no' or the fingerprint: "
 
     def _record(self, name: str, key: asyncssh.SSHKey) -> None:
@@ -343,7 +370,9 @@ class _HostKeys:
             name = hash_known_host(name, os.urandom(20))
         with path.open("a", encoding="ascii") as handle:
             handle.write(f"{name} {public[0]} {public[1]}\n")
-        log.warning("Permanently added %s (%s) to %s", name, public[0], path)
+        log.warning(
+            "Permanently added '%s' (%s) to the list of known hosts (%s).", name, public[0], path
+        )
 
     def error(self) -> HostKeyRejected:
         v = self.verdict
@@ -440,6 +469,15 @@ def _find_line(files: Sequence[str], keys: Sequence[asyncssh.SSHKey]) -> str:
     return ""
 
 
+def _same(client: _Client) -> _Client:
+    return client
+
+
+def _exists(path: str) -> bool:
+    # A stat of a local key file: not worth a thread.
+    return os.path.exists(path)
+
+
 def _expand(paths: Sequence[str]) -> list[str]:
     return [os.path.expanduser(path) for path in paths]
 
@@ -450,6 +488,33 @@ def _known_hosts_name(host: str, port: int) -> str:
 
 # As ssh: three password tries, then give up on the method.
 PASSWORD_TRIES = 3
+
+
+async def ask_in_thread(prompter: events.Prompter, prompt: str, echo: bool) -> str | None:
+    """Ask without blocking the event loop: the read runs in a daemon thread, so signals
+    (Ctrl-C) and timers keep working, and an abandoned question does not keep the
+    process alive. The live view is paused from here, the loop's own thread."""
+    loop = asyncio.get_running_loop()
+    answer: asyncio.Future[str | None] = loop.create_future()
+
+    def deliver(value: str | None) -> None:
+        if not answer.done():
+            answer.set_result(value)
+
+    def read() -> None:
+        value = prompter.ask(prompt, echo)
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
+            loop.call_soon_threadsafe(deliver, value)
+
+    prompter.pause()
+    try:
+        threading.Thread(target=read, name="pytunnel-prompt", daemon=True).start()
+        return await answer
+    except asyncio.CancelledError:
+        prompter.interrupt()
+        raise
+    finally:
+        prompter.resume()
 
 
 class _Client(asyncssh.SSHClient):
@@ -472,10 +537,9 @@ class _Client(asyncssh.SSHClient):
     async def password_auth_requested(self) -> str | None:
         if self._prompter is None or self.password_tries >= PASSWORD_TRIES:
             return None
-        if self.password_tries:
-            self._prompter.show("Permission denied, please try again.")
+        again = "Permission denied, please try again.\n" if self.password_tries else ""
         self.password_tries += 1
-        return await asyncio.to_thread(self._prompter.ask, f"{self._server}'s password: ", False)
+        return await ask_in_thread(self._prompter, f"{again}{self._server}'s password: ", False)
 
     def kbdint_auth_requested(self) -> str | None:
         # A server may offer keyboard-interactive and then send no challenge for this
@@ -496,12 +560,12 @@ class _Client(asyncssh.SSHClient):
         if prompter is None or self.kbdint_rounds >= PASSWORD_TRIES * 2:
             return None
         self.kbdint_rounds += 1
-        for text in (name, instructions):
-            if text:
-                prompter.show(text.rstrip("\n"))
+        # The server's name and instructions go with the first question, in one piece.
+        preamble = "".join(text.rstrip("\n") + "\n" for text in (name, instructions) if text)
         answers: list[str] = []
         for prompt, echo in prompts:
-            answer = await asyncio.to_thread(prompter.ask, prompt, echo)
+            answer = await ask_in_thread(prompter, preamble + prompt, echo)
+            preamble = ""
             if answer is None:
                 return None
             answers.append(answer)
@@ -535,6 +599,11 @@ class Session:
         self._lost: asyncio.Future[SessionError] | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._hops: list[asyncssh.SSHClientConnection] = []
+        self._decrypted: dict[str, asyncssh.SSHKey] = {}
+        self._missing: set[str] = set()
+        # Encrypted keys no passphrase was had for (no terminal, BatchMode, given up).
+        self._locked: set[str] = set()
+        self._accepted_host_keys: set[asyncssh.SSHKey] = set()
         # Channels open now, for the pool's "least loaded first".
         self.channels = 0
         self.attempts = 0
@@ -557,6 +626,7 @@ class Session:
             cfg.known_hosts if cfg.known_hosts is not None else USER_KNOWN_HOSTS,
             cfg.global_known_hosts if cfg.global_known_hosts is not None else GLOBAL_KNOWN_HOSTS,
             None if cfg.batch_mode else self.prompter,
+            self._accepted_host_keys,
         )
 
     def _connect_kwargs(self, host_keys: _HostKeys | None) -> dict[str, Any]:
@@ -584,13 +654,10 @@ class Session:
             kwargs[_AUTH_KWARGS[method]] = allowed
         if cfg.preferred_auth is not None:
             kwargs["preferred_auth"] = list(cfg.preferred_auth)
-        if cfg.identities:
-            kwargs["client_keys"] = _expand(cfg.identities)
-            if cfg.identities_only:
-                kwargs["agent_identities"] = _expand(cfg.identities)
-        if self.prompter is not None and not cfg.batch_mode:
-            kwargs["passphrase"] = self._passphrase
-            kwargs["ignore_encrypted"] = False
+        if cfg.identities and cfg.identities_only:
+            kwargs["agent_identities"] = _expand(cfg.identities)
+        # Encrypted keys are decrypted by _client_keys (or skipped): asyncssh never asks.
+        kwargs["ignore_encrypted"] = True
         if cfg.address_family is not AddressFamily.ANY:
             kwargs["family"] = _FAMILIES[cfg.address_family]
         return kwargs
@@ -613,36 +680,59 @@ class Session:
             if preferred is not None:
                 kwargs["server_host_key_algs"] = [alg.decode("ascii") for alg in preferred]
         prompter = None if cfg.batch_mode else self.prompter
-        client = _Client(host_keys, prompter, str(dest))
-        try:
-            conn = await asyncssh.connect(dest.host, client_factory=lambda: client, **kwargs)
-        except asyncssh.HostKeyNotVerifiable as exc:
-            raise (host_keys.error() if host_keys else HostKeyRejected(str(exc))) from exc
-        except asyncssh.PermissionDenied as exc:
-            hint = f"tried {self._tried(client)}; check the user name (-l) and key (-i)"
-            if cfg.batch_mode or prompter is None:
-                hint += "; no password was asked for (BatchMode or no terminal)"
-            raise AuthenticationFailed(
-                f"{what}: permission denied ({exc.reason})", hint=hint
-            ) from exc
-        except asyncssh.DisconnectError as exc:
-            raise ConnectFailed(f"{what}: {exc.reason}") from exc
-        except TimeoutError as exc:
-            raise ConnectFailed(
-                f"{what}: connection timed out after {self.connect_timeout:g} s",
-                hint="check the host and port, or raise -o ConnectTimeout",
-            ) from exc
-        except socket.gaierror as exc:
-            raise ConnectFailed(
-                f"could not resolve hostname {dest.host}: {exc.strerror}",
-                hint="check the host name or your ssh_config",
-            ) from exc
-        except OSError as exc:
-            reason = exc.strerror or str(exc)
-            raise ConnectFailed(f"{what}: {reason}") from exc
-        except (asyncssh.KeyImportError, asyncssh.KeyEncryptionError, ValueError) as exc:
-            raise AuthenticationFailed(f"{what}: cannot use key: {exc}") from exc
-        return conn, client
+        keys = await self._client_keys(prompter)
+        if keys is not None:
+            kwargs["client_keys"] = keys
+        while True:
+            client = _Client(host_keys, prompter, str(dest))
+            try:
+                conn = await asyncssh.connect(
+                    dest.host, client_factory=functools.partial(_same, client), **kwargs
+                )
+            except asyncssh.HostKeyNotVerifiable as exc:
+                if (
+                    host_keys is not None
+                    and host_keys.pending is not None
+                    and await host_keys.ask()
+                ):
+                    continue  # accepted: connect again, now trusting the key
+                raise (host_keys.error() if host_keys else HostKeyRejected(str(exc))) from exc
+            except asyncssh.PermissionDenied as exc:
+                hint = f"tried {self._tried(client)}; check the user name (-l) and key (-i)"
+                if cfg.batch_mode or prompter is None:
+                    hint += "; no password was asked for (BatchMode or no terminal)"
+                raise AuthenticationFailed(
+                    f"{what}: permission denied ({exc.reason})", hint=hint
+                ) from exc
+            except asyncssh.ConnectionLost as exc:
+                raise ConnectFailed(
+                    f"{what}: {exc.reason}",
+                    hint="the server closed the connection before SSH was set up: is it an "
+                    "SSH server? check the port (-p)",
+                ) from exc
+            except asyncssh.DisconnectError as exc:
+                raise ConnectFailed(f"{what}: {exc.reason}") from exc
+            except TimeoutError as exc:
+                raise ConnectFailed(
+                    f"{what}: connection timed out after {self.connect_timeout:g} s",
+                    hint="check the host and port, or raise -o ConnectTimeout",
+                ) from exc
+            except socket.gaierror as exc:
+                raise ConnectFailed(
+                    f"could not resolve hostname {dest.host}: {exc.strerror}",
+                    hint="check the host name or your ssh_config",
+                ) from exc
+            except OSError as exc:
+                reason = exc.strerror or str(exc)
+                port = kwargs.get("port", "from ssh_config, or 22")
+                raise ConnectFailed(
+                    f"{what}: cannot connect to {dest.host} port {port}: {reason}",
+                    hint="is sshd running there? check the host and the port (-p)",
+                ) from exc
+            except (asyncssh.KeyImportError, asyncssh.KeyEncryptionError, ValueError) as exc:
+                raise AuthenticationFailed(f"{what}: cannot use key: {exc}") from exc
+            else:
+                return conn, client
 
     async def connect(self) -> None:
         """Connect (through any jump hosts) and authenticate once; raise a
@@ -679,29 +769,55 @@ class Session:
             )
         )
 
-    def _passphrase(self, filename: str) -> str | None:
-        """Asked by asyncssh for every key file it loads: prompt only for encrypted ones,
-        and check the answer here, three tries as ssh."""
-        prompter = self.prompter
-        if prompter is None:
-            return None
-        if not _is_encrypted_key(filename):
-            return None
+    async def _client_keys(self, prompter: events.Prompter | None) -> list[Any] | None:
+        """The identities to offer: -i and ssh_config's IdentityFile together (as ssh),
+        or, with none given, the default files. Missing files are reported once and
+        skipped; encrypted ones are decrypted here, asking for the passphrase in a thread
+        (three tries), once per run. None: leave it all to asyncssh's defaults."""
+        given = _expand(self.config.identities)
+        paths = given or [p for p in _expand(DEFAULT_IDENTITIES) if _exists(p)]
+        keys: list[Any] = []
+        decrypted_any = False
+        for path in paths:
+            if path in self._decrypted:
+                keys.append(self._decrypted[path])
+                decrypted_any = True
+            elif not _exists(path):
+                if path not in self._missing:
+                    self._missing.add(path)
+                    self.emit(events.Notice(f"identity file {path} not accessible: no such file"))
+            elif _is_encrypted_key(path):
+                key = None if prompter is None else await self._decrypt(path, prompter)
+                if key is not None:
+                    self._decrypted[path] = key
+                    keys.append(key)
+                    decrypted_any = True
+                else:
+                    self._locked.add(path)
+            else:
+                keys.append(path)
+        return keys if given or decrypted_any else None
+
+    async def _decrypt(self, path: str, prompter: events.Prompter) -> asyncssh.SSHKey | None:
+        again = ""
         for _ in range(PASSWORD_TRIES):
-            answer = prompter.ask(f"Enter passphrase for key '{filename}': ", False)
+            answer = await ask_in_thread(
+                prompter, f"{again}Enter passphrase for key '{path}': ", False
+            )
             if answer is None:
                 return None
             try:
-                asyncssh.read_private_key(filename, answer)
+                return asyncssh.read_private_key(path, answer)
             except (asyncssh.KeyEncryptionError, asyncssh.KeyImportError):
-                prompter.show("Bad passphrase, try again.")
-                continue
-            return answer
+                again = "Bad passphrase, try again.\n"
         return None
 
     def _tried(self, client: _Client) -> str:
         ids = _expand(self.config.identities)
-        parts = [f"key {p}" for p in ids] or ["the default keys in ~/.ssh"]
+        parts = [
+            f"key {p} (encrypted, no passphrase given)" if p in self._locked else f"key {p}"
+            for p in ids
+        ] or ["the default keys in ~/.ssh"]
         if os.environ.get("SSH_AUTH_SOCK") and not self.config.identities_only:
             parts.append("the ssh-agent's keys")
         if client.password_tries:

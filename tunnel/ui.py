@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import io
 import json
@@ -258,12 +259,16 @@ class Tee:
 
 class TerminalPrompter:
     """Asks on the controlling terminal (``/dev/tty``), as ssh does, so prompts work
-    even when stdout and stderr are redirected. Secrets are read with echo off."""
+    even when stdout and stderr are redirected. Secrets are read with echo off.
+
+    ``ask`` blocks, so the session runs it in a thread of its own; ``pause`` and
+    ``resume`` (the live view's hooks) and ``interrupt`` are called from the event loop."""
 
     def __init__(self, tty: TextIO) -> None:
         self.tty = tty
         self.before_prompt: Callable[[], None] = lambda: None
         self.after_prompt: Callable[[], None] = lambda: None
+        self._echo_restore: list[Any] | None = None
 
     @classmethod
     def open(cls) -> TerminalPrompter | None:
@@ -275,26 +280,35 @@ class TerminalPrompter:
             return None
         return cls(io.TextIOWrapper(raw, encoding="utf-8", errors="replace", write_through=True))
 
-    def show(self, text: str) -> None:
+    def pause(self) -> None:
         self.before_prompt()
+
+    def resume(self) -> None:
+        self.after_prompt()
+
+    def show(self, text: str) -> None:
+        self.pause()
         try:
             self.tty.write(text.rstrip("\n") + "\n")
             self.tty.flush()
         finally:
-            self.after_prompt()
-
-    def confirm(self, question: str) -> str | None:
-        return self.ask(question, True)
+            self.resume()
 
     def ask(self, prompt: str, echo: bool) -> str | None:
-        self.before_prompt()
         try:
             line = self._read_line(prompt) if echo else self._read_secret(prompt)
             return None if not line else line.rstrip("\r\n")
         except (OSError, EOFError, KeyboardInterrupt):
             return None
-        finally:
-            self.after_prompt()
+
+    def interrupt(self) -> None:
+        """The question was abandoned (Ctrl-C): give the terminal its echo back."""
+        restore, self._echo_restore = self._echo_restore, None
+        with contextlib.suppress(OSError, termios.error):
+            if restore is not None:
+                termios.tcsetattr(self.tty.fileno(), termios.TCSADRAIN, restore)
+            self.tty.write("\n")
+            self.tty.flush()
 
     def _read_line(self, prompt: str) -> str:
         self.tty.write(prompt)
@@ -307,13 +321,16 @@ class TerminalPrompter:
         old = termios.tcgetattr(fd)
         new = termios.tcgetattr(fd)
         new[3] &= ~termios.ECHO
+        self._echo_restore = old
         try:
             termios.tcsetattr(fd, termios.TCSADRAIN, new)
             line = self._read_line(prompt)
         finally:
-            termios.tcsetattr(fd, termios.TCSADRAIN, old)
-            self.tty.write("\n")
-            self.tty.flush()
+            if self._echo_restore is not None:
+                self._echo_restore = None
+                termios.tcsetattr(fd, termios.TCSADRAIN, old)
+                self.tty.write("\n")
+                self.tty.flush()
         return line
 
 

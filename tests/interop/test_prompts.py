@@ -150,9 +150,12 @@ def encrypted_key_sshd(
 # -- host keys -----------------------------------------------------------------------------
 
 
-def ask_host_key(sshd: SshdServer, start_pty: StartPty, known_hosts: Path) -> PtyTunnel:
+def ask_host_key(
+    sshd: SshdServer, start_pty: StartPty, known_hosts: Path, *extra: str
+) -> PtyTunnel:
     args = without_strict(server_args(sshd, known_hosts=known_hosts))
-    running = start_pty(["--json", "-D", "127.0.0.1:0", *args])
+    # extra goes first: the first value of an -o key wins.
+    running = start_pty(["--json", "-D", "127.0.0.1:0", *extra, *args])
     running.expect(
         f"The authenticity of host '{host_name(sshd)} ({sshd.host})' can't be established."
     )
@@ -187,6 +190,28 @@ def test_host_key_prompt_accepted_records_the_key(
     lines = empty_known_hosts.read_text().splitlines()
     assert [line.split()[:3] for line in lines] == [[host_name(sshd), *sshd.host_key_pub.split()]]
     assert running.stop() == 0, running.describe()
+
+
+def test_host_key_prompt_shows_the_fingerprint_and_outlasts_the_connect_timeout(
+    sshd: SshdServer, start_pty: StartPty, empty_known_hosts: Path
+) -> None:
+    # Time spent reading the question is not connection time (ssh does the same).
+    running = ask_host_key(sshd, start_pty, empty_known_hosts, "-o", "ConnectTimeout=1")
+    assert fingerprint(sshd.host_key_pub) in running.transcript
+    time.sleep(2.5)  # longer than ConnectTimeout, on purpose
+    running.answer("yes")
+    running.wait_event("ready")
+    assert running.stop() == 0, running.describe()
+
+
+def test_ctrl_c_at_the_host_key_prompt_exits_130_at_once(
+    sshd: SshdServer, start_pty: StartPty, empty_known_hosts: Path
+) -> None:
+    running = ask_host_key(sshd, start_pty, empty_known_hosts)
+    running.send_control("c")
+    assert running.wait_exit() == 130, running.describe()
+    assert "Traceback" not in running.transcript
+    assert empty_known_hosts.read_text() == ""
 
 
 def test_host_key_prompt_reasks_on_nonsense_then_no_refuses(
@@ -402,6 +427,16 @@ class ScriptedPrompter:
         with self._lock:
             self.shown.append(text)
 
+    def pause(self) -> None:
+        """The live view would stop here; nothing to do without one."""
+
+    def resume(self) -> None:
+        """The live view would come back here."""
+
+    def interrupt(self) -> None:
+        with self._lock:
+            self.shown.append("<interrupted>")
+
 
 def session_config(server: SshdServer | AsyncsshServer, user: str, **fields: object) -> Config:
     settings: dict[str, object] = {
@@ -456,8 +491,10 @@ async def test_session_three_wrong_passwords(asyncssh_server: AsyncsshServer) ->
     config = password_config(asyncssh_server, user, preferred_auth=("password",))
     with pytest.raises(AuthenticationFailed) as caught:
         await connect(config, prompter)
+    # The "try again" goes with the next question, in one piece.
     assert len(prompter.asked) == 3
-    assert prompter.shown == ["Permission denied, please try again."] * 2
+    again = [q for q, _ in prompter.asked if q.startswith("Permission denied, please try again.\n")]
+    assert len(again) == 2
     assert "permission denied" in str(caught.value).lower()
     assert "3 password(s)" in str(caught.value)
     assert caught.value.exit_status == 255
@@ -469,8 +506,12 @@ async def test_session_keyboard_interactive(asyncssh_server: AsyncsshServer) -> 
     prompter = ScriptedPrompter(ALICE[1], OTP_CODE)
     session = await connect(password_config(asyncssh_server, OTP_USER), prompter)
     await session.close()
-    assert OTP_INSTRUCTIONS in prompter.shown
-    assert prompter.asked == [("Password: ", False), ("Verification code: ", True)]
+    # The server's instructions come with the first question, in one piece.
+    [(first, first_echo), second] = prompter.asked
+    assert first.startswith(OTP_INSTRUCTIONS)
+    assert first.endswith("Password: ")
+    assert not first_echo
+    assert second == ("Verification code: ", True)
 
 
 async def test_session_batch_mode_asks_nothing(asyncssh_server: AsyncsshServer) -> None:
@@ -497,10 +538,15 @@ async def test_session_host_key_asked_and_accepted(
     )
     session = await connect(config, prompter)
     await session.close()
-    assert prompter.asked == [(HOST_KEY_QUESTION, True)]
-    assert prompter.shown == [
-        f"The authenticity of host '{host_name(sshd)} ({sshd.host})' can't be established.\n"
-        f"ED25519 key fingerprint is {fingerprint(sshd.host_key_pub)}."
+    # Host, key type and fingerprint are part of the question itself, so nothing (a live
+    # view redrawing) can come between them and the answer.
+    assert prompter.asked == [
+        (
+            f"The authenticity of host '{host_name(sshd)} ({sshd.host})' can't be "
+            f"established.\nED25519 key fingerprint is {fingerprint(sshd.host_key_pub)}.\n"
+            + HOST_KEY_QUESTION,
+            True,
+        )
     ]
     recorded = await asyncio.to_thread(empty_known_hosts.read_text)
     assert recorded.split()[:3] == [
@@ -520,10 +566,9 @@ async def test_session_host_key_declined(sshd: SshdServer, empty_known_hosts: Pa
     )
     with pytest.raises(HostKeyRejected) as caught:
         await connect(config, prompter)
-    assert [question for question, _ in prompter.asked] == [
-        HOST_KEY_QUESTION,
-        "Please type 'yes', 'no' or the fingerprint: ",
-    ]
+    first, again = (question for question, _ in prompter.asked)
+    assert first.endswith(HOST_KEY_QUESTION)
+    assert again == "Please type 'yes', 'no' or the fingerprint: "
     assert "not accepted" in str(caught.value)
     assert await asyncio.to_thread(empty_known_hosts.read_text) == ""
 
@@ -555,8 +600,7 @@ async def test_session_passphrase_reasked_then_accepted(
         raise AssertionError(f"{exc}; asked {prompter.asked}, shown {prompter.shown}") from exc
     await session.close()
     prompt = f"Enter passphrase for key '{key}': "
-    assert prompter.asked == [(prompt, False), (prompt, False)]
-    assert prompter.shown == ["Bad passphrase, try again."]
+    assert prompter.asked == [(prompt, False), ("Bad passphrase, try again.\n" + prompt, False)]
 
 
 # == the prompter itself ===================================================================
