@@ -223,6 +223,10 @@ async def serve(
                 return stop.status
             starting.result()  # raises the SessionError of a failed start
             emit(events.Ready(tuple(listeners), session.server))
+            if config.demo and not command:
+                from .demo import DEMO_HOST
+
+                emit(events.Notice(f"try: curl -x {listeners[0].url} http://{DEMO_HOST}/"))
 
             child: asyncio.subprocess.Process | None = None
             if command:

@@ -520,6 +520,16 @@ def _open_log(path: str | None, *, json_out: bool) -> TextIO:
         _fail(f"cannot open log file {path}: {exc.strerror}", ExitStatus.USAGE, json_out=json_out)
 
 
+def _usage_hint(exc: click.UsageError) -> str:
+    """What an ssh user most likely meant."""
+    message = exc.format_message()
+    if "unexpected extra argument" in message:
+        return " (pytunnel runs no remote command: put a local command after --)"
+    if any(f"'-{flag}'" in message for flag in "LRW"):
+        return " (pytunnel does dynamic forwarding only: -D [bind_address:]port)"
+    return f" (see {PROG} -h)" if exc.ctx is not None else ""
+
+
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     """Entry point. Usage errors are one line and exit status 2, like ssh's."""
     try:
@@ -530,8 +540,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         click.echo(exc.ctx.get_help() if exc.ctx else "", err=True)
         sys.exit(ExitStatus.USAGE)
     except click.UsageError as exc:
-        hint = f" (see {PROG} -h)" if exc.ctx is not None else ""
-        click.echo(f"{PROG}: {exc.format_message()}{hint}", err=True)
+        click.echo(f"{PROG}: {exc.format_message()}{_usage_hint(exc)}", err=True)
         sys.exit(ExitStatus.USAGE)
     except click.Abort:
         sys.exit(ExitStatus.INTERRUPTED)

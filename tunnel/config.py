@@ -249,7 +249,12 @@ def parse_interval(key: str, value: str) -> float:
     """Seconds where 0 means off (ServerAliveInterval)."""
     if value.strip() == "0":
         return 0.0
-    return parse_seconds(key, value)
+    try:
+        return parse_seconds(key, value)
+    except ConfigError:
+        raise ConfigError(
+            f"bad value {value!r} for {key}: expected a number of seconds, 0 for off"
+        ) from None
 
 
 def parse_address_family(value: str) -> AddressFamily:

@@ -150,8 +150,11 @@ def apply_ssh_config(config: Config) -> Config:
             dest.host,
             dest.port or (),
         )
-    except (OSError, asyncssh.ConfigParseError) as exc:
-        raise ConfigError(f"cannot read ssh_config: {exc}") from exc
+    except OSError as exc:
+        name = exc.filename or " ".join(paths)
+        raise ConfigError(f"cannot read ssh_config {name}: {exc.strerror or exc}") from exc
+    except asyncssh.ConfigParseError as exc:
+        raise ConfigError(f"in ssh_config: {exc}") from exc
 
     def get(option: str) -> Any:
         return loaded.get(option)
