@@ -686,6 +686,17 @@ class Session:
         keys = await self._client_keys(prompter)
         if keys is not None:
             kwargs["client_keys"] = keys
+        # -v: where we go and with what (file names only; never a secret).
+        log.info(
+            "connecting to %s port %s%s as %s; keys: %s",
+            dest.host,
+            kwargs.get("port", "from ssh_config or 22"),
+            " through the jump connection" if tunnel is not None else "",
+            dest.user or "the configured or local user",
+            ", ".join(str(k) if isinstance(k, str) else "a decrypted key" for k in keys)
+            if keys is not None
+            else "asyncssh's defaults and the agent",
+        )
         while True:
             client = _Client(host_keys, prompter, str(dest))
             try:
@@ -735,6 +746,13 @@ class Session:
             except (asyncssh.KeyImportError, asyncssh.KeyEncryptionError, ValueError) as exc:
                 raise AuthenticationFailed(f"{what}: cannot use key: {exc}") from exc
             else:
+                log.info(
+                    "%s: authenticated; cipher %s, mac %s, server %s",
+                    what,
+                    conn.get_extra_info("send_cipher"),
+                    conn.get_extra_info("send_mac"),
+                    conn.get_extra_info("server_version"),
+                )
                 return conn, client
 
     async def connect(self) -> None:
