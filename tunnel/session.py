@@ -18,7 +18,7 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -992,10 +992,3 @@ class SessionPool:
 def enable_protocol_debug() -> None:
     """asyncssh's own packet-level debug output (``-vvv``)."""
     asyncssh.set_debug_level(2)
-
-
-def default_user() -> str:
-    return getpass.getuser()
-
-
-SessionFactory = Callable[[Config, events.Sink], Session]
