@@ -9,8 +9,6 @@ taken from the config file.
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,6 +21,7 @@ from fixtures.pytunnel_proc import (
     run_pytunnel,
     server_args,
 )
+from fixtures.pytunnel_proc import curl_hello as fetch
 from fixtures.sshd import SshdServer
 from fixtures.targets import HttpTarget
 
@@ -223,19 +222,7 @@ def login_block(sshd: SshdServer, known_hosts: str | Path, strict: str = "yes") 
 
 
 def curl_through(running: Running, http_target: HttpTarget) -> str:
-    curl = shutil.which("curl")
-    if curl is None:
-        pytest.skip("curl not installed")
-    result = subprocess.run(
-        [curl, "-sS", "--max-time", "20", "--socks5-hostname", running.netloc,
-         http_target.url("/hello")],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )  # fmt: skip
-    assert result.returncode == 0, (result.stderr, running.describe())
-    return result.stdout
+    return fetch(running, http_target.url("/hello"))
 
 
 def error_line(result: Finished) -> str:

@@ -8,13 +8,12 @@ connection travelled through it), and the target's log the channels to the web t
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from fixtures.pytunnel_proc import PytunnelFactory, Running, run_pytunnel, server_args
+from fixtures.pytunnel_proc import curl_hello as fetch
 from fixtures.sshd import SshdServer
 from fixtures.targets import HttpTarget
 
@@ -43,19 +42,7 @@ def hop(server: SshdServer) -> str:
 
 
 def curl_hello(running: Running, http_target: HttpTarget) -> str:
-    curl = shutil.which("curl")
-    if curl is None:
-        pytest.skip("curl not installed")
-    result = subprocess.run(
-        [curl, "-sS", "--max-time", "20", "--socks5-hostname", running.netloc,
-         http_target.url("/hello")],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )  # fmt: skip
-    assert result.returncode == 0, (result.stderr, running.describe())
-    return result.stdout
+    return fetch(running, http_target.url("/hello"))
 
 
 def test_one_jump_host(
