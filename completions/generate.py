@@ -942,6 +942,17 @@ DESCRIPTION = [
     "A client gets its reply only after the server has answered the channel request, "
     "and a failure reply says why: connection refused, host or network unreachable, "
     "prohibited by the server, timed out, or a general failure.",
+    "The rest of SOCKS5 works against a stock server too. UDP ASSOCIATE gets a relay "
+    "socket for as long as its TCP connection lasts: datagrams to port 53 travel as DNS "
+    "over TCP through a `direct-tcpip` channel (to the address they were sent to, or to "
+    "`--dns-server`), so DNS needs nothing on the server; other datagrams need "
+    "`--udp-helper`, which runs a small relay on the server with python3 over an "
+    "exec channel, and are otherwise dropped and counted. BIND (SOCKS5 and SOCKS4) asks "
+    "the server to listen (`tcpip-forward`; the server must allow remote forwarding) "
+    "and takes the first connection from the requested address.",
+    "With `-R`, the server listens instead, and what connects to that port speaks SOCKS "
+    "or HTTP to pytunnel, which connects from this machine: reverse dynamic forwarding, "
+    "as `ssh -R` with a single port does, with the same replies, rules and password.",
     "Keepalives are on by default. When the SSH session is lost after it was up, "
     "pytunnel keeps its listeners open and reconnects, at once and then with exponential "
     "backoff; new requests wait for the session up to `--reconnect-wait` seconds, then "
@@ -1099,6 +1110,19 @@ EXAMPLES: list[tuple[str, list[str]]] = [
             "",
             "pytunnel -D 1080 work",
         ],
+    ),
+    (
+        "Let programs on the server reach this machine's network: the server listens on "
+        "its port 1080 (loopback only), and a curl run there goes out from here:",
+        [
+            "pytunnel -R 1080 user@host",
+            "curl -x socks5h://127.0.0.1:1080 http://printer.lan/   # on the server",
+        ],
+    ),
+    (
+        "Send DNS and other UDP through SOCKS5: DNS as DNS over TCP to a resolver the "
+        "server can reach, anything else through the helper run on the server:",
+        ["pytunnel -D 1080 --dns-server 10.0.0.2 --udp-helper user@host"],
     ),
     (
         "In CI, run one command through the tunnel: `-D 0` picks a free port, the command "

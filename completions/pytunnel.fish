@@ -62,7 +62,7 @@ end
 # The word being completed, less short options it starts with (-Jhost, -oKey=Value):
 # fish puts those back itself.
 function __pytunnel_word
-    string replace -r -- '^-[^-=,@]*?[DpliJFoE]' '' (commandline -ct)
+    string replace -r -- '^-[^-=,@]*?[DRpliJFoE]' '' (commandline -ct)
 end
 
 # The current word completed as [user@]host, or the last of a [user@]host,... list.
@@ -75,7 +75,7 @@ end
 
 # Is the word being completed the destination (no destination yet, no "--")?
 function __pytunnel_wants_destination
-    set -l valued -D -p -l -i -J -F -o -E --pidfile --handshake-timeout --open-timeout --reconnect-wait --max-connections --connections --drain --proxy-auth --proxy-password-file --allow --deny
+    set -l valued -D -R -p -l -i -J -F -o -E --pidfile --handshake-timeout --open-timeout --reconnect-wait --max-connections --connections --drain --proxy-auth --proxy-password-file --allow --deny --dns-server
     set -l flags -4 -6 -C -g -N -T -f -q -v -V -h
     set -l expect 0
     set -l positional 0
@@ -129,6 +129,7 @@ function __pytunnel_option
         printf '%s\t%s\n' 'User=' 'user to log in as'
         printf '%s\t%s\n' 'IdentityFile=' 'private key file to authenticate with'
         printf '%s\t%s\n' 'DynamicForward=' '[bind_address:]port to serve SOCKS on, as -D'
+        printf '%s\t%s\n' 'RemoteForward=' '[bind_address:]port for the server to serve SOCKS on, as -R'
         printf '%s\t%s\n' 'ServerAliveInterval=' 'seconds between keepalive requests when the server is quiet (0: off)'
         printf '%s\t%s\n' 'ServerAliveCountMax=' 'unanswered keepalives before the session counts as lost'
         printf '%s\t%s\n' 'HostName=' 'real host name to connect to'
@@ -192,6 +193,7 @@ complete -c pytunnel -f
 complete -c pytunnel -n __pytunnel_wants_destination -a '(__pytunnel_host_words)'
 complete -c pytunnel -n __pytunnel_after_dashdash -a '(__pytunnel_command)'
 complete -c pytunnel -s D -x -d 'Serve SOCKS4/4a/5 on this port (0 picks a free one); loopback only unless an address is given (\'*\' for all)'
+complete -c pytunnel -s R -x -d 'Reverse: the server serves SOCKS on this port (its loopback unless an address is given; 0 lets it pick) and connects through here to this machine\'s network'
 complete -c pytunnel -s p -x -d 'SSH port on the server'
 complete -c pytunnel -s l -x -a '(__fish_complete_users)' -d 'User to log in as'
 complete -c pytunnel -s i -r -F -d 'Private key file'
@@ -223,6 +225,8 @@ complete -c pytunnel -l proxy-auth -x -d 'Require this user and a password (from
 complete -c pytunnel -l proxy-password-file -r -F -d 'File whose first line is the --proxy-auth password'
 complete -c pytunnel -l allow -x -d 'Allow destinations: host glob, CIDR or address, optionally :port or :low-high'
 complete -c pytunnel -l deny -x -d 'Refuse destinations (reply 0x02 / HTTP 403) before they reach the server'
+complete -c pytunnel -l udp-helper -d 'SOCKS5 UDP beyond DNS: run a small relay on the server over an exec channel (nothing is installed there)'
+complete -c pytunnel -l dns-server -x -a '(__pytunnel_host_words)' -d 'Send every UDP DNS query (SOCKS5 UDP to port 53) to this resolver, as DNS over TCP from the server, instead of where each query was addressed'
 complete -c pytunnel -l allow-open-proxy -d 'Listen on a non-loopback address without --proxy-auth, serving anyone who can reach it'
 complete -c pytunnel -s V -l version -d 'Show the version and exit'
 complete -c pytunnel -s h -l help -d 'Show this message and exit'

@@ -18,7 +18,9 @@ from .config import Config, Destination, Forward, HostKeyPolicy, open_proxy_forw
 from .errors import CommandFailed, ConfigError, ExitStatus, SessionClosed, SessionError
 from .proxy import ProxyServer
 from .retry import backoff, is_retryable
+from .reverse import LocalOpener, ReverseForwards
 from .session import Session, SessionPool, apply_ssh_config
+from .udp import UdpSettings
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +57,11 @@ def listeners_to_open(config: Config) -> Config:
                 Forward("" if f.host is None else f.host, f.port) for f in config.forwards
             ),
         )
-    if not config.forwards:
+    if not config.forwards and not config.reverse_forwards:
         raise ConfigError(
             "nothing to forward",
-            hint="give -D [bind_address:]port, such as -D 1080, or a "
-            "DynamicForward line for this host in ssh_config",
+            hint="give -D [bind_address:]port, such as -D 1080 (or -R for the server's "
+            "side), or a DynamicForward line for this host in ssh_config",
         )
     guard_open_proxy(config)
     return config
@@ -69,9 +71,10 @@ def guard_open_proxy(config: Config) -> None:
     """Refuse to become an open proxy into the SSH server's network by accident."""
     exposed = open_proxy_forwards(config)
     if exposed:
-        where = ", ".join(str(f) for f in exposed)
+        where = ", ".join(exposed)
+        reach = "this machine" if exposed[0].startswith("-D") else "the server"
         raise ConfigError(
-            f"-D {where} would let anyone who can reach this machine use the tunnel",
+            f"{where} would let anyone who can reach {reach} use the tunnel",
             hint="require a password with --proxy-auth USER, or pass --allow-open-proxy "
             "if that is really what you want",
         )
@@ -79,9 +82,13 @@ def guard_open_proxy(config: Config) -> None:
 
 def command_environment(listeners: Sequence[events.Listener]) -> dict[str, str]:
     """What a wrapped command needs to use the tunnel: the first loopback listener as
-    ``ALL_PROXY`` in the form curl, git, pip and most libraries read."""
-    first = next((item for item in listeners if item.host in ("127.0.0.1", "::1")), listeners[0])
+    ``ALL_PROXY`` in the form curl, git, pip and most libraries read. With only -R
+    listeners (on the server) there is nothing here to point it at."""
     env = dict(os.environ)
+    local = [item for item in listeners if not item.remote]
+    if not local:
+        return env
+    first = next((item for item in local if item.host in ("127.0.0.1", "::1")), local[0])
     env["ALL_PROXY"] = env["all_proxy"] = first.url
     # The same port speaks HTTP too, for tools that only know http_proxy.
     http = first.url.replace("socks5h://", "http://", 1)
@@ -199,6 +206,14 @@ async def serve(
             if config.ssh_connections > 1:
                 opener = pool = SessionPool(session, config.ssh_connections)
                 stack.push_async_callback(pool.close)
+            udp = UdpSettings(
+                opener=opener,
+                runner=session,
+                rules=config.rules,
+                emit=emit,
+                dns_server=config.dns_server,
+                helper=config.udp_helper,
+            )
             proxy = ProxyServer(
                 opener,
                 emit,
@@ -206,9 +221,28 @@ async def serve(
                 max_clients=config.max_connections,
                 rules=config.rules,
                 credentials=config.proxy_credentials,
+                binder=session,
+                udp=udp,
             )
             stack.push_async_callback(session.close)
             stack.push_async_callback(proxy.close)
+            reverse: ReverseForwards | None = None
+            if config.reverse_forwards:
+                # -R: the server's side connects through us to this machine's network,
+                # with the same limits, rules and password as -D.
+                reverse_proxy = ProxyServer(
+                    LocalOpener(config.open_timeout),
+                    emit,
+                    handshake_timeout=config.handshake_timeout,
+                    max_clients=config.max_connections,
+                    rules=config.rules,
+                    credentials=config.proxy_credentials,
+                    ids=proxy.ids,
+                    reverse=True,
+                )
+                stack.push_async_callback(reverse_proxy.close)
+                reverse = ReverseForwards(session, reverse_proxy, config.reverse_forwards, emit)
+                stack.callback(reverse.close)
             listeners = await proxy.listen((f.host, f.port) for f in config.forwards)
             supervisor = Supervisor(session, config, emit)
 
@@ -222,6 +256,8 @@ async def serve(
                 emit(events.Stopping("signal before the session was up"))
                 return stop.status
             starting.result()  # raises the SessionError of a failed start
+            if reverse is not None:
+                listeners += await reverse.open()
             emit(events.Ready(tuple(listeners), session.server))
             if config.demo and not command:
                 from .demo import DEMO_HOST
@@ -232,6 +268,9 @@ async def serve(
             if command:
                 child = await _spawn(command, command_environment(listeners))
             keeping = loop.create_task(supervisor.keep_up())
+            if reverse is not None:
+                relisten = loop.create_task(reverse.keep())
+                stack.callback(relisten.cancel)
             waiting: list[asyncio.Future[Any]] = [keeping, stopping]
             if child is not None:
                 waiting.append(loop.create_task(child.wait()))

@@ -3,10 +3,15 @@
 The proxy asks an :class:`Opener` for a channel and hands it a :class:`ChannelSink` to
 report to; the session implements the opener with asyncssh, tests with plain sockets.
 Neither side imports the other.
+
+Two more seams, which only the SSH session offers: a :class:`Binder` asks the server to
+listen (SOCKS BIND, ``-R``) and hands each connection that arrives to an
+:class:`IncomingSink`; a :class:`Runner` starts a program on the server (the UDP helper).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 
@@ -36,4 +41,41 @@ class Opener(Protocol):
         self, host: str, port: int, origin: tuple[str, int], sink: ChannelSink
     ) -> Channel:
         """Open a channel to host:port; raise ChannelOpenFailed with the reason if not."""
+        ...
+
+
+class IncomingSink(ChannelSink, Protocol):
+    """A sink for a connection the server accepted for us; the channel comes with it,
+    paused like an opened one."""
+
+    def channel_opened(self, channel: Channel) -> None: ...
+
+
+# Called with the connecting peer's (address, port) before the channel opens; None
+# refuses the connection.
+IncomingHandler = Callable[[tuple[str, int]], IncomingSink | None]
+
+
+class RemoteListener(Protocol):
+    """A port the server listens on for us. ``host`` is the address to tell peers."""
+
+    @property
+    def host(self) -> str: ...
+    @property
+    def port(self) -> int: ...
+    def close(self) -> None: ...
+
+
+class Binder(Protocol):
+    async def listen_tcp(self, host: str, port: int, handler: IncomingHandler) -> RemoteListener:
+        """Ask the server to listen on host:port (0: it picks); raise ChannelOpenFailed
+        with the reason if it will not."""
+        ...
+
+
+class Runner(Protocol):
+    async def run_process(self, command: str, sink: ChannelSink) -> Channel:
+        """Start ``command`` on the server; its stdout goes to ``sink.remote_data`` and
+        its end to ``sink.remote_closed`` with a :class:`RemoteCommandEnded` that holds
+        the exit status and the end of its stderr."""
         ...

@@ -25,9 +25,11 @@ from .config import (
     apply_options,
     merge_forwards,
     parse_destination,
+    parse_dns_server,
     parse_forward,
     parse_jump_hosts,
     parse_port,
+    parse_reverse_forward,
 )
 from .config import OptionKey as OptionKey
 from .errors import ConfigError, ExitStatus, TunnelError
@@ -42,6 +44,7 @@ def build_config(
     destination: str | None,
     *,
     forwards: Sequence[str] = (),
+    reverse_forwards: Sequence[str] = (),
     port: str | None = None,
     login: str | None = None,
     identities: Sequence[str] = (),
@@ -73,12 +76,16 @@ def build_config(
         dest_port or opts.get("port") or dest.port,
     )
     parsed = merge_forwards([parse_forward(f) for f in forwards] + opts.get("forwards", []))
+    reverse = merge_forwards(
+        [parse_reverse_forward(f) for f in reverse_forwards] + opts.get("reverse_forwards", [])
+    )
     if not parsed and demo:
         parsed = (Forward(None, 0),)
     ssh_config: tuple[str, ...] | None = None
     if config_file is not None:
         ssh_config = () if config_file == "none" else (config_file,)
-    for derived in ("user", "port", "hostname", "forwards", "exit_on_forward_failure"):
+    derived_keys = ("user", "port", "hostname", "forwards", "reverse_forwards")
+    for derived in (*derived_keys, "exit_on_forward_failure"):
         opts.pop(derived, None)
     opts.pop("log_level", None)
     if jump is not None:
@@ -91,7 +98,13 @@ def build_config(
         opts["gateway_ports"] = True
     opts["identities"] = tuple(identities) + tuple(opts.get("identities", ()))
     return Config(
-        destination=dest, forwards=parsed, ssh_config=ssh_config, demo=demo, **opts, **settings
+        destination=dest,
+        forwards=parsed,
+        reverse_forwards=reverse,
+        ssh_config=ssh_config,
+        demo=demo,
+        **opts,
+        **settings,
     )
 
 
@@ -270,6 +283,15 @@ def _seconds(default: float, *, positive: bool = True) -> dict[str, Any]:
     help="Serve SOCKS4/4a/5 on this port (0 picks a free one); loopback only unless an "
     "address is given ('*' for all). Repeatable.",
 )
+@click.option(
+    "-R",
+    "reverse_forwards",
+    multiple=True,
+    metavar="[bind_address:]port",
+    help="Reverse: the server serves SOCKS on this port (its loopback unless an address is "
+    "given; 0 lets it pick) and connects through here to this machine's network. "
+    "Repeatable.",
+)
 @click.option("-p", "port", metavar="port", help="SSH port on the server.")
 @click.option("-l", "login", metavar="login_name", help="User to log in as.")
 @click.option(
@@ -392,6 +414,19 @@ def _seconds(default: float, *, positive: bool = True) -> dict[str, Any]:
     "--deny '*' last makes an allowlist.",
 )
 @click.option(
+    "--udp-helper",
+    is_flag=True,
+    help="SOCKS5 UDP beyond DNS: run a small relay on the server over an exec channel "
+    "(nothing is installed there). Without it only DNS (port 53) is relayed, as DNS "
+    "over TCP.",
+)
+@click.option(
+    "--dns-server",
+    metavar="HOST[:PORT]",
+    help="Send every UDP DNS query (SOCKS5 UDP to port 53) to this resolver, as DNS over "
+    "TCP from the server, instead of where each query was addressed.",
+)
+@click.option(
     "--allow-open-proxy",
     is_flag=True,
     help="Listen on a non-loopback address without --proxy-auth, serving anyone who can reach it.",
@@ -418,6 +453,7 @@ def command(ctx: click.Context, /, **params: Any) -> None:
         config = build_config(
             params["destination"],
             forwards=params["forwards"],
+            reverse_forwards=params["reverse_forwards"],
             port=params["port"],
             login=params["login"],
             identities=params["identities"],
@@ -447,6 +483,8 @@ def command(ctx: click.Context, /, **params: Any) -> None:
                 params["proxy_auth"], params["proxy_password_file"]
             ),
             allow_open_proxy=params["allow_open_proxy"],
+            udp_helper=params["udp_helper"],
+            dns_server=parse_dns_server(params["dns_server"]) if params["dns_server"] else None,
         )
     except ConfigError as exc:
         _fail(str(exc), ExitStatus.USAGE, json_out=json_out)

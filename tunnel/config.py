@@ -72,6 +72,12 @@ class Destination:
 class Config:
     destination: Destination
     forwards: tuple[Forward, ...] = ()
+    # -R [bind_address:]port: SOCKS on the server's side, reaching this machine's network.
+    reverse_forwards: tuple[Forward, ...] = ()
+    # UDP ASSOCIATE: where DNS over TCP goes (None: where each query was sent), and
+    # whether other UDP goes through a helper run on the server.
+    dns_server: tuple[str, int] | None = None
+    udp_helper: bool = False
     identities: tuple[str, ...] = ()
     # None: asyncssh's default (~/.ssh/config); () for "-F none".
     ssh_config: tuple[str, ...] | None = None
@@ -125,7 +131,37 @@ def parse_port(text: str, *, what: str = "port", allow_zero: bool = False) -> in
     return port
 
 
-def parse_forward(text: str) -> Forward:
+# -R's static forms, [bind_address:]port:host:hostport, which ssh does and pytunnel not.
+_STATIC_FORWARD = re.compile(r"(?:(?:\[[^\]]*\]|[^:/]*)[:/])?\d+[:/](?:\[[^\]]*\]|[^:/]+)[:/]\d+")
+
+
+def parse_reverse_forward(text: str) -> Forward:
+    """``-R [bind_address:]port``: reverse dynamic forwarding. The static forms get a
+    clear refusal rather than a puzzling parse error."""
+    if _STATIC_FORWARD.fullmatch(text.strip()):
+        raise ConfigError(
+            f"bad -R {text!r}: pytunnel does reverse dynamic forwarding only, "
+            "-R [bind_address:]port (for -R port:host:hostport use ssh)"
+        )
+    return parse_forward(text, flag="-R")
+
+
+def parse_dns_server(text: str) -> tuple[str, int]:
+    """``--dns-server HOST[:PORT]`` (``[v6]:port`` for IPv6), port 53 by default."""
+    spec = text.strip()
+    if spec.startswith("["):
+        host, _, rest = spec[1:].partition("]")
+        port_text = rest[1:] if rest.startswith(":") else ("" if not rest else None)
+    elif spec.count(":") == 1:
+        host, port_text = spec.split(":")
+    else:
+        host, port_text = spec, ""
+    if port_text is None or not host or not _is_host(host):
+        raise ConfigError(f"bad --dns-server {text!r}: expected HOST[:PORT], such as 10.0.0.2")
+    return host, parse_port(port_text, what="--dns-server port") if port_text else 53
+
+
+def parse_forward(text: str, *, flag: str = "-D") -> Forward:
     """``[bind_address:]port`` as ssh(1) ``-D`` takes it: ``1080``, ``localhost:1080``,
     ``*:1080``, ``:1080``, ``[::1]:1080``, ``192.0.2.1:1080`` and ``host/1080``."""
     spec = text.strip()
@@ -133,28 +169,28 @@ def parse_forward(text: str) -> Forward:
     if spec.startswith("["):
         close = spec.find("]")
         if close < 0 or spec[close + 1 : close + 2] not in (":", "/"):
-            raise ConfigError(f"bad -D {text!r}: expected [address]:port")
+            raise ConfigError(f"bad {flag} {text!r}: expected [address]:port")
         host, port_text = spec[1:close], spec[close + 2 :]
     else:
         sep = max(spec.rfind(":"), spec.rfind("/"))
         if sep < 0:
             host, port_text = None, spec
         elif spec.count(":") > 1 and "/" not in spec:
-            raise ConfigError(f"bad -D {text!r}: put an IPv6 address in brackets, [::1]:1080")
+            raise ConfigError(f"bad {flag} {text!r}: put an IPv6 address in brackets, [::1]:1080")
         else:
             host, port_text = spec[:sep], spec[sep + 1 :]
     try:
         port = parse_port(port_text, allow_zero=True)
     except ConfigError:
         raise ConfigError(
-            f"bad -D {text!r}: expected a number from 0 to 65535 as the port, "
+            f"bad {flag} {text!r}: expected a number from 0 to 65535 as the port, "
             "in [bind_address:]port"
         ) from None
     if host is not None:
         if host == "*":
             host = ""
         elif host and not _is_host(host):
-            raise ConfigError(f"bad -D bind address {host!r}")
+            raise ConfigError(f"bad {flag} bind address {host!r}")
     return Forward(host, port)
 
 
@@ -310,11 +346,14 @@ def is_loopback_forward(forward: Forward) -> bool:
         return False  # "" (every interface) or a name: reachable from elsewhere
 
 
-def open_proxy_forwards(config: Config) -> list[Forward]:
-    """Listeners that would serve anyone who can reach them, with no password."""
+def open_proxy_forwards(config: Config) -> list[str]:
+    """Listeners that would serve anyone who can reach them, with no password: -D here,
+    and -R on the server (which reach into this machine's network)."""
     if config.proxy_credentials is not None or config.allow_open_proxy:
         return []
-    return [f for f in config.forwards if not is_loopback_forward(f)]
+    return [f"-D {f}" for f in config.forwards if not is_loopback_forward(f)] + [
+        f"-R {f}" for f in config.reverse_forwards if not is_loopback_forward(f)
+    ]
 
 
 def merge_forwards(forwards: Iterable[Forward]) -> tuple[Forward, ...]:
@@ -373,6 +412,10 @@ def parse_log_level(value: str) -> int:
 
 def _add_forward(values: dict[str, Any], value: str) -> None:
     values.setdefault("forwards", []).append(parse_forward(value))
+
+
+def _add_reverse_forward(values: dict[str, Any], value: str) -> None:
+    values.setdefault("reverse_forwards", []).append(parse_reverse_forward(value))
 
 
 def _add_identity(values: dict[str, Any], value: str) -> None:
@@ -434,6 +477,13 @@ OPTION_KEYS: dict[str, OptionKey] = {
             _add_forward,
             "none",
             "[bind_address:]port to serve SOCKS on, as -D",
+            repeatable=True,
+        ),
+        OptionKey(
+            "RemoteForward",
+            _add_reverse_forward,
+            "none",
+            "[bind_address:]port for the server to serve SOCKS on, as -R",
             repeatable=True,
         ),
         OptionKey(

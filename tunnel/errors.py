@@ -12,6 +12,7 @@ The tree::
     │   └── SessionClosed            retryable (server disconnect)
     ├── CommandFailed                -- COMMAND could not start                 exit 126/127
     ├── ChannelOpenFailed(reason)    one request; never fatal
+    ├── RemoteCommandEnded           a program on the server ended (the UDP helper)
     └── SOCKSError
         ├── RemoteProtocolError      the client broke the protocol (carries the reply to send)
         └── LocalProtocolError       we misused the codec: a bug
@@ -185,6 +186,18 @@ class ChannelOpenFailed(TunnelError):
     def __init__(self, reason: ReplyReason, message: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class RemoteCommandEnded(TunnelError):
+    """A program we ran on the server ended: its exit status (None if it was killed or
+    never started) and the last of what it wrote to stderr."""
+
+    def __init__(self, status: int | None, stderr: str) -> None:
+        detail = stderr.strip().splitlines()[-1] if stderr.strip() else ""
+        how = f"exit status {status}" if status is not None else "no exit status"
+        super().__init__(f"{how}: {detail}" if detail else how)
+        self.status = status
+        self.stderr = stderr
 
 
 class SOCKSError(TunnelError):

@@ -24,19 +24,25 @@ class ConnectionInfo:
     client: str
     started: float
     listener: str = ""
-    # "socks5", "socks4", "socks4a", "http-connect" or "http" once the request is read.
+    # "socks5", "socks4", "socks4a", "http-connect" or "http" once the request is read;
+    # "socks5-bind", "socks4-bind" and "socks5-udp" for the other SOCKS commands.
     protocol: str = ""
     host: str = ""
     port: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
     open: bool = False
+    # UDP associations only: datagrams the relay could not pass on (see DatagramsDropped).
+    dropped: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class Listener:
+    """A SOCKS/HTTP proxy port: here, or (``remote``, from ``-R``) on the SSH server."""
+
     host: str
     port: int
+    remote: bool = False
 
     @property
     def url(self) -> str:
@@ -135,6 +141,16 @@ class ConnectionClosed:
 
 
 @dataclass(frozen=True, slots=True)
+class DatagramsDropped:
+    """The first datagram of a UDP association dropped for ``reason``; later ones for
+    the same reason are only counted (``ConnectionInfo.dropped``)."""
+
+    connection: ConnectionInfo
+    reason: str
+    destination: str
+
+
+@dataclass(frozen=True, slots=True)
 class Stopping:
     reason: str
 
@@ -160,6 +176,7 @@ Event = (
     | ChannelOpened
     | ChannelFailed
     | ConnectionClosed
+    | DatagramsDropped
     | Stopping
     | Notice
 )

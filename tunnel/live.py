@@ -20,6 +20,7 @@ from .ui import (
     destination,
     human_bytes,
     human_seconds,
+    listener_text,
     protocol_label,
 )
 
@@ -67,7 +68,13 @@ class LiveRenderer:
             return
         if not self._running:
             self.start()
-        if isinstance(event, events.Notice | events.SessionLost | events.ReconnectScheduled):
+        if isinstance(
+            event,
+            events.Notice
+            | events.SessionLost
+            | events.ReconnectScheduled
+            | events.DatagramsDropped,
+        ):
             described = describe(event)
             if described is not None:
                 self.console.print(f"[yellow]{described[0]}[/]")
@@ -175,7 +182,7 @@ class LiveRenderer:
         if s.server_version:
             line.append(f"  {s.server_version}", style="dim")
         urls = Text("listening: ", style="dim", no_wrap=True, overflow="ellipsis")
-        urls.append("  ".join(item.url for item in s.listeners) or "-", style="bold")
+        urls.append("  ".join(listener_text(item) for item in s.listeners) or "-", style="bold")
         return Group(line, urls)
 
     def _connections(self, now: float, rows: int) -> RenderableType:
@@ -243,6 +250,8 @@ class LiveRenderer:
             text.append(f"  local DNS {s.local_dns_requests}", style="yellow")
         if s.auth_failures:
             text.append(f"  bad logins {s.auth_failures}", style="red")
+        if s.datagrams_dropped:
+            text.append(f"  UDP dropped {s.datagrams_dropped}", style="yellow")
         text.no_wrap = True
         text.overflow = "ellipsis"
         return text

@@ -22,18 +22,19 @@ import asyncio
 import contextlib
 import errno
 import hmac
+import ipaddress
 import itertools
 import logging
 import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any, cast
 
 from . import events
-from .channels import Channel, ChannelSink, Opener
+from .channels import Binder, Channel, ChannelSink, IncomingSink, Opener, RemoteListener
 from .errors import ChannelOpenFailed, ListenError, RemoteProtocolError, ReplyReason
 from .http_proxy import HttpSession
-from .rules import Rules
+from .rules import Rules, bind_peer_allowed, is_loopback
 from .socks import (
     NEED_DATA,
     Command,
@@ -43,8 +44,14 @@ from .socks import (
     SocksVersion,
     State,
 )
+from .udp import UdpAssociation, UdpSettings
 
 log = logging.getLogger(__name__)
+
+# How long a SOCKS BIND waits for its peer to connect (SOCKS4 asks for a time limit).
+BIND_TIMEOUT = 120.0
+# What a client may send while its BIND waits for the peer, held until the splice.
+_BIND_BUFFER = 256 * 1024
 
 
 class ProxyClient(asyncio.Protocol):
@@ -66,6 +73,8 @@ class ProxyClient(asyncio.Protocol):
         self._over_limit = False
         self._remote_paused = False
         self._pending: list[bytes] | None = None
+        self._udp: UdpAssociation | None = None
+        self._bind: _BindWait | None = None
         self._loop = asyncio.get_running_loop()
         self.info = events.ConnectionInfo(id=0, client="", started=0.0)
 
@@ -95,9 +104,13 @@ class ProxyClient(asyncio.Protocol):
         if self._http is not None:
             self._http.feed(data)
             return
+        if self._udp is not None:
+            return  # the control connection of a UDP association carries nothing
         if self._open_task is not None:
             # Pipelined after the request: the codec keeps it as trailing data.
             self._codec.receive_data(data)
+            if self._bind is not None and self._codec.buffered > _BIND_BUFFER:
+                self.transport.pause_reading()
             return
         if self._codec.state is State.START and data[:1].isalpha():
             self._http = HttpSession(self)
@@ -114,6 +127,8 @@ class ProxyClient(asyncio.Protocol):
         if self._http is not None:
             self._http.feed(b"")
             return True
+        if self._udp is not None:
+            return False  # closing the control connection ends the association
         if self._open_task is not None:
             # The whole request (and maybe data) came before EOF: pass it on later.
             return True
@@ -204,14 +219,7 @@ class ProxyClient(asyncio.Protocol):
     async def open_channel(self, host: str, port: int, sink: ChannelSink) -> Channel:
         """Ask the opener for a channel, after the limits and the rules; raise
         ChannelOpenFailed with the reason. The channel arrives paused."""
-        if self._over_limit:
-            raise ChannelOpenFailed(
-                ReplyReason.GENERAL_FAILURE,
-                f"too many connections (limit {self._server.max_clients})",
-            )
-        rule = self._server.rules.denies(host, port)
-        if rule is not None:
-            raise ChannelOpenFailed(ReplyReason.CONNECTION_NOT_ALLOWED, f"denied by {rule}")
+        self.check_policy(host, port)
         origin = self.transport.get_extra_info("peername") or ("", 0)
         started = time.monotonic()
         try:
@@ -280,11 +288,11 @@ class ProxyClient(asyncio.Protocol):
         protocol = f"socks{request.version}"
         if request.version is SocksVersion.SOCKS4 and request.sent_name:
             protocol = "socks4a"
+        if request.command is Command.BIND:
+            protocol = f"socks{request.version}-bind"
+        elif request.command is Command.UDP_ASSOCIATE:
+            protocol = "socks5-udp"
         self.parsed(protocol, request.command.name, request.host, request.port, request.sent_name)
-        if request.command is not Command.CONNECT:
-            reason = ReplyReason.COMMAND_NOT_SUPPORTED
-            self._socks_fail(ChannelOpenFailed(reason, f"{request.command.name} not supported"))
-            return
         if request.version is SocksVersion.SOCKS4 and self._server.credentials is not None:
             self._socks_fail(
                 ChannelOpenFailed(
@@ -293,9 +301,22 @@ class ProxyClient(asyncio.Protocol):
                 )
             )
             return
-        # Stop reading until the channel is open: what was pipelined stays bounded.
-        self.transport.pause_reading()
-        self._open_task = asyncio.get_running_loop().create_task(self._socks_open(request))
+        if request.command is Command.CONNECT:
+            # Stop reading until the channel is open: what was pipelined stays bounded.
+            self.transport.pause_reading()
+            opening = self._socks_open(request)
+        elif request.command is Command.BIND and self._server.binder is not None:
+            self.transport.pause_reading()
+            opening = self._socks_bind(request, self._server.binder)
+        elif request.command is Command.UDP_ASSOCIATE and self._server.udp is not None:
+            opening = self._socks_udp(request, self._server.udp)
+        else:
+            where = "on this listener" if self._server.reverse else "here"
+            reason = ReplyReason.COMMAND_NOT_SUPPORTED
+            message = f"{request.command.name} is not available {where}"
+            self._socks_fail(ChannelOpenFailed(reason, message))
+            return
+        self._open_task = asyncio.get_running_loop().create_task(opening)
 
     async def _socks_open(self, request: Request) -> None:
         try:
@@ -306,6 +327,95 @@ class ProxyClient(asyncio.Protocol):
         self.transport.write(self._codec.accept())
         # Channels arrive paused so that nothing can overtake the reply; now it is out.
         self.start_relay(channel, self._codec.trailing_data)
+
+    def check_limit(self) -> None:
+        if self._over_limit:
+            raise ChannelOpenFailed(
+                ReplyReason.GENERAL_FAILURE,
+                f"too many connections (limit {self._server.max_clients})",
+            )
+
+    def check_policy(self, host: str, port: int) -> None:
+        """The connection limit and the allow/deny rules; ChannelOpenFailed if refused."""
+        self.check_limit()
+        rule = self._server.rules.denies(host, port)
+        if rule is not None:
+            raise ChannelOpenFailed(ReplyReason.CONNECTION_NOT_ALLOWED, f"denied by {rule}")
+
+    # -- SOCKS BIND -------------------------------------------------------------------
+
+    async def _socks_bind(self, request: Request, binder: Binder) -> None:
+        """Ask the SSH server to listen; first reply with where, second with the peer
+        that connected (only the request's DST.ADDR may)."""
+        started = time.monotonic()
+        try:
+            self.check_policy(request.host, request.port)
+            # A peer on the server itself needs only its loopback; any other needs the
+            # server to listen on every interface (its GatewayPorts decides).
+            listen_host = "localhost" if is_loopback(request.host) else ""
+            wait = _BindWait(self, request, started)
+            try:
+                listener = await binder.listen_tcp(listen_host, 0, wait.incoming)
+            except ChannelOpenFailed:
+                raise
+            except Exception as exc:
+                log.debug("BIND failed", exc_info=True)
+                raise ChannelOpenFailed(
+                    ReplyReason.GENERAL_FAILURE, f"internal error: {exc!r}"
+                ) from exc
+        except ChannelOpenFailed as exc:
+            self._socks_fail(exc)
+            return
+        if self._closed:
+            listener.close()
+            return
+        wait.listening(listener)
+        self._bind = wait
+        self.transport.write(self._codec.accept(_reply_host(listener.host), listener.port))
+        # Read again, to notice a client that gives up; what it sends waits in the codec.
+        self.transport.resume_reading()
+
+    def bind_connected(self, wait: _BindWait, channel: Channel, peer: tuple[str, int]) -> None:
+        self._bind = None
+        if self._closed:
+            channel.close()
+            return
+        self.info.open = True
+        self._server.emit(events.ChannelOpened(self.info, time.monotonic() - wait.started))
+        self.transport.write(self._codec.accept(_reply_host(peer[0]), peer[1]))
+        self.start_relay(channel, self._codec.trailing_data)
+
+    def bind_failed(self, exc: ChannelOpenFailed) -> None:
+        self._bind = None
+        self._socks_fail(exc)
+
+    # -- SOCKS5 UDP ASSOCIATE ---------------------------------------------------------
+
+    async def _socks_udp(self, request: Request, settings: UdpSettings) -> None:
+        started = time.monotonic()
+        peer = self.transport.get_extra_info("peername") or ("127.0.0.1", 0)
+        local = self.transport.get_extra_info("sockname") or ("127.0.0.1", 0)
+        association = UdpAssociation(settings, self.info, (str(peer[0]), request.port))
+        try:
+            self.check_limit()
+            try:
+                host, port = await association.start(str(local[0]))
+            except OSError as exc:
+                raise ChannelOpenFailed(
+                    ReplyReason.GENERAL_FAILURE, f"cannot open a UDP relay: {exc.strerror}"
+                ) from exc
+        except ChannelOpenFailed as exc:
+            association.close()
+            self._socks_fail(exc)
+            return
+        if self._closed:
+            association.close()
+            return
+        self._udp = association
+        self.info.host, self.info.port = host, port
+        self.info.open = True
+        self._server.emit(events.ChannelOpened(self.info, time.monotonic() - started))
+        self.transport.write(self._codec.accept(host, port))
 
     def _socks_fail(self, exc: ChannelOpenFailed) -> None:
         self.failed(exc)
@@ -364,6 +474,10 @@ class ProxyClient(asyncio.Protocol):
             self._open_task.cancel()
         if self._http is not None:
             self._http.close()
+        if self._udp is not None:
+            self._udp.close()
+        if self._bind is not None:
+            self._bind.close()
         channel, self._channel = self._channel, None
         if channel is not None:
             channel.close()
@@ -376,6 +490,96 @@ class ProxyClient(asyncio.Protocol):
                     info, info.bytes_up, info.bytes_down, time.monotonic() - info.started
                 )
             )
+
+
+class _BindWait:
+    """A SOCKS BIND between its two replies: the server listens, we wait for the one
+    peer the request named, within :data:`BIND_TIMEOUT`."""
+
+    def __init__(self, client: ProxyClient, request: Request, started: float) -> None:
+        self.client = client
+        self.request = request
+        self.started = started
+        self.listener: RemoteListener | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.peer: tuple[str, int] | None = None
+
+    def listening(self, listener: RemoteListener) -> None:
+        self.listener = listener
+        self.timer = asyncio.get_running_loop().call_later(BIND_TIMEOUT, self._timed_out)
+
+    def incoming(self, origin: tuple[str, int]) -> IncomingSink | None:
+        """The server reports a connection: take the first one from the right peer."""
+        if self.peer is not None or self.listener is None:
+            return None
+        if not bind_peer_allowed(self.request.host, origin[0]):
+            log.info(
+                "BIND #%s: refused a connection from %s (expected %s)",
+                self.client.info.id,
+                origin[0],
+                self.request.host,
+            )
+            return None
+        self.peer = origin
+        return _BoundPeer(self, origin)
+
+    def connected(self, channel: Channel, peer: tuple[str, int]) -> None:
+        self.close()
+        self.client.bind_connected(self, channel, peer)
+
+    def _timed_out(self) -> None:
+        self.timer = None
+        self.close()
+        self.client.bind_failed(
+            ChannelOpenFailed(
+                ReplyReason.TTL_EXPIRED,
+                f"no connection from {self.request.host} within {BIND_TIMEOUT:g} s",
+            )
+        )
+
+    def close(self) -> None:
+        """Stop listening on the server (one peer per BIND) and stop the clock."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        listener, self.listener = self.listener, None
+        if listener is not None:
+            listener.close()
+
+
+class _BoundPeer:
+    """The sink of a BIND's peer channel until the client takes it over: the channel
+    arrives paused, so nothing reaches these before the second reply is written."""
+
+    def __init__(self, wait: _BindWait, peer: tuple[str, int]) -> None:
+        self.wait = wait
+        self.peer = peer
+
+    def channel_opened(self, channel: Channel) -> None:
+        self.wait.connected(channel, self.peer)
+
+    def remote_data(self, data: bytes) -> None:
+        self.wait.client.remote_data(data)
+
+    def remote_eof(self) -> None:
+        self.wait.client.remote_eof()
+
+    def remote_pause(self) -> None:
+        self.wait.client.remote_pause()
+
+    def remote_resume(self) -> None:
+        self.wait.client.remote_resume()
+
+    def remote_closed(self, exc: BaseException | None) -> None:
+        self.wait.client.remote_closed(exc)
+
+
+def _reply_host(host: str) -> str:
+    """An address a SOCKS reply can carry (a name cannot be: zeros then)."""
+    try:
+        return str(ipaddress.ip_address(host.partition("%")[0]))
+    except ValueError:
+        return "0.0.0.0"
 
 
 def _format_address(address: object) -> str:
@@ -468,7 +672,16 @@ class ProxyServer:
         max_clients: int = 4096,
         rules: Rules | None = None,
         credentials: tuple[bytes, bytes] | None = None,
+        binder: Binder | None = None,
+        udp: UdpSettings | None = None,
+        ids: Iterator[int] | None = None,
+        reverse: bool = False,
     ) -> None:
+        # binder: SOCKS BIND through the SSH server; udp: UDP ASSOCIATE. Without them
+        # those commands get 0x07. ``reverse`` marks the proxy behind -R listeners.
+        self.binder = binder
+        self.udp = udp
+        self.reverse = reverse
         self.opener = opener
         self.emit = emit
         self.handshake_timeout = handshake_timeout
@@ -476,7 +689,7 @@ class ProxyServer:
         self.rules = rules or Rules()
         self.credentials = credentials
         self.clients: set[ProxyClient] = set()
-        self.ids = itertools.count(1)
+        self.ids = ids or itertools.count(1)
         self.listeners: list[events.Listener] = []
         self.starved = False
         self._acceptors: list[_Acceptor] = []

@@ -160,3 +160,39 @@ class Rules:
 
 def parse_rules(ordered: Sequence[tuple[Action, str]]) -> Rules:
     return Rules(tuple(parse_rule(action, text) for action, text in ordered))
+
+
+def _plain(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """An IP literal without zone id, IPv4-mapped addresses as IPv4; None for a name."""
+    try:
+        address = ipaddress.ip_address(host.strip("[]").partition("%")[0])
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def same_host(first: str, second: str) -> bool:
+    """Whether two address texts name the same host (``::ffff:127.0.0.1`` is
+    ``127.0.0.1``); names only match themselves, case aside."""
+    a, b = _plain(first), _plain(second)
+    if a is None or b is None:
+        return first.lower() == second.lower()
+    return a == b
+
+
+def is_loopback(host: str) -> bool:
+    address = _plain(host)
+    return host.lower() == "localhost" if address is None else address.is_loopback
+
+
+def bind_peer_allowed(expected: str, peer: str) -> bool:
+    """SOCKS BIND takes the connection only from the request's DST.ADDR (RFC 1928).
+    0.0.0.0 or :: means the client does not know the address: any peer. A name cannot be
+    compared without resolving it at the far end, so any peer too, except ``localhost``,
+    which means loopback."""
+    address = _plain(expected)
+    if address is None:
+        return is_loopback(peer) if expected.lower() == "localhost" else True
+    return address.is_unspecified or same_host(expected, peer)

@@ -28,7 +28,7 @@ from asyncssh.config import SSHClientConfig, SSHConfig
 from asyncssh.public_key import get_default_certificate_algs, get_default_public_key_algs
 
 from . import events
-from .channels import Channel, ChannelSink
+from .channels import Channel, ChannelSink, IncomingHandler, IncomingSink
 from .config import (
     DEFAULT_CONNECT_TIMEOUT,
     AddressFamily,
@@ -38,6 +38,7 @@ from .config import (
     merge_forwards,
     parse_forward,
     parse_host_key_policy,
+    parse_reverse_forward,
 )
 from .errors import (
     AuthenticationFailed,
@@ -45,6 +46,7 @@ from .errors import (
     ConfigError,
     ConnectFailed,
     HostKeyRejected,
+    RemoteCommandEnded,
     ReplyReason,
     SessionClosed,
     SessionError,
@@ -105,6 +107,15 @@ GLOBAL_KNOWN_HOSTS = ("/etc/ssh/ssh_known_hosts", "/etc/ssh/ssh_known_hosts2")
 # -- ssh_config ---------------------------------------------------------------------
 
 
+def _append_whole_line(config: SSHConfig, option: str, args: list[str]) -> None:
+    """Keep every argument of a repeatable line (``RemoteForward 8080 web:80`` is two)."""
+    value = " ".join(args)
+    args.clear()
+    if value.lower() != "none":
+        values: list[str] = config._options.setdefault(option, [])  # type: ignore[assignment]
+        values.append(value)
+
+
 class _FileConfig(SSHClientConfig):
     """asyncssh's ssh_config reader (Host and Match matching, Include, first value wins)
     that also keeps the keys asyncssh has no use for but a tunnel does."""
@@ -115,6 +126,7 @@ class _FileConfig(SSHClientConfig):
             option.lower(): (option, handler)
             for option, handler in (
                 ("DynamicForward", SSHConfig._append_string),
+                ("RemoteForward", _append_whole_line),
                 ("StrictHostKeyChecking", SSHConfig._set_string),
                 ("BatchMode", SSHConfig._set_bool),
                 ("GatewayPorts", SSHConfig._set_bool),
@@ -161,10 +173,17 @@ def apply_ssh_config(config: Config) -> Config:
 
     changes: dict[str, Any] = {}
     forwards = get("DynamicForward") or []
+    # Only one-field RemoteForward lines are reverse dynamic ones; the static kind
+    # (port host:hostport), common for other tools in a shared config, is ssh's.
+    reverse = [text for text in get("RemoteForward") or [] if len(text.split()) == 1]
     try:
         if forwards:
             changes["forwards"] = merge_forwards(
                 [*config.forwards, *(parse_forward(text) for text in forwards)]
+            )
+        if reverse:
+            changes["reverse_forwards"] = merge_forwards(
+                [*config.reverse_forwards, *(parse_reverse_forward(text) for text in reverse)]
             )
         if config.host_key_policy is None and get("StrictHostKeyChecking") is not None:
             changes["host_key_policy"] = parse_host_key_policy(get("StrictHostKeyChecking"))
@@ -214,6 +233,8 @@ class _Bridge(asyncssh.SSHTCPSession[bytes]):
         self._session.channels += 1
         # Hold data back until the proxy has written its SOCKS reply; it resumes then.
         chan.pause_reading()
+        if isinstance(self, _IncomingBridge):
+            self._incoming.channel_opened(chan)
 
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
         self._sink.remote_data(data)
@@ -231,6 +252,70 @@ class _Bridge(asyncssh.SSHTCPSession[bytes]):
     def connection_lost(self, exc: Exception | None) -> None:
         self._session.channels -= 1
         self._sink.remote_closed(exc)
+
+
+class _IncomingBridge(_Bridge):
+    """A forwarded-tcpip channel: a connection to a port the server listens on for us."""
+
+    __slots__ = ("_incoming",)
+
+    def __init__(self, sink: IncomingSink, session: Session) -> None:
+        super().__init__(sink, session)
+        self._incoming = sink
+
+
+@dataclass(frozen=True, slots=True)
+class _Listening:
+    """A port the server listens on for us (a :class:`RemoteListener`)."""
+
+    listener: asyncssh.SSHListener
+    host: str
+    port: int
+
+    def close(self) -> None:
+        # Sends cancel-tcpip-forward; a connection that is already gone needs nothing.
+        with contextlib.suppress(Exception):
+            self.listener.close()
+
+
+# How much of a remote program's stderr is kept to explain why it ended.
+_STDERR_KEPT = 2048
+
+
+class _Process(asyncssh.SSHClientSession[bytes]):
+    """A program on the server: stdout to the sink, stderr kept, the exit status noted."""
+
+    def __init__(self, sink: ChannelSink) -> None:
+        self._sink = sink
+        self._stderr = bytearray()
+        self._status: int | None = None
+
+    def connection_made(self, chan: asyncssh.SSHClientChannel[bytes]) -> None:
+        chan.pause_reading()
+
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        if datatype == asyncssh.EXTENDED_DATA_STDERR:
+            self._stderr += data
+            del self._stderr[:-_STDERR_KEPT]
+        else:
+            self._sink.remote_data(data)
+
+    def eof_received(self) -> bool:
+        self._sink.remote_eof()
+        return True
+
+    def pause_writing(self) -> None:
+        self._sink.remote_pause()
+
+    def resume_writing(self) -> None:
+        self._sink.remote_resume()
+
+    def exit_status_received(self, status: int) -> None:
+        self._status = status
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        stderr = self._stderr.decode("utf-8", "replace")
+        self._sink.remote_closed(exc or RemoteCommandEnded(self._status, stderr))
 
 
 def _close_if_opened(task: asyncio.Task[tuple[Any, Any]]) -> None:
@@ -870,14 +955,10 @@ class Session:
         assert self._lost is not None, "wait_lost() before connect()"
         return await asyncio.shield(self._lost)
 
-    async def open_tcp(
-        self, host: str, port: int, origin: tuple[str, int], sink: ChannelSink
-    ) -> Channel:
-        timeout = self.config.open_timeout
-        loop = asyncio.get_running_loop()
+    async def _live(self) -> asyncssh.SSHClientConnection:
+        """The connection, waiting a bounded time when it is down between reconnects (or
+        not up yet); then fail closed. Never connect anywhere directly."""
         if self._conn is None:
-            # Down between reconnects (or not up yet): wait a bounded time, then fail
-            # closed. Never connect anywhere directly.
             wait = self.config.reconnect_wait
             try:
                 await asyncio.wait_for(self._up.wait(), wait)
@@ -886,10 +967,21 @@ class Session:
                     ReplyReason.GENERAL_FAILURE,
                     f"the SSH session is down (waited {wait:g} s for it to come back)",
                 ) from None
-        deadline = loop.time() + timeout
         conn = self._conn
         if conn is None:
             raise ChannelOpenFailed(ReplyReason.GENERAL_FAILURE, "the SSH session is not up")
+        return conn
+
+    async def wait_up(self) -> None:
+        await self._up.wait()
+
+    async def open_tcp(
+        self, host: str, port: int, origin: tuple[str, int], sink: ChannelSink
+    ) -> Channel:
+        timeout = self.config.open_timeout
+        loop = asyncio.get_running_loop()
+        conn = await self._live()
+        deadline = loop.time() + timeout
         task = loop.create_task(
             conn.create_connection(lambda: _Bridge(sink, self), host, port, origin[0], origin[1])
         )
@@ -905,6 +997,69 @@ class Session:
             )
         try:
             chan, _ = task.result()
+        except asyncssh.ChannelOpenError as exc:
+            raise ChannelOpenFailed(
+                classify_open_failure(exc.code, exc.reason), exc.reason
+            ) from exc
+        except (asyncssh.Error, OSError) as exc:
+            raise ChannelOpenFailed(
+                ReplyReason.GENERAL_FAILURE, f"SSH session failed: {exc}"
+            ) from exc
+        return chan
+
+    async def listen_tcp(self, host: str, port: int, handler: IncomingHandler) -> _Listening:
+        """``tcpip-forward``: the server listens on host:port ("" every interface,
+        "localhost" loopback, 0 a port it picks) and sends each connection back to us."""
+        conn = await self._live()
+
+        def accept(orig_host: str, orig_port: int) -> _IncomingBridge:
+            sink = handler((orig_host, orig_port))
+            if sink is None:
+                raise asyncssh.ChannelOpenError(
+                    asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, "refused by pytunnel"
+                )
+            return _IncomingBridge(sink, self)
+
+        where = f"[{host}]:{port}" if ":" in host else f"{host or '*'}:{port}"
+        try:
+            listener = await asyncio.wait_for(
+                conn.create_server(accept, host, port), self.config.open_timeout
+            )
+        except TimeoutError:
+            raise ChannelOpenFailed(
+                ReplyReason.TTL_EXPIRED, f"no answer to listening on {where}"
+            ) from None
+        except asyncssh.ChannelListenError as exc:
+            raise ChannelOpenFailed(
+                ReplyReason.CONNECTION_NOT_ALLOWED,
+                f"the server refused to listen on {where} (its AllowTcpForwarding, "
+                "PermitListen or GatewayPorts, or the port is taken)",
+            ) from exc
+        except (asyncssh.Error, OSError) as exc:
+            raise ChannelOpenFailed(
+                ReplyReason.GENERAL_FAILURE, f"SSH session failed: {exc}"
+            ) from exc
+        # Where peers should connect: loopback for "localhost", the server's own address
+        # (as we reached it) for every interface.
+        if host in ("localhost", ""):
+            peer = conn.get_extra_info("peername")
+            address = "127.0.0.1" if host == "localhost" or not peer else str(peer[0])
+        else:
+            address = host
+        return _Listening(listener, address, listener.get_port())
+
+    async def run_process(self, command: str, sink: ChannelSink) -> Channel:
+        """Run ``command`` on the server (an exec channel, no terminal)."""
+        conn = await self._live()
+        try:
+            chan, _ = await asyncio.wait_for(
+                conn.create_session(lambda: _Process(sink), command, encoding=None),
+                self.config.open_timeout,
+            )
+        except TimeoutError:
+            raise ChannelOpenFailed(
+                ReplyReason.TTL_EXPIRED, "the server did not start the command in time"
+            ) from None
         except asyncssh.ChannelOpenError as exc:
             raise ChannelOpenFailed(
                 classify_open_failure(exc.code, exc.reason), exc.reason

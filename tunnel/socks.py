@@ -10,6 +10,12 @@ The codec never touches a socket and never decides on its own that a request suc
     transport.write(conn.accept())        # only once the outbound channel is open
     transport.write(conn.reject(reason))  # or the reply that tells why it failed
 
+BIND has two replies: ``accept()`` once the far side listens (BND = where it listens),
+then ``accept()`` again when the expected peer has connected (BND = the peer), or
+``reject()`` if it never does. UDP ASSOCIATE's one reply carries the relay's address;
+the datagrams themselves use :func:`parse_datagram` and :func:`build_datagram` (RFC 1928
+section 7).
+
 A client that breaks the protocol raises :class:`RemoteProtocolError`; its ``reply`` is
 what to send before closing (empty where the RFC has no answer, such as a wrong version
 byte). Calling the codec out of order raises :class:`LocalProtocolError`.
@@ -57,6 +63,7 @@ class State(enum.Enum):
     SOCKS5_REQUEST = enum.auto()
     SOCKS4_REQUEST = enum.auto()
     AWAITING_DECISION = enum.auto()
+    AWAITING_PEER = enum.auto()
     ACCEPTED = enum.auto()
     CLOSED = enum.auto()
 
@@ -126,10 +133,10 @@ def socks5_reply(reason: ReplyReason, host: str = "0.0.0.0", port: int = 0) -> b
 
 
 def socks4_reply(reason: ReplyReason, host: str = "0.0.0.0", port: int = 0) -> bytes:
-    """VN(0) CD DSTPORT DSTIP."""
-    return (
-        bytes((0x00, socks4_code(reason))) + port.to_bytes(2) + ipaddress.IPv4Address(host).packed
-    )
+    """VN(0) CD DSTPORT DSTIP. SOCKS4 has no room for an IPv6 address: zeros then."""
+    address = ipaddress.ip_address(host)
+    packed = address.packed if address.version == 4 else bytes(4)
+    return bytes((0x00, socks4_code(reason))) + port.to_bytes(2) + packed
 
 
 _SOCKS5_FAILURE: Final = socks5_reply(ReplyReason.GENERAL_FAILURE)
@@ -175,7 +182,7 @@ class ServerConnection:
     @property
     def trailing_data(self) -> bytes:
         """Bytes the client sent after its request, to be forwarded once the channel opens."""
-        if self._state not in (State.AWAITING_DECISION, State.ACCEPTED):
+        if self._state not in (State.AWAITING_DECISION, State.AWAITING_PEER, State.ACCEPTED):
             raise LocalProtocolError("trailing_data before a complete request")
         return bytes(self._buffer)
 
@@ -188,9 +195,11 @@ class ServerConnection:
             raise
 
     def accept(self, host: str = "0.0.0.0", port: int = 0) -> bytes:
-        """The success reply. Call it only once the outbound channel is open."""
+        """The success reply. Call it only once the outbound channel is open. For BIND
+        the first call says where the far side listens and the second which peer came."""
         request = self._decided()
-        self._state = State.ACCEPTED
+        first_of_two = request.command is Command.BIND and self._state is State.AWAITING_DECISION
+        self._state = State.AWAITING_PEER if first_of_two else State.ACCEPTED
         if request.version is SocksVersion.SOCKS4:
             return socks4_reply(ReplyReason.SUCCEEDED, host, port)
         return socks5_reply(ReplyReason.SUCCEEDED, host, port)
@@ -224,7 +233,8 @@ class ServerConnection:
             raise LocalProtocolError(f"expected state {state.name}, not {self._state.name}")
 
     def _decided(self) -> Request:
-        if self._state is not State.AWAITING_DECISION or self._request is None:
+        waiting = (State.AWAITING_DECISION, State.AWAITING_PEER)
+        if self._state not in waiting or self._request is None:
             raise LocalProtocolError(f"no request awaits a reply (state {self._state.name})")
         return self._request
 
@@ -254,6 +264,11 @@ class ServerConnection:
         if self._state is State.CLOSED:
             raise LocalProtocolError("next_event() after the exchange ended")
         return NEED_DATA
+
+    @property
+    def buffered(self) -> int:
+        """How many bytes wait in the codec (what a client sent before its reply)."""
+        return len(self._buffer)
 
     def _socks5_greeting(self) -> bool:
         buf = self._buffer
@@ -388,3 +403,75 @@ class ServerConnection:
         self._request = request
         self._state = State.AWAITING_DECISION
         return request
+
+
+# -- UDP (RFC 1928 section 7) ------------------------------------------------------
+
+# RSV(2) FRAG(1) ATYP(1): what precedes DST.ADDR in every datagram.
+_UDP_HEADER: Final = 4
+
+
+@dataclass(frozen=True, slots=True)
+class Datagram:
+    """One UDP request or reply: where it goes (or came from) and its data. ``frag`` is
+    kept so that the relay can count the fragments it drops (it reassembles none)."""
+
+    address_type: AddressType
+    host: str
+    port: int
+    payload: bytes
+    frag: int = 0
+
+
+def encode_address(host: str, port: int) -> bytes:
+    """ATYP DST.ADDR DST.PORT: an IP literal as itself, anything else as a name."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        name = host.encode("utf-8")
+        if not 0 < len(name) <= MAX_HOST_NAME:
+            raise ValueError(f"host name of {len(name)} bytes cannot be sent") from None
+        return bytes((AddressType.DOMAINNAME, len(name))) + name + port.to_bytes(2)
+    atyp = AddressType.IPV4 if address.version == 4 else AddressType.IPV6
+    return bytes((atyp,)) + address.packed + port.to_bytes(2)
+
+
+def decode_address(data: bytes, offset: int = 0) -> tuple[AddressType, str, int, int]:
+    """The ATYP DST.ADDR DST.PORT at ``offset`` of a whole message: (type, host, port,
+    offset after it). A short or unknown one raises :class:`RemoteProtocolError`."""
+    if len(data) <= offset:
+        raise RemoteProtocolError("no address")
+    atyp = data[offset]
+    start = offset + 1
+    if atyp == AddressType.IPV4:
+        end = start + 4
+        host = str(ipaddress.IPv4Address(data[start:end])) if len(data) >= end else ""
+    elif atyp == AddressType.IPV6:
+        end = start + 16
+        host = str(ipaddress.IPv6Address(data[start:end])) if len(data) >= end else ""
+    elif atyp == AddressType.DOMAINNAME:
+        if len(data) <= start:
+            raise RemoteProtocolError("address cut short")
+        end = start + 1 + data[start]
+        host = "" if len(data) < end else _decode_host_name(data[start + 1 : end], b"")
+    else:
+        raise RemoteProtocolError(f"unknown address type 0x{atyp:02x}")
+    if len(data) < end + 2:
+        raise RemoteProtocolError("address cut short")
+    return AddressType(atyp), host, int.from_bytes(data[end : end + 2]), end + 2
+
+
+def parse_datagram(data: bytes) -> Datagram:
+    """A datagram a client sent to the relay. Malformed ones raise
+    :class:`RemoteProtocolError`; UDP has no reply, the relay drops them."""
+    if len(data) < _UDP_HEADER:
+        raise RemoteProtocolError("datagram shorter than its header")
+    if data[0] or data[1]:
+        raise RemoteProtocolError("reserved bytes of a datagram are not zero")
+    atyp, host, port, end = decode_address(data, 3)
+    return Datagram(atyp, host, port, data[end:], frag=data[2])
+
+
+def build_datagram(host: str, port: int, payload: bytes) -> bytes:
+    """A datagram for the client: RSV FRAG(0) and where the payload came from."""
+    return b"\x00\x00\x00" + encode_address(host, port) + payload

@@ -43,6 +43,7 @@ class Stats:
     closed_bytes_up: int = 0
     closed_bytes_down: int = 0
     local_dns_requests: int = 0
+    closed_dropped: int = 0
     session_state: str = "starting"
     session_since: float | None = None
     reconnect_at: float | None = None
@@ -88,10 +89,16 @@ class Stats:
                 self.auth_failures += auth
             case events.ConnectionClosed(connection=info, bytes_up=up, bytes_down=down):
                 self.open.pop(info.id, None)
+                self.closed_dropped += info.dropped
                 self.closed_bytes_up += up
                 self.closed_bytes_down += down
             case events.Stopping():
                 self.session_state = "stopping"
+
+    @property
+    def datagrams_dropped(self) -> int:
+        """UDP datagrams the relay could not pass on, closed associations and open."""
+        return self.closed_dropped + sum(info.dropped for info in self.open.values())
 
     @property
     def bytes_up(self) -> int:

@@ -50,7 +50,15 @@ _PROTOCOL_LABELS = {
     "socks4a": "SOCKS4a",
     "http-connect": "HTTP CONNECT",
     "http": "HTTP",
+    "socks5-bind": "SOCKS5 BIND",
+    "socks4-bind": "SOCKS4 BIND",
+    "socks5-udp": "SOCKS5 UDP",
 }
+
+
+def listener_text(listener: events.Listener) -> str:
+    """A listener's URL; one of -R's says it is on the server."""
+    return f"{listener.url} (on the server)" if listener.remote else listener.url
 
 
 def protocol_label(protocol: str) -> str:
@@ -67,9 +75,9 @@ def describe(event: events.Event) -> tuple[str, bool] | None:
     that are only worth a line in JSON."""
     match event:
         case events.ListenerStarted(listener=listener):
-            return f"listening on {listener.url}", False
+            return f"listening on {listener_text(listener)}", False
         case events.Ready(listeners=listeners):
-            return "ready: " + " ".join(item.url for item in listeners), False
+            return "ready: " + " ".join(listener_text(item) for item in listeners), False
         case events.SessionConnecting(server=server, attempt=attempt):
             again = f" (attempt {attempt})" if attempt > 1 else ""
             return f"connecting to {server}{again}", False
@@ -94,11 +102,14 @@ def describe(event: events.Event) -> tuple[str, bool] | None:
                 True,
             )
         case events.ConnectionClosed(connection=info, bytes_up=up, bytes_down=down, duration=d):
+            dropped = f", {info.dropped} datagrams dropped" if info.dropped else ""
             return (
                 f"#{info.id} {destination(info)} closed: {human_bytes(up)} up, "
-                f"{human_bytes(down)} down, {human_seconds(d)}",
+                f"{human_bytes(down)} down{dropped}, {human_seconds(d)}",
                 False,
             )
+        case events.DatagramsDropped(connection=info, reason=why, destination=where):
+            return (f"#{info.id} UDP datagram to {where} dropped: {why}", True)
         case events.Stopping(reason=reason):
             return f"stopping: {reason}", False
         case events.Notice(message=message):
@@ -116,6 +127,7 @@ _BATCHED = (
     events.ChannelFailed,
     events.ConnectionClosed,
     events.ClientRejected,
+    events.DatagramsDropped,
 )
 
 
@@ -194,11 +206,14 @@ def event_record(event: events.Event, now: float) -> dict[str, Any]:
         value = getattr(event, field.name)
         if isinstance(value, events.ConnectionInfo):
             record.update(id=value.id, client=value.client, host=value.host, port=value.port)
+            if value.dropped:
+                record["dropped"] = value.dropped
         elif isinstance(value, events.Listener):
-            record.update(host=value.host, port=value.port, url=value.url)
+            record.update(host=value.host, port=value.port, url=value.url, remote=value.remote)
         elif isinstance(value, tuple) and value and isinstance(value[0], events.Listener):
             record[field.name] = [
-                {"host": item.host, "port": item.port, "url": item.url} for item in value
+                {"host": item.host, "port": item.port, "url": item.url, "remote": item.remote}
+                for item in value
             ]
         else:
             record[field.name] = value

@@ -331,6 +331,7 @@ VALID: dict[str, tuple[str, Getter, object]] = {
     "DynamicForward": (
         "127.0.0.1:2000", lambda c: c.forwards, (Forward(None, 1080), Forward("127.0.0.1", 2000))
     ),
+    "RemoteForward": ("[::1]:0", lambda c: c.reverse_forwards, (Forward("::1", 0),)),
     "ServerAliveInterval": ("0", lambda c: c.keepalive_interval, 0.0),
     "ServerAliveCountMax": ("5", lambda c: c.keepalive_count, 5),
     "HostName": ("127.0.0.2", lambda c: c.destination.host, "127.0.0.2"),
@@ -375,6 +376,7 @@ BAD: dict[str, str] = {
     "User": "",
     "IdentityFile": "",
     "DynamicForward": "127.0.0.1:x",
+    "RemoteForward": "8080:localhost:80",
     "ServerAliveInterval": "often",
     "ServerAliveCountMax": "many",
     "HostName": "bad host!",

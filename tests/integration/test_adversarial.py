@@ -213,8 +213,9 @@ def test_socks5_unknown_atyp(tunnel: Running) -> None:
         assert closed_by_peer(sock) == b""
 
 
-def test_socks5_bind_and_udp(tunnel: Running) -> None:
-    for command in (2, 3):
+def test_socks5_commands_beyond_the_rfc(tunnel: Running) -> None:
+    # RFC 1928 has CONNECT, BIND and UDP ASSOCIATE; anything else is 0x07, then a close.
+    for command in (0, 4, 0x7F, 0xFF):
         with socks5_connected(tunnel, socks5_request(LOOPBACK4, 80, command)) as sock:
             assert recv_exact(sock, 10) == socks5_failure(7)
             assert closed_by_peer(sock) == b""

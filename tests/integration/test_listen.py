@@ -124,6 +124,7 @@ def test_ready_line(tunnel: Running, sshd: SshdServer) -> None:
         "host": "127.0.0.1",
         "port": tunnel.port,
         "url": f"socks5h://127.0.0.1:{tunnel.port}",
+        "remote": False,
     }
     assert tunnel.ready["server"] == f"{sshd.user}@127.0.0.1:{sshd.port}"
     assert tunnel.ready["server_version"].startswith("SSH-2.0-OpenSSH")

@@ -294,19 +294,30 @@ def test_magic_echo_port_succeeds(magic_tunnel: Running) -> None:
         assert recv_all(sock) == b"echo me"
 
 
-@pytest.mark.parametrize(("command", "name"), [(2, "BIND"), (3, "UDP_ASSOCIATE")])
-def test_socks5_unsupported_commands(
-    magic_tunnel: Running, asyncssh_server: AsyncsshServer, command: int, name: str
+def test_socks5_bind_refused_by_the_server(
+    magic_tunnel: Running, asyncssh_server: AsyncsshServer
 ) -> None:
-    request = socks5_request("127.0.0.1", UNUSED_PORT, command=command)
+    # The asyncssh test server refuses tcpip-forward, as AllowTcpForwarding local does:
+    # the first BIND reply says "not allowed" (0x02), and the reason says what to check.
+    request = socks5_request("127.0.0.1", UNUSED_PORT, command=2)
     reply, rest, client = socks5_exchange(magic_tunnel, request)
-    assert reply == socks5_failure(0x07)
+    assert reply == socks5_failure(0x02)
     assert rest == b""
     event = magic_tunnel.wait_event("channel_failed", client=client)
-    assert event["reply"] == 7
-    assert name in event["reason"]
-    # Refused locally: no channel was asked for.
+    assert event["reply"] == 2
+    assert "AllowTcpForwarding" in event["reason"]
+    # Nothing was asked of the peer's address: only a listener was requested.
     assert ("127.0.0.1", UNUSED_PORT) not in asyncssh_server.requests_snapshot()
+
+
+def test_socks5_udp_associate_gets_a_relay(magic_tunnel: Running) -> None:
+    with connect_proxy(magic_tunnel.address) as sock:
+        sock.sendall(b"\x05\x01\x00" + socks5_request("0.0.0.0", 0, command=3))
+        assert recv_exact(sock, 2) == b"\x05\x00"
+        reply = recv_exact(sock, 10)
+        assert reply[:4] == b"\x05\x00\x00\x01"
+        assert reply[4:8] == bytes([127, 0, 0, 1])
+        assert int.from_bytes(reply[8:10]) != 0
 
 
 def test_socks5_unknown_command(magic_tunnel: Running) -> None:
@@ -317,7 +328,9 @@ def test_socks5_unknown_command(magic_tunnel: Running) -> None:
     assert rest == b""
 
 
-def test_socks4_bind_is_rejected(magic_tunnel: Running, asyncssh_server: AsyncsshServer) -> None:
+def test_socks4_bind_refused_by_the_server(
+    magic_tunnel: Running, asyncssh_server: AsyncsshServer
+) -> None:
     reply, rest, _ = socks4_exchange(
         magic_tunnel, socks4_request("127.0.0.1", UNUSED_PORT, command=2)
     )

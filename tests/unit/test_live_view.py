@@ -431,7 +431,12 @@ SCHEMA: list[tuple[events.Event, set[str], bool]] = [
     (events.Notice("hello", "dns"), {"message", "key"}, True),
     (events.Stopping("interrupted"), {"reason"}, True),
     # Never printed (it comes before "ready"), but recorded all the same.
-    (events.ListenerStarted(LISTENER), {"host", "port", "url"}, True),
+    (events.ListenerStarted(LISTENER), {"host", "port", "url", "remote"}, True),
+    (
+        events.DatagramsDropped(sample_info(), "not DNS", "192.0.2.1:123"),
+        {"id", "client", "host", "port", "reason", "destination"},
+        True,
+    ),
 ]
 
 

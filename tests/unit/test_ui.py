@@ -218,8 +218,8 @@ def test_json_renderer_first_line_is_ready_with_session_folded_in() -> None:
         "event": "ready",
         "time": FIXED_TIME,
         "listeners": [
-            {"host": "127.0.0.1", "port": 1080, "url": "socks5h://127.0.0.1:1080"},
-            {"host": "::1", "port": 1080, "url": "socks5h://[::1]:1080"},
+            {"host": "127.0.0.1", "port": 1080, "url": "socks5h://127.0.0.1:1080", "remote": False},
+            {"host": "::1", "port": 1080, "url": "socks5h://[::1]:1080", "remote": False},
         ],
         "server": "user@host:22",
         "server_version": "OpenSSH_9.6p1",
@@ -284,7 +284,7 @@ def test_json_renderer_stopping_before_ready_is_printed() -> None:
     [
         (events.ListenerStarted(LISTENER6),
          {"event": "listener_started", "time": 1.5, "host": "::1", "port": 1080,
-          "url": "socks5h://[::1]:1080"}),
+          "url": "socks5h://[::1]:1080", "remote": False}),
         (events.ReconnectScheduled("h", 2.0, 3, "EOF"),
          {"event": "reconnect_scheduled", "time": 1.5, "server": "h", "delay": 2.0,
           "attempt": 3, "reason": "EOF"}),
