@@ -129,6 +129,12 @@ class ProxyClient(asyncio.Protocol):
             return True
         if self._udp is not None:
             return False  # closing the control connection ends the association
+        if self._bind is not None:
+            # Before its second reply a BIND client has nothing to send: EOF means it
+            # gave up (or closed), so the server stops listening for the peer.
+            self._bind.close()
+            self._bind = None
+            return False
         if self._open_task is not None:
             # The whole request (and maybe data) came before EOF: pass it on later.
             return True
