@@ -60,7 +60,9 @@ class Stats:
         """Fold one event in. ``now`` is the time the event was received."""
         match event:
             case events.ListenerStarted(listener=listener):
-                self.listeners.append(listener)
+                # A -R listener is announced again after each reconnect.
+                if listener not in self.listeners:
+                    self.listeners.append(listener)
             case events.SessionConnecting():
                 self.session_state = "connecting"
                 self.reconnect_at = None

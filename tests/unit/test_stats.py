@@ -209,6 +209,30 @@ def test_listeners_are_collected_in_order() -> None:
     assert stats.listeners == [first, second]
 
 
+def test_a_listener_announced_again_is_listed_once() -> None:
+    # -R listeners are opened (and announced) again after every reconnect.
+    remote = events.Listener("127.0.0.1", 1080, remote=True)
+    local = events.Listener("127.0.0.1", 1080)
+    stats = fold(
+        Stats(),
+        [(0.0, events.ListenerStarted(remote)), (0.0, events.ListenerStarted(local)),
+         (9.0, events.ListenerStarted(remote))],
+    )  # fmt: skip
+    assert stats.listeners == [remote, local]
+
+
+def test_dropped_datagrams_are_totalled_open_and_closed() -> None:
+    stats = Stats()
+    first, second = conn(1), conn(2)
+    first.dropped, second.dropped = 3, 4
+    stats.apply(events.ChannelOpened(first, 0.0), 1.0)
+    stats.apply(events.ChannelOpened(second, 0.0), 1.0)
+    assert stats.datagrams_dropped == 7
+    stats.apply(events.ConnectionClosed(first, 0, 0, 1.0), 2.0)
+    second.dropped += 1
+    assert stats.datagrams_dropped == 8
+
+
 def test_events_without_counters_change_nothing() -> None:
     stats = Stats()
     before = repr(stats)

@@ -47,6 +47,12 @@ def info(id: int = 7, host: str = "example.com", port: int = 443) -> events.Conn
     )  # fmt: skip
 
 
+def udp_info() -> events.ConnectionInfo:
+    association = info(id=9, host="127.0.0.1", port=40000)
+    association.protocol, association.dropped = "socks5-udp", 3
+    return association
+
+
 LISTENER4 = events.Listener("127.0.0.1", 1080)
 LISTENER6 = events.Listener("::1", 1080)
 SESSION_UP = events.SessionUp(
@@ -85,6 +91,17 @@ DESCRIBE: list[tuple[str, events.Event, list[str], bool]] = [
     ("stopping", events.Stopping("interrupted"), ["stopping: interrupted"], False),
     ("notice", events.Notice("clients resolve names locally; use socks5h://", "dns"),
      ["use socks5h://"], True),
+    ("remote-listener", events.ListenerStarted(events.Listener("127.0.0.1", 1080, remote=True)),
+     ["listening on socks5h://127.0.0.1:1080 (on the server)"], False),
+    ("ready-remote", events.Ready((LISTENER4, events.Listener("::1", 2080, remote=True)), "h"),
+     ["socks5h://127.0.0.1:1080 socks5h://[::1]:2080 (on the server)"], False),
+    ("datagrams-dropped", events.DatagramsDropped(info(), "not DNS: needs --udp-helper",
+                                                  "192.0.2.1:123"),
+     ["#7", "UDP datagram to 192.0.2.1:123 dropped", "--udp-helper"], True),
+    ("udp-closed", events.ConnectionClosed(udp_info(), 10, 20, 1.0),
+     ["#9", "3 datagrams dropped"], False),
+    ("bind-opened", events.ChannelOpened(info(host="127.0.0.2", port=21), 0.5),
+     ["#7", "127.0.0.2:21"], False),
 ]  # fmt: skip
 
 
@@ -160,13 +177,21 @@ def test_plain_renderer_quiet_keeps_only_problems(utc: None) -> None:
         render(event)
     lines = stream.getvalue().splitlines()
     problems = [row[0] for row in DESCRIBE if row[3]]
-    assert problems == ["session-lost", "reconnect", "client-rejected", "channel-failed", "notice"]
+    assert problems == [
+        "session-lost",
+        "reconnect",
+        "client-rejected",
+        "channel-failed",
+        "notice",
+        "datagrams-dropped",
+    ]
     assert [line.split(" ", 2)[1] for line in lines] == [
         "lost",
         "reconnecting",
         "#7",
         "#7",
         "clients",
+        "#7",
     ]
     assert lines[3].endswith("failed: connection refused (0x05): Connection refused")
     assert all(line.startswith("2023-11-14T22:13:20 ") for line in lines)
