@@ -498,3 +498,21 @@ def test_totals_count_wrong_proxy_credentials() -> None:
     view.stats.apply(events.ClientRejected(info, "wrong proxy credentials", auth=True), 10.0)
     console.print(view.render())
     assert "bad logins 1" in console.export_text()
+
+
+def test_udp_bind_and_remote_listener_are_shown(view: LiveRenderer, clock: FakeClock) -> None:
+    remote = events.Listener("127.0.0.1", 2080, remote=True)
+    bring_up(view, clock)
+    view(events.ListenerStarted(remote))
+    association = connection(clock, "127.0.0.1", 40001, protocol="socks5-udp")
+    view(events.ChannelOpened(association, 0.001))
+    view(events.ChannelOpened(connection(clock, "127.0.0.2", 21, protocol="socks5-bind"), 0.1))
+    association.dropped = 2
+    view(events.DatagramsDropped(association, "not DNS: needs --udp-helper", "192.0.2.1:123"))
+    shown = screen(view)
+    assert "socks5h://127.0.0.1:2080 (on the server)" in shown
+    assert "SOCKS5 UDP" in shown
+    assert "SOCKS5 BIND" in shown
+    assert "UDP dropped 2" in shown
+    # The reason is printed above the view, once.
+    assert printed(view).count("UDP datagram to 192.0.2.1:123 dropped: not DNS") == 1
