@@ -356,9 +356,13 @@ class ProxyClient(asyncio.Protocol):
         started = time.monotonic()
         try:
             self.check_policy(request.host, request.port)
-            # A peer on the server itself needs only its loopback; any other needs the
-            # server to listen on every interface (its GatewayPorts decides).
-            listen_host = "localhost" if is_loopback(request.host) else ""
+            # A peer on the server itself needs only its loopback, asked for by address
+            # (sshd honours 127.0.0.1 and ::1 whatever its GatewayPorts, and the reply
+            # must name an address it really listens on); any other peer needs the
+            # server to listen on every interface, which its GatewayPorts decides.
+            listen_host = ""
+            if is_loopback(request.host):
+                listen_host = "::1" if ":" in request.host else "127.0.0.1"
             wait = _BindWait(self, request, started)
             try:
                 listener = await binder.listen_tcp(listen_host, 0, wait.incoming)

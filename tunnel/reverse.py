@@ -51,10 +51,12 @@ class ChannelTransport(asyncio.Transport):
             channel.resume_reading()
 
     def remote_data(self, data: bytes) -> None:
-        self._protocol.data_received(data)
+        # After close() nothing more reaches the protocol, as with a socket transport.
+        if not self._closing:
+            self._protocol.data_received(data)
 
     def remote_eof(self) -> None:
-        if not self._protocol.eof_received():
+        if not self._closing and not self._protocol.eof_received():
             self.close()
 
     def remote_pause(self) -> None:
@@ -191,9 +193,12 @@ class _Server(Binder, Protocol):
 
 
 def remote_bind_host(forward: Forward) -> str:
-    """What ``tcpip-forward`` asks for, as ssh(1) sends it: no address is the server's
-    loopback ("localhost"), ``*`` or an empty address every interface ("")."""
-    return "localhost" if forward.host is None else forward.host
+    """What ``tcpip-forward`` asks for. No address is the server's loopback, asked for
+    as 127.0.0.1: ssh sends "localhost", for which sshd binds each family's loopback and
+    succeeds if any one works, so no address could be announced that is sure to be
+    listening (``-R localhost:PORT`` still asks for exactly that). ``*`` or an empty
+    address is every interface ("")."""
+    return "127.0.0.1" if forward.host is None else forward.host
 
 
 class ReverseForwards:

@@ -1039,13 +1039,13 @@ class Session:
             raise ChannelOpenFailed(
                 ReplyReason.GENERAL_FAILURE, f"SSH session failed: {exc}"
             ) from exc
-        # Where peers should connect: loopback for "localhost", the server's own address
-        # (as we reached it) for every interface.
-        if host in ("localhost", ""):
+        # Where peers should connect. "localhost" stays a name: sshd binds the loopback
+        # of each family it can and succeeds if one works, so only the name is sure to
+        # reach it. For every interface, the server's address as we reached it.
+        address = host
+        if host == "":
             peer = conn.get_extra_info("peername")
-            address = "127.0.0.1" if host == "localhost" or not peer else str(peer[0])
-        else:
-            address = host
+            address = str(peer[0]) if peer else "0.0.0.0"
         return _Listening(listener, address, listener.get_port())
 
     async def run_process(self, command: str, sink: ChannelSink) -> Channel:

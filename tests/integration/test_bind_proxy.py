@@ -115,7 +115,7 @@ async def test_two_replies_and_only_the_named_peer(monkeypatch: pytest.MonkeyPat
         # BND = where the server listens for the peer.
         assert first == b"\x05\x00\x00\x01\x7f\x00\x00\x01" + LISTEN_PORT.to_bytes(2)
         # A loopback DST.ADDR: the server only needs to listen on its loopback.
-        assert binder.asked == [("localhost", 0)]
+        assert binder.asked == [("127.0.0.1", 0)]
         # Data before the second reply waits for the peer's channel.
         writer.write(b"early")
         await writer.drain()
