@@ -72,9 +72,13 @@ def guard_open_proxy(config: Config) -> None:
     exposed = open_proxy_forwards(config)
     if exposed:
         where = ", ".join(exposed)
-        reach = "this machine" if exposed[0].startswith("-D") else "the server"
+        places = [
+            place
+            for flag, place in (("-D", "this machine"), ("-R", "the server"))
+            if any(item.startswith(flag) for item in exposed)
+        ]
         raise ConfigError(
-            f"{where} would let anyone who can reach {reach} use the tunnel",
+            f"{where} would let anyone who can reach {' or '.join(places)} use the tunnel",
             hint="require a password with --proxy-auth USER, or pass --allow-open-proxy "
             "if that is really what you want",
         )

@@ -149,14 +149,16 @@ def parse_reverse_forward(text: str) -> Forward:
 def parse_dns_server(text: str) -> tuple[str, int]:
     """``--dns-server HOST[:PORT]`` (``[v6]:port`` for IPv6), port 53 by default."""
     spec = text.strip()
+    port_text: str | None
     if spec.startswith("["):
         host, _, rest = spec[1:].partition("]")
-        port_text = rest[1:] if rest.startswith(":") else ("" if not rest else None)
+        port_text = rest[1:] if rest.startswith(":") else (None if not rest else "")
     elif spec.count(":") == 1:
         host, port_text = spec.split(":")
     else:
-        host, port_text = spec, ""
-    if port_text is None or not host or not _is_host(host):
+        host, port_text = spec, None
+    # "" is a colon with no port after it: an error, as for -D and the destination.
+    if port_text == "" or not host or not _is_host(host):
         raise ConfigError(f"bad --dns-server {text!r}: expected HOST[:PORT], such as 10.0.0.2")
     return host, parse_port(port_text, what="--dns-server port") if port_text else 53
 

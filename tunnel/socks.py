@@ -135,6 +135,8 @@ def socks5_reply(reason: ReplyReason, host: str = "0.0.0.0", port: int = 0) -> b
 def socks4_reply(reason: ReplyReason, host: str = "0.0.0.0", port: int = 0) -> bytes:
     """VN(0) CD DSTPORT DSTIP. SOCKS4 has no room for an IPv6 address: zeros then."""
     address = ipaddress.ip_address(host)
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
     packed = address.packed if address.version == 4 else bytes(4)
     return bytes((0x00, socks4_code(reason))) + port.to_bytes(2) + packed
 
