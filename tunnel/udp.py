@@ -242,17 +242,21 @@ class _Stream(abc.ABC):
         if self.channel is not None:
             self.channel.close()
 
+    def ready(self) -> bool:
+        """Whether frames may go straight to the channel."""
+        return self.channel is not None
+
     def write(self, frame: bytes) -> bool:
-        """Write now, or queue until the channel is open; False if there is no room."""
+        """Write now, or queue until the channel is ready; False if there is no room."""
         if self.paused:
             return False
-        if self.channel is not None:
+        if self.channel is not None and self.ready():
             self.channel.write(frame)
             return True
         if len(self.queued) >= MAX_QUEUED_DATAGRAMS:
             return False
         self.queued.append(frame)
-        if self.opening is None:
+        if self.opening is None and self.channel is None:
             self.opening = asyncio.get_running_loop().create_task(self._open())
         return True
 
@@ -267,9 +271,14 @@ class _Stream(abc.ABC):
             return
         self.channel = channel
         channel.resume_reading()
+        self.flush()
+
+    def flush(self) -> None:
+        if self.channel is None or not self.ready():
+            return
         queued, self.queued = self.queued, []
         if queued:
-            channel.write(b"".join(queued))
+            self.channel.write(b"".join(queued))
 
     def close(self) -> None:
         self.queued.clear()
@@ -410,6 +419,13 @@ class _HelperLink(_Stream):
         self.decoder = helper_decoder()
         self.hello = b""
         self.running = False
+        # The first datagram waiting for the helper to start, to name it if it fails.
+        self.waiting_for = ""
+
+    def ready(self) -> bool:
+        # Datagrams wait for the hello: if the helper never says it, they are counted
+        # as dropped instead of vanishing into a shell that is not listening.
+        return self.channel is not None and self.running
 
     def send(self, host: str, port: int, payload: bytes, where: str) -> None:
         try:
@@ -419,6 +435,8 @@ class _HelperLink(_Stream):
             return
         if not self.write(frame):
             self.association.drop(Drop.BACKLOG, where)
+        elif self.queued and not self.waiting_for:
+            self.waiting_for = where
 
     async def _open(self) -> None:
         settings = self.association.settings
@@ -431,11 +449,12 @@ class _HelperLink(_Stream):
         self.opened(channel)
 
     def _failed(self, why: str) -> None:
-        dropped = len(self.queued)
+        dropped, where = len(self.queued), self.waiting_for
         self.opening = None
         self.queued.clear()
+        self.waiting_for = ""
         if dropped:
-            self.association.drop(Drop.HELPER_DOWN, "the helper", dropped)
+            self.association.drop(Drop.HELPER_DOWN, where, dropped)
         self.association.settings.helper_failed(why)
 
     def remote_data(self, data: bytes) -> None:
@@ -451,6 +470,8 @@ class _HelperLink(_Stream):
                 return
             self.running = True
             data, self.hello = self.hello[len(HELPER_HELLO) :], b""
+            self.waiting_for = ""
+            self.flush()
         try:
             frames = self.decoder.feed(data)
         except RemoteProtocolError as exc:
@@ -467,8 +488,9 @@ class _HelperLink(_Stream):
     def _garbled(self) -> None:
         text = self.hello.decode("utf-8", "replace").strip()[:200]
         self.hello = b""
-        if self.channel is not None:
-            self.channel.close()
+        channel, self.channel = self.channel, None
+        if channel is not None:
+            channel.close()
         self._failed(f"it printed {text!r}")
 
     def remote_closed(self, exc: BaseException | None) -> None:
