@@ -114,6 +114,16 @@ def helper_command() -> str:
     return "python3 -c " + shlex.quote(code)
 
 
+def _destination_of(data: bytes) -> str:
+    """Where a datagram was going, for the status view; "?" if it does not say."""
+    try:
+        datagram = parse_datagram(data)
+    except RemoteProtocolError:
+        return "?"
+    host, port = datagram.host, datagram.port
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 class UdpAssociation(asyncio.DatagramProtocol):
     """The relay of one UDP ASSOCIATE. Lives as long as its TCP control connection."""
 
@@ -151,7 +161,12 @@ class UdpAssociation(asyncio.DatagramProtocol):
         if not same_host(source_host, self.client_host) or (
             self.client_port and source_port != self.client_port
         ):
-            self.drop(Drop.FOREIGN, f"{source_host}:{source_port}")
+            sender = (
+                f"[{source_host}]:{source_port}"
+                if ":" in source_host
+                else (f"{source_host}:{source_port}")
+            )
+            self.drop(Drop.FOREIGN, _destination_of(data), detail=f"from {sender}")
             return
         self.client_port = source_port
         try:
@@ -193,11 +208,12 @@ class UdpAssociation(asyncio.DatagramProtocol):
             return
         self._transport.sendto(packet, (self.client_host, self.client_port))
 
-    def drop(self, reason: Drop, where: str, count: int = 1) -> None:
+    def drop(self, reason: Drop, where: str, count: int = 1, detail: str = "") -> None:
         self.info.dropped += count
         if reason not in self._reported:
             self._reported.add(reason)
-            self.settings.emit(events.DatagramsDropped(self.info, reason.value, where))
+            why = f"{reason.value} ({detail})" if detail else reason.value
+            self.settings.emit(events.DatagramsDropped(self.info, why, where))
 
     def _dns_link(self, host: str, port: int) -> _DnsLink:
         link = self._dns.get((host, port))

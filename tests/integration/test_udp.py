@@ -646,10 +646,12 @@ def test_udp_helper_that_cannot_start_leaves_dns_working(
     first.send(udp_echo.host, udp_echo.port, b"starts the helper")
     notice = running.wait_event("notice", key="udp-helper")
     assert "--udp-helper" in notice["message"]
-    # Now the helper is known to be down: the next datagram is dropped and reported.
-    first.send(udp_echo.host, udp_echo.port, b"while it is down")
+    # The datagram that waited for the helper is dropped, counted and named.
     dropped = running.wait_event("datagrams_dropped", id=first_id)
     assert "helper" in dropped["reason"]
+    assert dropped["destination"] == f"{udp_echo.host}:{udp_echo.port}"
+    # Now the helper is known to be down: the next one is dropped at once.
+    first.send(udp_echo.host, udp_echo.port, b"while it is down")
     assert_resolves(first, KNOWN, 0x0001)
 
     # Another association: dropped at once, reported for it too, DNS fine.
@@ -660,7 +662,8 @@ def test_udp_helper_that_cannot_start_leaves_dns_working(
     assert_resolves(second, "ftp.example.test", 0x0002)
 
     assert close_association(running, second, second_id)["dropped"] == 1
-    assert close_association(running, first, first_id)["dropped"] >= 1
+    assert close_association(running, first, first_id)["dropped"] == 2
+    assert len(running.events("datagrams_dropped", id=first_id)) == 1
     assert udp_echo.sources == []
     # Said once per run, however many associations try.
     assert len(running.events("notice", key="udp-helper")) == 1
@@ -707,6 +710,9 @@ def test_datagrams_from_a_foreign_source_are_dropped(
     stranger.sendto(association.datagram(*ADDRESSED, build_query(KNOWN, 0x0F02)), relay)
     dropped = running.wait_event("datagrams_dropped", id=ident)
     assert "other than the association's client" in dropped["reason"]
+    # Where it was going, and who sent it.
+    assert dropped["destination"] == f"{udp_echo.host}:{udp_echo.port}"
+    assert f"from {foreign_host}:{stranger.getsockname()[1]}" in dropped["reason"]
     echo_round_trip(association, udp_echo, b"mine")
     # Had the stranger's query been relayed, its answer (ID 0x0F02) would come first on
     # the same channel, and the server would count it.
