@@ -3,9 +3,10 @@
 The server is asyncssh's, with host and client keys made for this run and thrown away
 after it. pytunnel connects to it exactly as to any server (known_hosts file, identity
 file, direct-tcpip channels): only the far end is local. The server forwards to this
-machine only. It also knows one name of its own, ``pytunnel.demo``, whose small page it
-serves right on the channel: a name your own resolver has never heard of, so reaching it
-proves that DNS goes through the tunnel (``socks5h://``).
+machine only, and listens for ``-R`` and BIND on loopback only. It also knows one name
+of its own, ``pytunnel.demo``, whose small page it serves right on the channel: a name
+your own resolver has never heard of, so reaching it proves that DNS goes through the
+tunnel (``socks5h://``).
 """
 
 from __future__ import annotations
@@ -73,6 +74,10 @@ class _DemoSSHServer(asyncssh.SSHServer):
             asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
             "the demo server only forwards to this machine",
         )
+
+    def server_requested(self, listen_host: str, listen_port: int) -> bool:
+        # -R and SOCKS BIND: the demo listens for them on loopback only.
+        return listen_host == "localhost" or _is_loopback(listen_host)
 
 
 def _is_loopback(host: str) -> bool:

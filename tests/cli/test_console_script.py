@@ -8,6 +8,7 @@ import re
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from fixtures.pytunnel_proc import (
     run_pytunnel,
     server_args,
     socks5_open,
+    start_pytunnel,
 )
 from fixtures.sshd import SshdServer
 from fixtures.targets import EchoTarget, HttpTarget
@@ -293,3 +295,21 @@ def test_demo_serves_its_page_through_the_tunnel() -> None:
     assert "Hello from the far side of the tunnel." in result.stdout
     assert "pytunnel.demo" in result.stdout
     assert "Traceback" not in result.stderr
+
+
+def test_demo_shows_reverse_forwarding(http_target: HttpTarget) -> None:
+    # The demo server listens for -R on its loopback (this machine): a curl aimed at
+    # that port comes back over the SSH connection and out from pytunnel.
+    curl = need("curl")
+    with start_pytunnel(["--demo", "-R", "0"]) as running:
+        [remote] = [item for item in running.ready["listeners"] if item["remote"]]
+        assert remote["host"] == "127.0.0.1"
+        result = subprocess.run(
+            [curl, "-s", "--max-time", "20", "-x", remote["url"], http_target.url("/hello")],
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == http_target.hello_body
+        running.wait_event("channel_opened", port=http_target.port)
