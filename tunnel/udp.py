@@ -184,7 +184,7 @@ class UdpAssociation(asyncio.DatagramProtocol):
             return
         self.info.bytes_up += len(datagram.payload)
         if port == DNS_PORT:
-            self._dns_link(host, port).query(datagram.payload, where)
+            self._dns_link(host, port).query(datagram.payload, where, (host, port))
         elif self.settings.helper_usable():
             if self._helper is None:
                 self._helper = _HelperLink(self)
@@ -216,10 +216,12 @@ class UdpAssociation(asyncio.DatagramProtocol):
             self.settings.emit(events.DatagramsDropped(self.info, why, where))
 
     def _dns_link(self, host: str, port: int) -> _DnsLink:
-        link = self._dns.get((host, port))
+        # One link per resolver actually reached: with --dns-server, one for every
+        # address the client sends its queries to.
+        target = self.settings.dns_server or (host, port)
+        link = self._dns.get(target)
         if link is None:
-            target = self.settings.dns_server or (host, port)
-            link = self._dns[(host, port)] = _DnsLink(self, (host, port), target)
+            link = self._dns[target] = _DnsLink(self, target)
         return link
 
     def close(self) -> None:
@@ -310,6 +312,8 @@ class _Stream(abc.ABC):
 class _Query:
     message: bytes
     where: str
+    # The address the client sent it to: its answer comes back as if from there.
+    reply_as: tuple[str, int]
     timer: asyncio.TimerHandle | None = None
     sent: int = 1
 
@@ -317,20 +321,16 @@ class _Query:
 class _DnsLink(_Stream):
     """DNS over TCP to one server, for one association."""
 
-    def __init__(
-        self,
-        association: UdpAssociation,
-        reply_as: tuple[str, int],
-        target: tuple[str, int],
-    ) -> None:
+    def __init__(self, association: UdpAssociation, target: tuple[str, int]) -> None:
         super().__init__(association)
-        self.reply_as = reply_as
         self.target = target
+        # For an answer that comes after its query timed out.
+        self.last_reply_as = target
         self.decoder = dns_decoder()
         self.pending: dict[int, list[_Query]] = {}
         self.waiting = 0
 
-    def query(self, message: bytes, where: str) -> None:
+    def query(self, message: bytes, where: str, reply_as: tuple[str, int]) -> None:
         qid = dns_id(message)
         if qid is None:
             self.association.drop(Drop.MALFORMED, where)
@@ -338,7 +338,8 @@ class _DnsLink(_Stream):
         if self.waiting >= MAX_PENDING_QUERIES:
             self.association.drop(Drop.BACKLOG, where)
             return
-        query = _Query(message, where)
+        query = _Query(message, where, reply_as)
+        self.last_reply_as = reply_as
         query.timer = asyncio.get_running_loop().call_later(DNS_TIMEOUT, self._expire, qid, query)
         self.pending.setdefault(qid, []).append(query)
         self.waiting += 1
@@ -398,11 +399,13 @@ class _DnsLink(_Stream):
         for message in messages:
             qid = dns_id(message)
             queries = self.pending.get(qid) if qid is not None else None
+            reply_as = self.last_reply_as
             if queries:
+                reply_as = queries[0].reply_as
                 self._forget(queries[0])
             # An answer that comes after its query timed out is still passed on: the
             # client's resolver may still want it.
-            self.association.reply(*self.reply_as, message)
+            self.association.reply(*reply_as, message)
 
     def remote_closed(self, exc: BaseException | None) -> None:
         # The server closed the connection (idle, or a limit on queries per connection):

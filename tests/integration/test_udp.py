@@ -383,6 +383,20 @@ def test_dns_addressed_by_name_is_answered_in_that_name(
     assert answer == DnsAnswer(0x3A3E, 0, [RECORDS[KNOWN]])
 
 
+def test_dns_server_option_takes_every_resolver_over_one_channel(
+    start: StartTunnel, associate: OpenAssociation, dns_server: DnsOverTcpServer
+) -> None:
+    # A client that alternates between two resolvers: with --dns-server both go to the
+    # same server over one channel, and each answer comes back as from the resolver
+    # its query was sent to.
+    association = associate(start(*dns_via(dns_server)))
+    other = ("127.0.0.154", 53)
+    for qid in range(300, 306):
+        via = ADDRESSED if qid % 2 else other
+        assert resolve(association, KNOWN, qid, via) == DnsAnswer(qid, 0, [RECORDS[KNOWN]])
+    assert dns_server.connections == 1
+
+
 def test_dns_unknown_name_is_nxdomain(
     start: StartTunnel, associate: OpenAssociation, dns_server: DnsOverTcpServer
 ) -> None:
