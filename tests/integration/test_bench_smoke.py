@@ -38,3 +38,23 @@ def test_bench_quick_run_prints_a_table(tmp_path: Path) -> None:
     assert {r["setting"] for r in record["rounds"]} == {"default", "same"}
     same = next(r for r in record["rounds"] if r["setting"] == "same")
     assert same["results"]["pytunnel"]["cipher"] == "aes128-gcm@openssh.com"
+
+
+def test_udp_bench_runs_every_subject() -> None:
+    if not sshd_available():
+        pytest.skip(f"OpenSSH server not installed ({SSHD_PATH} missing)")
+    done = subprocess.run(
+        [sys.executable, str(RUN.with_name("udp.py")), "--rounds", "1", "--queries", "5"],
+        capture_output=True,
+        text=True,
+        timeout=75,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and "ms" not in line]
+    assert [row.split(" | ")[0] for row in rows] == [
+        "| ssh -D, DNS over TCP, CONNECT per query",
+        "| pytunnel -D, DNS over TCP, CONNECT per query",
+        "| pytunnel UDP ASSOCIATE, DNS (one channel)",
+        "| pytunnel UDP ASSOCIATE, echo via --udp-helper",
+    ]
