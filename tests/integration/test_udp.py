@@ -20,10 +20,8 @@ import errno
 import os
 import signal
 import socket
-import struct
-import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,10 +47,9 @@ from fixtures.udp_targets import (
     Socks5Udp,
     UdpEcho,
     build_query,
+    dns_response,
     frame_tcp,
     parse_response,
-    read_name,
-    recv_tcp_message,
 )
 
 import tunnel.udp as udp_module
@@ -84,116 +81,10 @@ SILENT = "slow.example.test"
 UNKNOWN = "nowhere.example.test"
 # The "same destination" DNS server: a free loopback address on the real DNS port.
 SAME_DESTINATION = ("127.0.0.77", 53)
-# How long the hand-made DNS server blocks in accept/recv before looking at its stop flag.
-POLL = 0.2
 JOIN_TIMEOUT = 5.0
 MAX_DATAGRAM = 65535
 # What the helper's command line carries (its source, packed): see tunnel.udp.helper_command.
 HELPER_MARK = b"exec(zlib.decompress(base64.b64decode("
-
-
-# -- a DNS-over-TCP server on a port of our choosing -------------------------------------
-
-
-def dns_answer(query: bytes, records: Mapping[str, str]) -> bytes:
-    """The response to an A query: the address from ``records`` or NXDOMAIN."""
-    qid, flags = struct.unpack_from("!HH", query)
-    name, end = read_name(query, 12)
-    question = query[12 : end + 4]
-    address = records.get(name.lower().rstrip("."))
-    # QR, the query's RD, RA; RCODE 3 (NXDOMAIN) when the name is unknown.
-    reply_flags = 0x8000 | (flags & 0x0100) | 0x0080 | (0 if address else RCODE_NXDOMAIN)
-    if address is None:
-        return struct.pack("!6H", qid, reply_flags, 1, 0, 0, 0) + question
-    record = b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 60, 4) + socket.inet_aton(address)
-    return struct.pack("!6H", qid, reply_flags, 1, 1, 0, 0) + question + record
-
-
-class ChosenPortDns:
-    """DNS over TCP on an exact ``(host, port)`` (the fixture's server always takes port 0).
-
-    The first ``hang_ups`` connections are closed after reading one query, unanswered,
-    as a server that closes idle or over-used connections would.
-    """
-
-    def __init__(
-        self, address: tuple[str, int], records: Mapping[str, str], hang_ups: int = 0
-    ) -> None:
-        self.records = dict(records)
-        self.hang_ups = hang_ups
-        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            self._listener.bind(address)
-            self._listener.listen(8)
-        except OSError:
-            self._listener.close()
-            raise
-        self._listener.settimeout(POLL)
-        self.host, self.port = self._listener.getsockname()[:2]
-        self._lock = threading.Lock()
-        self._connections = 0
-        self._queries = 0
-        self._open: set[socket.socket] = set()
-        self._threads: list[threading.Thread] = []
-        self._stopping = threading.Event()
-        self._acceptor = threading.Thread(target=self._accept_loop, daemon=True)
-        self._acceptor.start()
-
-    @property
-    def connections(self) -> int:
-        with self._lock:
-            return self._connections
-
-    @property
-    def queries(self) -> int:
-        with self._lock:
-            return self._queries
-
-    def _accept_loop(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                conn, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            with self._lock:
-                self._connections += 1
-                number = self._connections
-                self._open.add(conn)
-            conn.settimeout(RECV_TIMEOUT * 6)
-            thread = threading.Thread(target=self._serve, args=(conn, number), daemon=True)
-            self._threads.append(thread)
-            thread.start()
-
-    def _serve(self, conn: socket.socket, number: int) -> None:
-        try:
-            while not self._stopping.is_set():
-                query = recv_tcp_message(conn)
-                with self._lock:
-                    self._queries += 1
-                if number <= self.hang_ups:
-                    return  # close with the query unanswered
-                conn.sendall(frame_tcp(dns_answer(query, self.records)))
-        except (OSError, ValueError):
-            pass  # EOF, reset or garbage: this connection only
-        finally:
-            with self._lock:
-                self._open.discard(conn)
-            conn.close()
-
-    def stop(self) -> None:
-        self._stopping.set()
-        self._acceptor.join(JOIN_TIMEOUT)
-        self._listener.close()
-        with self._lock:
-            conns = list(self._open)
-        for conn in conns:
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
-        for thread in self._threads:
-            thread.join(JOIN_TIMEOUT)
 
 
 # -- fixtures ----------------------------------------------------------------------------
@@ -431,7 +322,7 @@ def test_dns_goes_to_the_addressed_server_without_dns_server(
     start: StartTunnel, associate: OpenAssociation
 ) -> None:
     try:
-        server = ChosenPortDns(SAME_DESTINATION, RECORDS)
+        server = DnsOverTcpServer(RECORDS, host=SAME_DESTINATION[0], port=SAME_DESTINATION[1])
     except OSError as exc:
         if exc.errno in (errno.EACCES, errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EPERM):
             pytest.skip(f"cannot listen on {SAME_DESTINATION}: {exc}")
@@ -478,7 +369,7 @@ def test_dns_unanswered_query_is_reported_and_the_channel_stays(
 def test_dns_server_hanging_up_before_answering(
     start: StartTunnel, associate: OpenAssociation, hang_ups: int, answered: bool
 ) -> None:
-    server = ChosenPortDns((LOOPBACK4, 0), RECORDS, hang_ups=hang_ups)
+    server = DnsOverTcpServer(RECORDS, hang_ups=hang_ups)
     try:
         running = start("--dns-server", f"{server.host}:{server.port}")
         association = associate(running)
@@ -958,7 +849,7 @@ async def test_in_process_late_dns_answer_is_still_passed_on(
             assert dropped.connection.dropped == 1
 
             # Now answer: the client's resolver may still want it, so it is passed on.
-            writer.write(frame_tcp(dns_answer(query, RECORDS)))
+            writer.write(frame_tcp(dns_response(query, RECORDS) or b""))
             host, port, payload = await asyncio.to_thread(association.recv, RECV_TIMEOUT)
             assert (host, port) == ADDRESSED
             assert parse_response(payload) == DnsAnswer(0x1A7E, 0, [RECORDS[KNOWN]])
