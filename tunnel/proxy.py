@@ -353,28 +353,25 @@ class ProxyClient(asyncio.Protocol):
     async def _socks_bind(self, request: Request, binder: Binder) -> None:
         """Ask the SSH server to listen; first reply with where, second with the peer
         that connected (only the request's DST.ADDR may)."""
-        started = time.monotonic()
+        # A peer on the server itself needs only its loopback, asked for by address
+        # (sshd honours 127.0.0.1 and ::1 whatever its GatewayPorts, and the reply must
+        # name an address it really listens on); any other peer needs the server to
+        # listen on every interface, which its GatewayPorts decides.
+        listen_host = ""
+        if is_loopback(request.host):
+            listen_host = "::1" if ":" in request.host else "127.0.0.1"
+        wait = _BindWait(self, request, time.monotonic())
         try:
             self.check_policy(request.host, request.port)
-            # A peer on the server itself needs only its loopback, asked for by address
-            # (sshd honours 127.0.0.1 and ::1 whatever its GatewayPorts, and the reply
-            # must name an address it really listens on); any other peer needs the
-            # server to listen on every interface, which its GatewayPorts decides.
-            listen_host = ""
-            if is_loopback(request.host):
-                listen_host = "::1" if ":" in request.host else "127.0.0.1"
-            wait = _BindWait(self, request, started)
-            try:
-                listener = await binder.listen_tcp(listen_host, 0, wait.incoming)
-            except ChannelOpenFailed:
-                raise
-            except Exception as exc:
-                log.debug("BIND failed", exc_info=True)
-                raise ChannelOpenFailed(
-                    ReplyReason.GENERAL_FAILURE, f"internal error: {exc!r}"
-                ) from exc
+            listener = await binder.listen_tcp(listen_host, 0, wait.incoming)
         except ChannelOpenFailed as exc:
             self._socks_fail(exc)
+            return
+        except Exception as exc:  # a bug or an unexpected failure: answer, never hang
+            log.debug("BIND failed", exc_info=True)
+            self._socks_fail(
+                ChannelOpenFailed(ReplyReason.GENERAL_FAILURE, f"internal error: {exc!r}")
+            )
             return
         if self._closed:
             listener.close()
@@ -408,14 +405,12 @@ class ProxyClient(asyncio.Protocol):
         association = UdpAssociation(settings, self.info, (str(peer[0]), request.port))
         try:
             self.check_limit()
-            try:
-                host, port = await association.start(str(local[0]))
-            except OSError as exc:
-                raise ChannelOpenFailed(
-                    ReplyReason.GENERAL_FAILURE, f"cannot open a UDP relay: {exc.strerror}"
-                ) from exc
-        except ChannelOpenFailed as exc:
+            host, port = await association.start(str(local[0]))
+        except (ChannelOpenFailed, OSError) as exc:
             association.close()
+            if isinstance(exc, OSError):
+                reason = f"cannot open a UDP relay: {exc.strerror or exc}"
+                exc = ChannelOpenFailed(ReplyReason.GENERAL_FAILURE, reason)
             self._socks_fail(exc)
             return
         if self._closed:
