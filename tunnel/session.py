@@ -233,8 +233,6 @@ class _Bridge(asyncssh.SSHTCPSession[bytes]):
         self._session.channels += 1
         # Hold data back until the proxy has written its SOCKS reply; it resumes then.
         chan.pause_reading()
-        if isinstance(self, _IncomingBridge):
-            self._incoming.channel_opened(chan)
 
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
         self._sink.remote_data(data)
@@ -262,6 +260,11 @@ class _IncomingBridge(_Bridge):
     def __init__(self, sink: IncomingSink, session: Session) -> None:
         super().__init__(sink, session)
         self._incoming = sink
+
+    def connection_made(self, chan: asyncssh.SSHTCPChannel[bytes]) -> None:
+        super().connection_made(chan)
+        # Paused, like an opened channel: the sink resumes it once it is ready.
+        self._incoming.channel_opened(chan)
 
 
 @dataclass(frozen=True, slots=True)
