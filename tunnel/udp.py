@@ -120,7 +120,10 @@ def _destination_of(data: bytes) -> str:
         datagram = parse_datagram(data)
     except RemoteProtocolError:
         return "?"
-    host, port = datagram.host, datagram.port
+    return _hostport(datagram.host, datagram.port)
+
+
+def _hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
@@ -161,11 +164,7 @@ class UdpAssociation(asyncio.DatagramProtocol):
         if not same_host(source_host, self.client_host) or (
             self.client_port and source_port != self.client_port
         ):
-            sender = (
-                f"[{source_host}]:{source_port}"
-                if ":" in source_host
-                else (f"{source_host}:{source_port}")
-            )
+            sender = _hostport(source_host, source_port)
             self.drop(Drop.FOREIGN, _destination_of(data), detail=f"from {sender}")
             return
         self.client_port = source_port
@@ -175,7 +174,7 @@ class UdpAssociation(asyncio.DatagramProtocol):
             self.drop(Drop.MALFORMED, "?")
             return
         host, port = datagram.host, datagram.port
-        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        where = _hostport(host, port)
         if datagram.frag:
             self.drop(Drop.FRAGMENT, where)
             return
@@ -217,7 +216,7 @@ class UdpAssociation(asyncio.DatagramProtocol):
 
     def _dns_link(self, host: str, port: int) -> _DnsLink:
         # One link per resolver actually reached: with --dns-server, one for every
-        # address the client sends its queries to.
+        # query, whatever address it was sent to.
         target = self.settings.dns_server or (host, port)
         link = self._dns.get(target)
         if link is None:
