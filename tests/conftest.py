@@ -6,6 +6,7 @@ Everything listens on loopback only. Heavy fixtures are session-scoped; the clas
 
 from __future__ import annotations
 
+import shutil
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -125,6 +126,15 @@ def talker_target() -> Iterator[TalkerTarget]:
         yield target
     finally:
         target.stop()
+
+
+@pytest.fixture(scope="session")
+def curl() -> str:
+    """The curl binary the interop tests drive; they skip where it is missing."""
+    path = shutil.which("curl")
+    if path is None:
+        pytest.skip("curl not installed")
+    return path
 
 
 @pytest.fixture

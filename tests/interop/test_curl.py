@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import random
-import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,14 +28,6 @@ pytestmark = pytest.mark.timeout(90)
 
 CURL_TIMEOUT = 60.0
 UPLOAD_SIZE = 3 * 1024 * 1024
-
-
-@pytest.fixture(scope="module")
-def curl() -> str:
-    path = shutil.which("curl")
-    if path is None:
-        pytest.skip("curl not installed")
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import random
-import shutil
 import socket
 import subprocess
 import threading
@@ -49,14 +48,6 @@ WRITE_EACH = "%{http_code} %{num_connects}\\n"
 
 
 # ---- fixtures and helpers ----------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def curl() -> str:
-    path = shutil.which("curl")
-    if path is None:
-        pytest.skip("curl not installed")
-    return path
 
 
 @pytest.fixture(scope="module")

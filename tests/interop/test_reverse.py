@@ -60,14 +60,6 @@ MODES = [
 
 
 @pytest.fixture(scope="module")
-def curl() -> str:
-    path = shutil.which("curl")
-    if path is None:
-        pytest.skip("curl not installed")
-    return path
-
-
-@pytest.fixture(scope="module")
 def reverse(sshd: SshdServer) -> Iterator[Running]:
     """``pytunnel -R 0`` against the shared sshd, for the tests that need nothing else."""
     with running_pytunnel(["-R", "0", *server_args(sshd)]) as running:

@@ -8,7 +8,6 @@ environment or a file, shows up nowhere a bystander could read it.
 from __future__ import annotations
 
 import asyncio
-import shutil
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -70,14 +69,6 @@ def auth_tunnel(sshd: SshdServer) -> Iterator[Running]:
     args = ["-D", "127.0.0.1:0", "--proxy-auth", USER, *server_args(sshd)]
     with running_pytunnel(args, env=ENV) as running:
         yield running
-
-
-@pytest.fixture(scope="module")
-def curl() -> str:
-    path = shutil.which("curl")
-    if path is None:
-        pytest.skip("curl not installed")
-    return path
 
 
 def run_curl(curl: str, *args: str) -> subprocess.CompletedProcess[bytes]:
