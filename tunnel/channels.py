@@ -25,6 +25,24 @@ class ChannelSink(Protocol):
     def remote_closed(self, exc: BaseException | None) -> None: ...
 
 
+class ReportsToSink:
+    """What every channel-side protocol does alike (an asyncssh session, an asyncio
+    protocol): the far side's EOF and flow control go to the sink as they come."""
+
+    __slots__ = ()
+    _sink: ChannelSink
+
+    def eof_received(self) -> bool:
+        self._sink.remote_eof()
+        return True  # half-close: the other direction keeps flowing
+
+    def pause_writing(self) -> None:
+        self._sink.remote_pause()
+
+    def resume_writing(self) -> None:
+        self._sink.remote_resume()
+
+
 class Channel(Protocol):
     """The near side of an opened channel. It is handed over with reading paused; the
     proxy resumes it once the SOCKS reply is written."""

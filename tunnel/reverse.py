@@ -19,7 +19,14 @@ from collections.abc import Sequence
 from typing import NoReturn, Protocol, cast
 
 from . import events
-from .channels import Binder, Channel, ChannelSink, IncomingSink, RemoteListener
+from .channels import (
+    Binder,
+    Channel,
+    ChannelSink,
+    IncomingSink,
+    RemoteListener,
+    ReportsToSink,
+)
 from .config import Forward
 from .errors import ChannelOpenFailed, ListenError, ReplyReason, SessionError
 from .proxy import ProxyClient, ProxyServer
@@ -114,7 +121,7 @@ class ChannelTransport(asyncio.Transport):
         return 0
 
 
-class _LocalPeer(asyncio.Protocol):
+class _LocalPeer(ReportsToSink, asyncio.Protocol):
     """A TCP connection from this machine, reporting to the proxy's sink."""
 
     def __init__(self, sink: ChannelSink) -> None:
@@ -126,16 +133,6 @@ class _LocalPeer(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._sink.remote_data(data)
-
-    def eof_received(self) -> bool:
-        self._sink.remote_eof()
-        return True
-
-    def pause_writing(self) -> None:
-        self._sink.remote_pause()
-
-    def resume_writing(self) -> None:
-        self._sink.remote_resume()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._sink.remote_closed(exc)

@@ -28,7 +28,7 @@ from asyncssh.config import SSHClientConfig, SSHConfig
 from asyncssh.public_key import get_default_certificate_algs, get_default_public_key_algs
 
 from . import events
-from .channels import Channel, ChannelSink, IncomingHandler, IncomingSink
+from .channels import Channel, ChannelSink, IncomingHandler, IncomingSink, ReportsToSink
 from .config import (
     DEFAULT_CONNECT_TIMEOUT,
     AddressFamily,
@@ -218,7 +218,7 @@ def apply_ssh_config(config: Config) -> Config:
 # -- channels -----------------------------------------------------------------------
 
 
-class _Bridge(asyncssh.SSHTCPSession[bytes]):
+class _Bridge(ReportsToSink, asyncssh.SSHTCPSession[bytes]):
     """Hands what arrives on a direct-tcpip channel to the proxy's sink."""
 
     __slots__ = ("_session", "_sink")
@@ -236,16 +236,6 @@ class _Bridge(asyncssh.SSHTCPSession[bytes]):
 
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
         self._sink.remote_data(data)
-
-    def eof_received(self) -> bool:
-        self._sink.remote_eof()
-        return True
-
-    def pause_writing(self) -> None:
-        self._sink.remote_pause()
-
-    def resume_writing(self) -> None:
-        self._sink.remote_resume()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._session.channels -= 1
@@ -285,7 +275,7 @@ class _Listening:
 _STDERR_KEPT = 2048
 
 
-class _Process(asyncssh.SSHClientSession[bytes]):
+class _Process(ReportsToSink, asyncssh.SSHClientSession[bytes]):
     """A program on the server: stdout to the sink, stderr kept, the exit status noted."""
 
     def __init__(self, sink: ChannelSink) -> None:
@@ -302,16 +292,6 @@ class _Process(asyncssh.SSHClientSession[bytes]):
             del self._stderr[:-_STDERR_KEPT]
         else:
             self._sink.remote_data(data)
-
-    def eof_received(self) -> bool:
-        self._sink.remote_eof()
-        return True
-
-    def pause_writing(self) -> None:
-        self._sink.remote_pause()
-
-    def resume_writing(self) -> None:
-        self._sink.remote_resume()
 
     def exit_status_received(self, status: int) -> None:
         self._status = status
