@@ -27,7 +27,7 @@ from fixtures.asyncssh_server import (
 from fixtures.keys import SshKeys
 from fixtures.net import free_port
 from fixtures.sshd import SshdServer
-from fixtures.targets import EchoTarget, HttpTarget, TalkerTarget
+from fixtures.targets import DRIP_BURST, DRIP_SIZE, EchoTarget, HttpTarget, TalkerTarget
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -304,6 +304,23 @@ def test_http_target_with_curl(http_target: HttpTarget) -> None:
     posted = _curl("--data-binary", "some payload", http_target.url("/echo"))
     assert posted.stdout == b"some payload"
     assert _curl(http_target.url("/nope")).returncode != 0
+
+
+def test_http_target_drip_stays_open(http_target: HttpTarget) -> None:
+    """/drip answers with its burst at once and then holds the connection open, so a
+    test can watch a connection that stays open whatever the socket buffers hold."""
+    with socket.create_connection(("127.0.0.1", http_target.port), timeout=5) as sock:
+        sock.sendall(b"GET /drip HTTP/1.1\r\nHost: x\r\n\r\n")
+        got = b""
+        while b"\r\n\r\n" not in got or len(got.split(b"\r\n\r\n", 1)[1]) < DRIP_BURST:
+            chunk = sock.recv(65536)
+            assert chunk, got[:200]
+            got += chunk
+        head, body = got.split(b"\r\n\r\n", 1)
+        assert f"Content-Length: {DRIP_SIZE}".encode() in head
+        assert len(body) < DRIP_SIZE  # the rest trickles: the response is not over yet
+        sock.settimeout(2)
+        assert sock.recv(65536)  # and it keeps coming
 
 
 def test_http_target6_with_curl(http_target6: HttpTarget) -> None:

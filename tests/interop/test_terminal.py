@@ -116,15 +116,16 @@ class LiveTunnel:
         return f"127.0.0.1:{self.target.port}"
 
     def start_download(self) -> subprocess.Popen[bytes]:
-        """A slow download of /big, so the connection stays open on the screen. (Loopback
-        socket buffers take most of the 8 MiB at once, so the byte counts jump and then
-        stand still: no rate is asserted.)"""
+        """A download of /drip, which the server sends as a burst and then a trickle, so
+        the connection stays open on the screen. (A rate-limited download of /big did
+        not: loopback socket buffers can swallow all 8 MiB at once, and pytunnel closes
+        its side as soon as the kernel has the bytes.)"""
         curl = shutil.which("curl")
         if curl is None:
             pytest.skip("curl not installed")
         download = subprocess.Popen(
-            [curl, "-s", "--limit-rate", "200k", "--max-time", "60", "-o", os.devnull,
-             "--socks5-hostname", f"127.0.0.1:{self.port}", self.target.url("/big")],
+            [curl, "-s", "--max-time", "90", "-o", os.devnull,
+             "--socks5-hostname", f"127.0.0.1:{self.port}", self.target.url("/drip")],
             stdin=subprocess.DEVNULL,
             env=clean_env(),
         )  # fmt: skip
