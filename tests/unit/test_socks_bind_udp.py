@@ -86,6 +86,15 @@ def chunkings(data: bytes) -> Iterator[tuple[str, list[bytes]]]:
         yield f"split-at-{cut}", chunks
 
 
+def chunked_cases(vectors: Sequence[BindVector | AssociateVector]) -> list[object]:
+    """(vector, chunks) parameters: every vector under every chunking."""
+    return [
+        pytest.param(vector, chunks, id=f"{vector.name}-{how}")
+        for vector in vectors
+        for how, chunks in chunkings(vector.data)
+    ]
+
+
 # == BIND ===================================================================================
 
 
@@ -166,13 +175,7 @@ BIND_VECTORS = [
 ]
 
 
-def bind_cases() -> Iterator[object]:
-    for vector in BIND_VECTORS:
-        for how, chunks in chunkings(vector.data):
-            yield pytest.param(vector, chunks, id=f"{vector.name}-{how}")
-
-
-@pytest.mark.parametrize(("vector", "chunks"), list(bind_cases()))
+@pytest.mark.parametrize(("vector", "chunks"), chunked_cases(BIND_VECTORS))
 def test_bind_two_replies_under_any_chunking(vector: BindVector, chunks: list[bytes]) -> None:
     conn, request, sent = negotiate(chunks)
     assert request == vector.request
@@ -327,13 +330,7 @@ ASSOCIATE_VECTORS = [
 ]
 
 
-def associate_cases() -> Iterator[object]:
-    for vector in ASSOCIATE_VECTORS:
-        for how, chunks in chunkings(vector.data):
-            yield pytest.param(vector, chunks, id=f"{vector.name}-{how}")
-
-
-@pytest.mark.parametrize(("vector", "chunks"), list(associate_cases()))
+@pytest.mark.parametrize(("vector", "chunks"), chunked_cases(ASSOCIATE_VECTORS))
 def test_udp_associate_request_and_reply(vector: AssociateVector, chunks: list[bytes]) -> None:
     conn, request, sent = negotiate(chunks)
     assert request == vector.request
