@@ -198,11 +198,12 @@ def hop_args(
 
 
 @pytest.fixture
-def make_hop(sshd: SshdServer) -> Iterator[Callable[[], GateHop]]:
+def make_hop(sshd: SshdServer) -> Iterator[Callable[..., GateHop]]:
+    """``make_hop(server=sshd) -> GateHop``; every hop is closed at teardown."""
     hops: list[GateHop] = []
 
-    def make() -> GateHop:
-        hop = GateHop((sshd.host, sshd.port))
+    def make(server: SshdServer = sshd) -> GateHop:
+        hop = GateHop((server.host, server.port))
         hops.append(hop)
         return hop
 
@@ -241,7 +242,7 @@ def _reached_or_exited(hop: GateHop, running: Running) -> Callable[[], bool]:
 
 
 def test_server_that_hangs_before_its_banner_never_opens_the_port(
-    pytunnel_factory: PytunnelFactory, make_hop: Callable[[], GateHop], sshd: SshdServer,
+    pytunnel_factory: PytunnelFactory, make_hop: Callable[..., GateHop], sshd: SshdServer,
     tmp_path: Path,
 ) -> None:  # fmt: skip
     hop = make_hop()  # never released: a silent server
@@ -259,7 +260,7 @@ def test_server_that_hangs_before_its_banner_never_opens_the_port(
 
 
 def test_rejected_key_never_opens_the_port(
-    pytunnel_factory: PytunnelFactory, make_hop: Callable[[], GateHop], sshd: SshdServer,
+    pytunnel_factory: PytunnelFactory, make_hop: Callable[..., GateHop], sshd: SshdServer,
     tmp_path: Path,
 ) -> None:  # fmt: skip
     stranger = tmp_path / "stranger_key"
@@ -276,6 +277,27 @@ def test_rejected_key_never_opens_the_port(
         poller.stop()
     poller.assert_never_accepted()
     assert "permission denied" in running.stderr_text().lower(), running.describe()
+    assert not port_is_held(port)
+
+
+def test_remote_forward_refused_at_start_never_opens_the_local_port(
+    pytunnel_factory: PytunnelFactory, make_hop: Callable[..., GateHop],
+    make_sshd: Callable[..., SshdServer], tmp_path: Path,
+) -> None:  # fmt: skip
+    # Authenticated, and still a fatal start-up: the server refuses -R (exit 3). The -R
+    # listeners are asked for before the -D port listens, so it never took a client.
+    server = make_sshd(AllowTcpForwarding="local")
+    hop = make_hop(server)
+    args = ["-R", "0", *hop_args(server, hop, tmp_path)]
+    running, port, poller = start_held(pytunnel_factory, hop, args)
+    try:
+        assert_bound_but_refusing(port, running.describe)
+        hop.release()
+        assert running.wait(EXIT_TIMEOUT) == 3, running.describe()
+    finally:
+        poller.stop()
+    poller.assert_never_accepted()
+    assert "-R 0: " in running.stderr_text(), running.describe()
     assert not port_is_held(port)
 
 
@@ -391,7 +413,7 @@ def test_port_in_use_fails_before_the_prompt(
 
 
 def test_slow_start_refuses_until_authenticated_then_serves(
-    pytunnel_factory: PytunnelFactory, make_hop: Callable[[], GateHop], sshd: SshdServer,
+    pytunnel_factory: PytunnelFactory, make_hop: Callable[..., GateHop], sshd: SshdServer,
     tmp_path: Path, echo_target: EchoTarget,
 ) -> None:  # fmt: skip
     hop = make_hop()
@@ -420,7 +442,7 @@ def assert_echo(address: tuple[str, int], echo_target: EchoTarget) -> None:
 
 
 def test_port_taken_while_authenticating_is_exit_3(
-    pytunnel_factory: PytunnelFactory, make_hop: Callable[[], GateHop], sshd: SshdServer,
+    pytunnel_factory: PytunnelFactory, make_hop: Callable[..., GateHop], sshd: SshdServer,
     tmp_path: Path,
 ) -> None:  # fmt: skip
     # Bound is not listening: another program that sets SO_REUSEADDR (most servers do)
@@ -448,7 +470,7 @@ def test_port_taken_while_authenticating_is_exit_3(
 
 
 def test_background_parent_returns_only_once_the_port_accepts(
-    make_hop: Callable[[], GateHop], sshd: SshdServer, tmp_path: Path, echo_target: EchoTarget
+    make_hop: Callable[..., GateHop], sshd: SshdServer, tmp_path: Path, echo_target: EchoTarget
 ) -> None:
     hop = make_hop()
     port = free_port()
