@@ -247,7 +247,10 @@ async def serve(
                 stack.push_async_callback(reverse_proxy.close)
                 reverse = ReverseForwards(session, reverse_proxy, config.reverse_forwards, emit)
                 stack.callback(reverse.close)
-            listeners = await proxy.listen((f.host, f.port) for f in config.forwards)
+            # Bound now, so a port in use fails before any prompt; listening only once
+            # the session is up, so until then a client is refused by the kernel and a
+            # start-up that fails never accepted anyone (``ssh -f -D`` scripts poll).
+            proxy.bind((f.host, f.port) for f in config.forwards)
             supervisor = Supervisor(session, config, emit)
 
             starting = loop.create_task(supervisor.start())
@@ -260,8 +263,10 @@ async def serve(
                 emit(events.Stopping("signal before the session was up"))
                 return stop.status
             starting.result()  # raises the SessionError of a failed start
-            if reverse is not None:
-                listeners += await reverse.open()
+            # -R first: refused there is fatal (ListenError), and must not come after
+            # the local port took its first client.
+            remote = await reverse.open() if reverse is not None else []
+            listeners = proxy.start_accepting() + remote
             emit(events.Ready(tuple(listeners), session.server))
             if config.demo and not command:
                 from .demo import DEMO_HOST

@@ -57,7 +57,7 @@ class ListenerStarted:
 
 @dataclass(frozen=True, slots=True)
 class Ready:
-    """Every listener is bound and the SSH session is authenticated."""
+    """The SSH session is authenticated and every listener accepts connections."""
 
     listeners: tuple[Listener, ...]
     server: str

@@ -697,13 +697,22 @@ class ProxyServer:
         self.ids = ids or itertools.count(1)
         self.listeners: list[events.Listener] = []
         self.starved = False
+        self._bound: list[socket.socket] = []  # bound, not yet listening
         self._acceptors: list[_Acceptor] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._idle = asyncio.Event()
 
     async def listen(self, specs: Iterable[tuple[str | None, int]]) -> list[events.Listener]:
-        """Bind every ``(host, port)``; all or nothing: on any failure, close what was
-        bound and raise :class:`ListenError`."""
+        """Bind every ``(host, port)`` and accept at once: :meth:`bind`, then
+        :meth:`start_accepting`."""
+        self.bind(specs)
+        return self.start_accepting()
+
+    def bind(self, specs: Iterable[tuple[str | None, int]]) -> list[events.Listener]:
+        """Bind every ``(host, port)`` without listening, so a port in use is known
+        before any SSH prompt while a client connecting now is still refused by the
+        kernel. All or nothing: on any failure, close what was bound and raise
+        :class:`ListenError`. The listeners it returns carry the ports chosen for 0."""
         bound: list[socket.socket] = []
         try:
             for host, port in specs:
@@ -712,11 +721,24 @@ class ProxyServer:
             for sock in bound:
                 sock.close()
             raise
-        # Only now that every address is bound: nothing is announced that then closes.
+        self._bound.extend(bound)
+        return [events.Listener(*sock.getsockname()[:2]) for sock in bound]
+
+    def start_accepting(self) -> list[events.Listener]:
+        """Listen on every bound socket and accept from now on; announce each one.
+        All or nothing, as :meth:`bind`."""
+        bound, self._bound = self._bound, []
+        try:
+            for sock in bound:
+                _listen_on(sock)
+        except BaseException:
+            for sock in bound:
+                sock.close()
+            raise
+        # Only now that every socket listens: nothing is announced that then closes.
         for sock in bound:
             self._acceptors.append(_Acceptor(self, sock))
-            host, port = sock.getsockname()[:2]
-            listener = events.Listener(host, port)
+            listener = events.Listener(*sock.getsockname()[:2])
             self.listeners.append(listener)
             self.emit(events.ListenerStarted(listener))
         return list(self.listeners)
@@ -745,6 +767,10 @@ class ProxyServer:
             conn.close()
 
     def stop_accepting(self) -> None:
+        # Sockets bound for a start-up that failed never listened: release them too.
+        bound, self._bound = self._bound, []
+        for sock in bound:
+            sock.close()
         acceptors, self._acceptors = self._acceptors, []
         for acceptor in acceptors:
             acceptor.close()
@@ -818,8 +844,9 @@ def _describe(addresses: tuple[str, ...], port: int) -> str:
 
 
 def _bind_one(address: str, port: int) -> socket.socket | None:
-    """A listening socket, or None when the default loopback of a family is missing
-    (a host without IPv6 still serves 127.0.0.1, as OpenSSH does)."""
+    """A bound socket that does not listen yet (connections to it are refused), or None
+    when the default loopback of a family is missing (a host without IPv6 still serves
+    127.0.0.1, as OpenSSH does)."""
     infos = socket.getaddrinfo(
         address, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE | socket.AI_NUMERICSERV
     )
@@ -836,7 +863,6 @@ def _bind_one(address: str, port: int) -> socket.socket | None:
             # Each family gets its own socket, so [::] must not also take 0.0.0.0.
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind(sockaddr)
-        sock.listen()
         sock.setblocking(False)
     except OSError as exc:
         sock.close()
@@ -844,3 +870,17 @@ def _bind_one(address: str, port: int) -> socket.socket | None:
             return None
         raise
     return sock
+
+
+def _listen_on(sock: socket.socket) -> None:
+    """Start listening on a socket :func:`_bind_one` bound. With SO_REUSEADDR, Linux lets
+    another socket bind the same port while neither listens; whoever listens second
+    gets EADDRINUSE here, which is the same "port in use" as at bind time."""
+    try:
+        sock.listen()
+    except OSError as exc:
+        host, port = sock.getsockname()[:2]
+        raise ListenError(
+            f"cannot listen on {_describe((host,), port)}: {exc.strerror or exc}",
+            hint="pick another port with -D, or -D 0 for a free one",
+        ) from exc
