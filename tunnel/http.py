@@ -118,6 +118,46 @@ def forward_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, byt
     ]
 
 
+# h11's error messages by how they begin, and what pytunnel says instead. Several of
+# them end in the offending bytes (a header line with its credentials, a request line
+# whose URL may carry a password), so a reason is only ever one of these fixed phrases:
+# it may go to logs, events and the client, never the value itself.
+_PROTOCOL_ERRORS = (
+    ("illegal header line", "malformed header line"),
+    ("continuation line at start of headers", "continuation line at start of headers"),
+    ("Illegal header name", "illegal header name"),
+    ("Illegal header value", "illegal header value"),
+    ("illegal request line", "malformed request line"),
+    ("no request line received", "no request line"),
+    ("illegal status line", "malformed status line"),
+    ("no response line received", "no status line"),
+    ("Receive buffer too long", "header section too large"),
+    ("bad Content-Length", "bad Content-Length"),
+    ("conflicting Content-Length headers", "conflicting Content-Length headers"),
+    ("multiple Transfer-Encoding headers", "more than one Transfer-Encoding header"),
+    ("Only Transfer-Encoding: chunked is supported", "Transfer-Encoding other than chunked"),
+    ("Missing mandatory Host: header", "no Host header"),
+    ("Found multiple Host: headers", "more than one Host header"),
+    ("illegal chunk header", "malformed chunk header"),
+    ("malformed chunk footer", "malformed chunk"),
+    ("peer closed connection without sending complete message body", "body cut short"),
+    ("peer unexpectedly closed connection", "closed in the middle of a message"),
+)
+UNKNOWN_PROTOCOL_ERROR = "malformed message"
+PROTOCOL_ERROR_PHRASES = frozenset(
+    [*(phrase for _, phrase in _PROTOCOL_ERRORS), UNKNOWN_PROTOCOL_ERROR]
+)
+
+
+def protocol_error_reason(message: str) -> str:
+    """What may be said about an h11 error whose text is ``message``: a fixed phrase
+    naming what was wrong, never any of the bytes that were wrong."""
+    for prefix, phrase in _PROTOCOL_ERRORS:
+        if message.startswith(prefix):
+            return phrase
+    return UNKNOWN_PROTOCOL_ERROR
+
+
 def status_for(reason: ReplyReason) -> int:
     """The HTTP status that tells the truth about a failed channel."""
     if reason is ReplyReason.CONNECTION_NOT_ALLOWED:

@@ -34,6 +34,7 @@ from .http import (
     forward_headers,
     pac_file,
     parse_target,
+    protocol_error_reason,
     status_for,
 )
 
@@ -194,12 +195,17 @@ class HttpSession(_Fed):
                 self.conn.start_next_cycle()
                 self.client.arm_deadline()
         except h11.RemoteProtocolError as exc:
+            # h11's text may quote the bad line, credentials and all: say only what kind
+            # of thing was wrong, to the client and in the logs alike.
+            what = protocol_error_reason(str(exc))
             if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
                 # h11 lets a server answer a broken request; if even that fails, close.
                 with contextlib.suppress(h11.LocalProtocolError, ConnectionError):
-                    await self.respond(exc.error_status_hint, f"bad request: {exc}")
-            self.client.reject_client(f"HTTP protocol error: {exc}")
-        except (ConnectionError, h11.LocalProtocolError) as exc:
+                    await self.respond(exc.error_status_hint, f"bad request: {what}")
+            self.client.reject_client(f"HTTP protocol error: {what}")
+        except h11.LocalProtocolError as exc:
+            log.debug("HTTP client #%s: %s", self.client.info.id, protocol_error_reason(str(exc)))
+        except ConnectionError as exc:
             log.debug("HTTP client #%s: %s", self.client.info.id, exc)
         finally:
             if self.upstream is not None:
@@ -354,7 +360,8 @@ class HttpSession(_Fed):
                 first = None
             except h11.RemoteProtocolError as exc:
                 if self.conn.our_state is h11.SEND_RESPONSE:
-                    await self.respond(502, f"bad response from {target.host}: {exc}")
+                    what = protocol_error_reason(str(exc))
+                    await self.respond(502, f"bad response from {target.host}: {what}")
                 return False
             if isinstance(answer, h11.InformationalResponse):
                 continue

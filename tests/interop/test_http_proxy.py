@@ -497,6 +497,77 @@ def test_credentials_never_reach_the_origin(auth_tunnel: Running) -> None:
     assert PASSWORD.encode() not in head
 
 
+@dataclass(frozen=True)
+class Logged:
+    """A tunnel run with -vv and -E: every place a rejection reason gets written."""
+
+    tunnel: Running
+    log_file: Path
+
+    def everything(self) -> dict[str, str]:
+        return {
+            "stdout": self.tunnel.stdout_text(),
+            "stderr": self.tunnel.stderr_text(),
+            "log file": self.log_file.read_text(errors="replace"),
+        }
+
+
+@pytest.fixture(scope="module")
+def logged_auth_tunnel(
+    sshd: SshdServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Logged]:
+    log_file = tmp_path_factory.mktemp("logged-auth") / "pytunnel.log"
+    args = [
+        "-vv",
+        "-E",
+        str(log_file),
+        "-D",
+        "127.0.0.1:0",
+        "--proxy-auth",
+        USER,
+        *server_args(sshd),
+    ]
+    with running_pytunnel(args, env={"PYTUNNEL_PROXY_PASSWORD": PASSWORD}) as running:
+        yield Logged(running, log_file)
+
+
+# Header lines h11 refuses, each carrying the credentials: no colon, a space before the
+# colon, a NUL in the value.
+MALFORMED_AUTH_LINES = {
+    "no-colon": "Proxy-Authorization Basic {token}",
+    "space-before-colon": "Proxy-Authorization : Basic {token}",
+    "nul-in-value": "Proxy-Authorization: Basic {token}\x00",
+}
+
+
+@pytest.mark.parametrize("line", MALFORMED_AUTH_LINES.values(), ids=MALFORMED_AUTH_LINES.keys())
+def test_malformed_header_line_is_never_logged(
+    logged_auth_tunnel: Logged, http_target: HttpTarget, line: str
+) -> None:
+    """A broken Proxy-Authorization line gets 400 and a reason that names what was wrong,
+    never the base64 credentials: not in the JSON event, on stderr, in the -E file, nor
+    echoed in the answer."""
+    tunnel = logged_auth_tunnel.tunnel
+    token = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+    before = fence(tunnel)
+    request = (
+        f"GET http://127.0.0.1:{http_target.port}/hello HTTP/1.1\r\n"
+        f"Host: 127.0.0.1:{http_target.port}\r\n"
+        f"{line.format(token=token)}\r\n\r\n"
+    ).encode()
+    answer = raw_exchange(tunnel, request)
+    assert answer.startswith(b"HTTP/1.1 400 "), answer
+    [rejected] = wait_since(tunnel, before, "client_rejected")
+    assert rejected["reason"] == "HTTP protocol error: malformed header line"
+    assert token.encode() not in answer
+    fence(tunnel)
+    written = logged_auth_tunnel.everything()
+    assert "malformed header line" in written["log file"]
+    for where, text in written.items():
+        assert token not in text, where
+        assert PASSWORD not in text, where
+
+
 # ---- destination rules -------------------------------------------------------------------
 
 
