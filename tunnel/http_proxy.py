@@ -58,6 +58,8 @@ class HttpClient(ChannelSink, Protocol):
     async def open_channel(self, host: str, port: int, sink: ChannelSink) -> Channel: ...
     def failed(self, exc: ChannelOpenFailed) -> None: ...
     def start_relay(self, channel: Channel, pipelined: bytes) -> None: ...
+    @property
+    def idle_timeout(self) -> float: ...
     def arm_deadline(self) -> None: ...
     def reject_client(self, reason: str, *, auth: bool = False, close: bool = True) -> None: ...
 
@@ -342,7 +344,13 @@ class HttpSession(_Fed):
                 await self._relay_response(upstream, target, early)
                 return False
         while True:
-            event = await self.next_event()
+            # The handshake deadline ended with the head; the body gets the same bound
+            # between two pieces, or a client that stops sending holds a channel forever.
+            try:
+                event = await asyncio.wait_for(self.next_event(), self.client.idle_timeout)
+            except TimeoutError:
+                await self._body_stalled()
+                return False
             if isinstance(event, h11.Data):
                 await upstream.send(h11.Data(data=event.data))
             elif isinstance(event, h11.EndOfMessage):
@@ -351,6 +359,14 @@ class HttpSession(_Fed):
             else:
                 return False
         return await self._relay_response(upstream, target, None)
+
+    async def _body_stalled(self) -> None:
+        """408 for a request body that stopped arriving; the caller then closes the
+        client and the channel."""
+        seconds = f"{self.client.idle_timeout:g} s"
+        self.client.reject_client(f"request body stalled for {seconds}", close=False)
+        if self.conn.our_state is h11.SEND_RESPONSE:
+            await self.respond(408, f"the request body stalled for {seconds}")
 
     async def _relay_response(self, upstream: _Upstream, target: Target, first: Any) -> bool:
         """Pass the origin's response on; True if both sides may keep the connection."""

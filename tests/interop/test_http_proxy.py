@@ -568,6 +568,79 @@ def test_malformed_header_line_is_never_logged(
         assert PASSWORD not in text, where
 
 
+# ---- bounds on what a client may hold ---------------------------------------------------
+
+STALL_TIMEOUT = 30.0  # how long a test waits for pytunnel to act on a 1 s deadline
+
+
+class OneConnectionOrigin:
+    """An origin on loopback that takes one connection, keeps what arrives, and notes
+    when the other side (sshd, for pytunnel's channel) closes it."""
+
+    def __init__(self) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.server.settimeout(STALL_TIMEOUT)
+        self.port = self.server.getsockname()[1]
+        self.received = b""
+        self.accepted = threading.Event()
+        self.closed = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        try:
+            conn, _ = self.server.accept()
+        except OSError:
+            return
+        self.accepted.set()
+        with conn:
+            conn.settimeout(STALL_TIMEOUT)
+            try:
+                while chunk := conn.recv(65536):
+                    self.received += chunk
+            except OSError:
+                return
+            self.closed.set()
+
+    def close(self) -> None:
+        self.server.close()
+        self.thread.join(STALL_TIMEOUT)
+
+
+@pytest.fixture
+def origin() -> Iterator[OneConnectionOrigin]:
+    served = OneConnectionOrigin()
+    try:
+        yield served
+    finally:
+        served.close()
+
+
+@pytest.fixture
+def quick_tunnel(pytunnel_factory: PytunnelFactory, sshd: SshdServer) -> Running:
+    return pytunnel_factory(["--handshake-timeout", "1", "-D", "127.0.0.1:0", *server_args(sshd)])
+
+
+def test_stalled_request_body_gets_408_and_the_channel_closes(
+    quick_tunnel: Running, origin: OneConnectionOrigin
+) -> None:
+    """Content-Length 1000, ten bytes, then silence: once the idle bound passes the
+    client gets 408 and a close, and the channel to the origin is closed too."""
+    before = fence(quick_tunnel)
+    head = (
+        f"POST http://127.0.0.1:{origin.port}/upload HTTP/1.1\r\n"
+        f"Host: 127.0.0.1:{origin.port}\r\nContent-Length: 1000\r\n\r\n"
+    ).encode()
+    with socket.create_connection(quick_tunnel.address, timeout=STALL_TIMEOUT) as sock:
+        sock.sendall(head + b"0123456789")
+        answer = recv_all(sock, STALL_TIMEOUT)
+    assert answer.startswith(b"HTTP/1.1 408 "), answer
+    assert origin.closed.wait(STALL_TIMEOUT), "the channel to the origin stayed open"
+    assert origin.received.endswith(b"0123456789")
+    [rejected] = wait_since(quick_tunnel, before, "client_rejected")
+    assert rejected["reason"] == "request body stalled for 1 s"
+
+
 # ---- destination rules -------------------------------------------------------------------
 
 
