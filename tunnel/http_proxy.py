@@ -25,6 +25,8 @@ from . import events
 from .channels import Channel, ChannelSink
 from .errors import ChannelOpenFailed
 from .http import (
+    HEAD_TOO_LARGE,
+    MAX_HEAD,
     PAC_TYPE,
     REALM,
     BadTarget,
@@ -32,6 +34,7 @@ from .http import (
     Target,
     check_basic,
     forward_headers,
+    head_too_large,
     pac_file,
     parse_target,
     protocol_error_reason,
@@ -68,8 +71,8 @@ class _Fed:
     """An h11 connection fed from callbacks, one chunk at a time: the source pauses after
     each chunk and resumes only when :meth:`next_event` needs more, so nothing piles up."""
 
-    def __init__(self, role: type[h11.CLIENT] | type[h11.SERVER]) -> None:
-        self.conn = h11.Connection(role)
+    def __init__(self, conn: h11.Connection) -> None:
+        self.conn = conn
         self.wakeup = asyncio.Event()
 
     def pause_source(self) -> None:
@@ -84,8 +87,12 @@ class _Fed:
             self.pause_source()
         self.wakeup.set()
 
+    def check_pending(self) -> None:
+        """Refuse what h11 holds before it is parsed (raise ``RemoteProtocolError``)."""
+
     async def next_event(self) -> Any:
         while True:
+            self.check_pending()
             event = self.conn.next_event()
             if event is not h11.NEED_DATA:
                 return event
@@ -99,7 +106,7 @@ class _Upstream(_Fed):
     h11 client connection."""
 
     def __init__(self, client: HttpClient, key: tuple[str, int]) -> None:
-        super().__init__(h11.CLIENT)
+        super().__init__(h11.Connection(h11.CLIENT))
         self.client = client
         self.key = key
         self.channel: Channel | None = None
@@ -165,7 +172,7 @@ class HttpSession(_Fed):
     itself at /proxy.pac and /wpad.dat."""
 
     def __init__(self, client: HttpClient) -> None:
-        super().__init__(h11.SERVER)
+        super().__init__(h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD))
         self.client = client
         self.upstream: _Upstream | None = None
         self.relaying = False
@@ -177,6 +184,14 @@ class HttpSession(_Fed):
     def resume_source(self) -> None:
         if not self.client.transport.is_closing():
             self.client.transport.resume_reading()
+
+    def check_pending(self) -> None:
+        # h11 bounds a head only while it is incomplete: one that arrived whole in a
+        # single read would be parsed and forwarded at any size. So look before it parses.
+        if self.conn.their_state is h11.IDLE:
+            pending, _ = self.conn.trailing_data
+            if head_too_large(pending):
+                raise h11.RemoteProtocolError(HEAD_TOO_LARGE, error_status_hint=431)
 
     async def send(self, event: Any) -> None:
         data = self.conn.send(event)

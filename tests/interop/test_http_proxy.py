@@ -10,6 +10,7 @@ channels really reached the server.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import random
 import socket
@@ -603,6 +604,9 @@ class OneConnectionOrigin:
             self.closed.set()
 
     def close(self) -> None:
+        # On Linux, shutdown wakes an accept() still waiting in the thread; close does not.
+        with contextlib.suppress(OSError):
+            self.server.shutdown(socket.SHUT_RDWR)
         self.server.close()
         self.thread.join(STALL_TIMEOUT)
 
@@ -639,6 +643,62 @@ def test_stalled_request_body_gets_408_and_the_channel_closes(
     assert origin.received.endswith(b"0123456789")
     [rejected] = wait_since(quick_tunnel, before, "client_rejected")
     assert rejected["reason"] == "request body stalled for 1 s"
+
+
+MAX_HEAD = 64 * 1024
+
+
+def head_of(size: int, host: str, port: int) -> bytes:
+    """A GET whose request line and headers take exactly ``size`` bytes, the empty line
+    included, padded with 8 KiB headers (each under any per-line limit)."""
+    start = f"GET http://{host}:{port}/hello HTTP/1.1\r\nHost: {host}:{port}\r\n".encode()
+    pad = size - len(start) - 2
+    lines = []
+    index = 0
+    while pad > 0:
+        name = f"X-Pad-{index}: ".encode()
+        take = min(8192, pad) - len(name) - 2
+        assert take > 0, "size leaves too little for one more header"
+        lines.append(name + b"a" * take + b"\r\n")
+        pad -= len(lines[-1])
+        index += 1
+    head = start + b"".join(lines) + b"\r\n"
+    assert len(head) == size
+    return head
+
+
+@pytest.mark.parametrize("writes", ["one-write", "1-KiB-writes"])
+def test_oversized_head_gets_431_and_nothing_reaches_upstream(
+    plain_tunnel: Running, sshd: SshdServer, origin: OneConnectionOrigin, writes: str
+) -> None:
+    """100 KB of request line and headers, sent at once or in pieces: 431, and no
+    channel is opened, so not a byte of it reaches sshd or the origin."""
+    before = fence(plain_tunnel)
+    mark = sshd.log_mark()
+    head = head_of(100_000, "127.0.0.1", origin.port)
+    step = len(head) if writes == "one-write" else 1024
+    with socket.create_connection(plain_tunnel.address, timeout=CLIENT_TIMEOUT) as sock:
+        for start in range(0, len(head), step):
+            sock.sendall(head[start : start + step])
+        answer = recv_all(sock, CLIENT_TIMEOUT)
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+    [rejected] = wait_since(plain_tunnel, before, "client_rejected")
+    assert rejected["reason"] == "HTTP protocol error: header section too large"
+    assert since(plain_tunnel, before, "request_parsed") == []
+    assert since(plain_tunnel, before, "channel_opened") == []
+    assert target_line("127.0.0.1", origin.port) not in sshd.log_text(mark)
+    assert not origin.accepted.is_set()
+
+
+def test_head_at_the_limit_is_forwarded(plain_tunnel: Running, http_target: HttpTarget) -> None:
+    """Exactly 64 KiB of head is served, whether it comes at once or not; h11's own
+    default (16 KiB) is not the limit."""
+    request = head_of(MAX_HEAD - len(b"Connection: close\r\n"), "127.0.0.1", http_target.port)
+    request = request[:-2] + b"Connection: close\r\n\r\n"
+    assert len(request) == MAX_HEAD
+    answer = raw_exchange(plain_tunnel, request)
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+    assert answer.endswith(http_target.hello_body)
 
 
 # ---- destination rules -------------------------------------------------------------------

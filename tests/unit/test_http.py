@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from tunnel.errors import ReplyReason
 from tunnel.http import (
     HOP_BY_HOP,
+    MAX_HEAD,
     PAC_PATHS,
     PROTOCOL_ERROR_PHRASES,
     BadTarget,
@@ -22,6 +23,7 @@ from tunnel.http import (
     Target,
     check_basic,
     forward_headers,
+    head_too_large,
     pac_file,
     parse_target,
     protocol_error_reason,
@@ -426,6 +428,64 @@ def test_protocol_error_reason_never_quotes_a_header_line(line: bytes) -> None:
 @given(message=st.text(max_size=200))
 def test_protocol_error_reason_is_always_a_fixed_phrase(message: str) -> None:
     assert protocol_error_reason(message) in PROTOCOL_ERROR_PHRASES
+
+
+# ---- head_too_large --------------------------------------------------------------------
+
+HEADS: list[tuple[str, bytes]] = [
+    ("crlf", b"GET / HTTP/1.1\r\nHost: h\r\nX-A: 1\r\n\r\n"),
+    ("bare-lf", b"GET / HTTP/1.1\nHost: h\nX-A: 1\n\n"),
+    ("mixed", b"GET / HTTP/1.1\r\nHost: h\n\r\n"),
+]
+
+
+@pytest.mark.parametrize("head", [h for _, h in HEADS], ids=[n for n, _ in HEADS])
+def test_head_too_large_counts_the_whole_head_with_its_empty_line(head: bytes) -> None:
+    body = b"pipelined body and the next request, never counted" * 10
+    assert not head_too_large(head + body, len(head))
+    assert head_too_large(head + body, len(head) - 1)
+
+
+@pytest.mark.parametrize("head", [h for _, h in HEADS], ids=[n for n, _ in HEADS])
+def test_head_too_large_byte_by_byte(head: bytes) -> None:
+    """Fed one byte more at a time, a head over the limit is refused as soon as it
+    passes the limit, before its end has arrived; one within it never is."""
+    limit = len(head) // 2
+    verdicts = [head_too_large(head[:n], limit) for n in range(len(head) + 1)]
+    assert verdicts == [n > limit for n in range(len(head) + 1)]
+    assert not any(head_too_large(head[:n], len(head)) for n in range(len(head) + 1))
+
+
+def test_head_too_large_default_limit_is_64_kib() -> None:
+    assert MAX_HEAD == 64 * 1024
+    head = b"GET / HTTP/1.1\r\nX: " + b"a" * (MAX_HEAD - 23) + b"\r\n\r\n"
+    assert len(head) == MAX_HEAD
+    assert not head_too_large(head)
+    assert head_too_large(head[:-4] + b"a\r\n\r\n")
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    values=st.lists(st.binary(max_size=300).map(lambda v: v.replace(b"\n", b"")), max_size=8),
+    limit=st.integers(min_value=1, max_value=2000),
+    rest=st.binary(max_size=300),
+)
+def test_head_too_large_agrees_with_the_length_of_what_h11_parses(
+    values: list[bytes], limit: int, rest: bytes
+) -> None:
+    """Whatever follows the head, the verdict is "the head h11 would take is longer
+    than the limit"; h11 is the oracle for where the head ends."""
+    head = b"GET / HTTP/1.1\r\n" + b"".join(b"X-V: " + v + b"\r\n" for v in values) + b"\r\n"
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=10**6)
+    conn.receive_data(head + rest)
+    try:
+        conn.next_event()
+    except h11.RemoteProtocolError:
+        pass
+    else:
+        taken = len(head + rest) - len(conn.trailing_data[0])
+        assert taken == len(head)
+    assert head_too_large(head + rest, limit) == (len(head) > limit)
 
 
 # ---- pac_file --------------------------------------------------------------------------
