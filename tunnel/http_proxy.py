@@ -362,7 +362,8 @@ class HttpSession(_Fed):
             # The handshake deadline ended with the head; the body gets the same bound
             # between two pieces, or a client that stops sending holds a channel forever.
             try:
-                event = await asyncio.wait_for(self.next_event(), self.client.idle_timeout)
+                async with asyncio.timeout(self.client.idle_timeout):
+                    event = await self.next_event()
             except TimeoutError:
                 await self._body_stalled()
                 return False
