@@ -12,6 +12,7 @@ import random as _random
 import signal
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
+from urllib.parse import quote
 
 from . import events
 from .config import Config, Destination, Forward, HostKeyPolicy, open_proxy_forwards
@@ -84,18 +85,29 @@ def guard_open_proxy(config: Config) -> None:
         )
 
 
-def command_environment(listeners: Sequence[events.Listener]) -> dict[str, str]:
+def command_environment(
+    listeners: Sequence[events.Listener], credentials: tuple[bytes, bytes] | None = None
+) -> dict[str, str]:
     """What a wrapped command needs to use the tunnel: the first loopback listener as
     ``ALL_PROXY`` in the form curl, git, pip and most libraries read. With only -R
-    listeners (on the server) there is nothing here to point it at."""
+    listeners (on the server) there is nothing here to point it at. With --proxy-auth
+    the URLs carry the credentials, percent-encoded, so the command can use them; the
+    password is in no other variable."""
     env = dict(os.environ)
+    # Read once by the CLI; a child that wants the password has it in the URLs.
+    env.pop("PYTUNNEL_PROXY_PASSWORD", None)
     local = [item for item in listeners if not item.remote]
     if not local:
         return env
     first = next((item for item in local if item.host in ("127.0.0.1", "::1")), local[0])
-    env["ALL_PROXY"] = env["all_proxy"] = first.url
+    userinfo = ""
+    if credentials is not None:
+        user, password = credentials
+        userinfo = f"{quote(user, safe='')}:{quote(password, safe='')}@"
+    socks = first.url.replace("socks5h://", f"socks5h://{userinfo}", 1)
+    env["ALL_PROXY"] = env["all_proxy"] = socks
     # The same port speaks HTTP too, for tools that only know http_proxy.
-    http = first.url.replace("socks5h://", "http://", 1)
+    http = socks.replace("socks5h://", "http://", 1)
     for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
         env[name] = http
     # Loopback stays local (the command's own services), added to what the user had.
@@ -275,7 +287,9 @@ async def serve(
 
             child: asyncio.subprocess.Process | None = None
             if command:
-                child = await _spawn(command, command_environment(listeners))
+                child = await _spawn(
+                    command, command_environment(listeners, config.proxy_credentials)
+                )
             keeping = loop.create_task(supervisor.keep_up())
             if reverse is not None:
                 relisten = loop.create_task(reverse.keep())

@@ -553,9 +553,12 @@ def _open_log(path: str | None, *, json_out: bool) -> TextIO:
     if path is None:
         return sys.stderr
     try:
-        return open(path, "a", encoding="utf-8", buffering=1)
+        # A new log is the owner's alone (it names hosts, users and clients); an existing
+        # one is appended to, as ssh -E does, and keeps the mode its owner gave it.
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     except OSError as exc:
         _fail(f"cannot open log file {path}: {exc.strerror}", ExitStatus.USAGE, json_out=json_out)
+    return os.fdopen(fd, "a", encoding="utf-8", buffering=1)
 
 
 def _usage_hint(exc: click.UsageError) -> str:

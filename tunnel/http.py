@@ -12,6 +12,7 @@ import base64
 import binascii
 import enum
 import hmac
+import re
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -30,6 +31,12 @@ HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
+
+# The request line and headers together, as h11's max_incomplete_event_size counts them.
+MAX_HEAD = 64 * 1024
+HEAD_TOO_LARGE = "header section too large"
+# Where h11 sees the end of a head: an empty line, CRLF or bare LF.
+_END_OF_HEAD = re.compile(rb"\n\r?\n")
 
 PAC_PATHS = frozenset({"/proxy.pac", "/wpad.dat"})
 PAC_TYPE = b"application/x-ns-proxy-autoconfig"
@@ -98,6 +105,16 @@ def parse_target(method: bytes, target: bytes) -> Target:
     return Target(Kind.FORWARD, hostname, port or 80, path.encode("ascii", errors="replace"))
 
 
+def head_too_large(pending: bytes, limit: int = MAX_HEAD) -> bool:
+    """Whether the request head at the start of ``pending`` is longer than ``limit``
+    bytes, empty line included. h11 checks its limit only while a head is incomplete, so
+    one that arrives whole in a single read would pass it at any size; this answers for
+    a whole head too, from the first ``limit`` bytes alone (nothing beyond is scanned)."""
+    if _END_OF_HEAD.search(pending, 0, limit) is not None:
+        return False
+    return len(pending) > limit
+
+
 def forward_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     """Headers to pass on: without hop-by-hop ones, nor those the Connection header
     names (RFC 9110 section 7.6.1). With Transfer-Encoding, Content-Length goes too: an
@@ -116,6 +133,47 @@ def forward_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, byt
         for name, value in headers
         if name.lower() not in HOP_BY_HOP and name.lower() not in named
     ]
+
+
+# h11's error messages by how they begin, and what pytunnel says instead. Several of
+# them end in the offending bytes (a header line with its credentials, a request line
+# whose URL may carry a password), so a reason is only ever one of these fixed phrases:
+# it may go to logs, events and the client, never the value itself.
+_PROTOCOL_ERRORS = (
+    ("illegal header line", "malformed header line"),
+    ("continuation line at start of headers", "continuation line at start of headers"),
+    ("Illegal header name", "illegal header name"),
+    ("Illegal header value", "illegal header value"),
+    ("illegal request line", "malformed request line"),
+    ("no request line received", "no request line"),
+    ("illegal status line", "malformed status line"),
+    ("no response line received", "no status line"),
+    ("Receive buffer too long", HEAD_TOO_LARGE),
+    (HEAD_TOO_LARGE, HEAD_TOO_LARGE),  # ours, when head_too_large says so
+    ("bad Content-Length", "bad Content-Length"),
+    ("conflicting Content-Length headers", "conflicting Content-Length headers"),
+    ("multiple Transfer-Encoding headers", "more than one Transfer-Encoding header"),
+    ("Only Transfer-Encoding: chunked is supported", "Transfer-Encoding other than chunked"),
+    ("Missing mandatory Host: header", "no Host header"),
+    ("Found multiple Host: headers", "more than one Host header"),
+    ("illegal chunk header", "malformed chunk header"),
+    ("malformed chunk footer", "malformed chunk"),
+    ("peer closed connection without sending complete message body", "body cut short"),
+    ("peer unexpectedly closed connection", "closed in the middle of a message"),
+)
+UNKNOWN_PROTOCOL_ERROR = "malformed message"
+PROTOCOL_ERROR_PHRASES = frozenset(
+    [*(phrase for _, phrase in _PROTOCOL_ERRORS), UNKNOWN_PROTOCOL_ERROR]
+)
+
+
+def protocol_error_reason(message: str) -> str:
+    """What may be said about an h11 error whose text is ``message``: a fixed phrase
+    naming what was wrong, never any of the bytes that were wrong."""
+    for prefix, phrase in _PROTOCOL_ERRORS:
+        if message.startswith(prefix):
+            return phrase
+    return UNKNOWN_PROTOCOL_ERROR
 
 
 def status_for(reason: ReplyReason) -> int:

@@ -25,6 +25,8 @@ from . import events
 from .channels import Channel, ChannelSink
 from .errors import ChannelOpenFailed
 from .http import (
+    HEAD_TOO_LARGE,
+    MAX_HEAD,
     PAC_TYPE,
     REALM,
     BadTarget,
@@ -32,8 +34,10 @@ from .http import (
     Target,
     check_basic,
     forward_headers,
+    head_too_large,
     pac_file,
     parse_target,
+    protocol_error_reason,
     status_for,
 )
 
@@ -57,6 +61,8 @@ class HttpClient(ChannelSink, Protocol):
     async def open_channel(self, host: str, port: int, sink: ChannelSink) -> Channel: ...
     def failed(self, exc: ChannelOpenFailed) -> None: ...
     def start_relay(self, channel: Channel, pipelined: bytes) -> None: ...
+    @property
+    def idle_timeout(self) -> float: ...
     def arm_deadline(self) -> None: ...
     def reject_client(self, reason: str, *, auth: bool = False, close: bool = True) -> None: ...
 
@@ -65,8 +71,8 @@ class _Fed:
     """An h11 connection fed from callbacks, one chunk at a time: the source pauses after
     each chunk and resumes only when :meth:`next_event` needs more, so nothing piles up."""
 
-    def __init__(self, role: type[h11.CLIENT] | type[h11.SERVER]) -> None:
-        self.conn = h11.Connection(role)
+    def __init__(self, conn: h11.Connection) -> None:
+        self.conn = conn
         self.wakeup = asyncio.Event()
 
     def pause_source(self) -> None:
@@ -81,8 +87,12 @@ class _Fed:
             self.pause_source()
         self.wakeup.set()
 
+    def check_pending(self) -> None:
+        """Refuse what h11 holds before it is parsed (raise ``RemoteProtocolError``)."""
+
     async def next_event(self) -> Any:
         while True:
+            self.check_pending()
             event = self.conn.next_event()
             if event is not h11.NEED_DATA:
                 return event
@@ -96,7 +106,7 @@ class _Upstream(_Fed):
     h11 client connection."""
 
     def __init__(self, client: HttpClient, key: tuple[str, int]) -> None:
-        super().__init__(h11.CLIENT)
+        super().__init__(h11.Connection(h11.CLIENT))
         self.client = client
         self.key = key
         self.channel: Channel | None = None
@@ -162,7 +172,7 @@ class HttpSession(_Fed):
     itself at /proxy.pac and /wpad.dat."""
 
     def __init__(self, client: HttpClient) -> None:
-        super().__init__(h11.SERVER)
+        super().__init__(h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD))
         self.client = client
         self.upstream: _Upstream | None = None
         self.relaying = False
@@ -174,6 +184,14 @@ class HttpSession(_Fed):
     def resume_source(self) -> None:
         if not self.client.transport.is_closing():
             self.client.transport.resume_reading()
+
+    def check_pending(self) -> None:
+        # h11 bounds a head only while it is incomplete: one that arrived whole in a
+        # single read would be parsed and forwarded at any size. So look before it parses.
+        if self.conn.their_state is h11.IDLE:
+            pending, _ = self.conn.trailing_data
+            if head_too_large(pending):
+                raise h11.RemoteProtocolError(HEAD_TOO_LARGE, error_status_hint=431)
 
     async def send(self, event: Any) -> None:
         data = self.conn.send(event)
@@ -194,12 +212,17 @@ class HttpSession(_Fed):
                 self.conn.start_next_cycle()
                 self.client.arm_deadline()
         except h11.RemoteProtocolError as exc:
+            # h11's text may quote the bad line, credentials and all: say only what kind
+            # of thing was wrong, to the client and in the logs alike.
+            what = protocol_error_reason(str(exc))
             if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
                 # h11 lets a server answer a broken request; if even that fails, close.
                 with contextlib.suppress(h11.LocalProtocolError, ConnectionError):
-                    await self.respond(exc.error_status_hint, f"bad request: {exc}")
-            self.client.reject_client(f"HTTP protocol error: {exc}")
-        except (ConnectionError, h11.LocalProtocolError) as exc:
+                    await self.respond(exc.error_status_hint, f"bad request: {what}")
+            self.client.reject_client(f"HTTP protocol error: {what}")
+        except h11.LocalProtocolError as exc:
+            log.debug("HTTP client #%s: %s", self.client.info.id, protocol_error_reason(str(exc)))
+        except ConnectionError as exc:
             log.debug("HTTP client #%s: %s", self.client.info.id, exc)
         finally:
             if self.upstream is not None:
@@ -336,7 +359,14 @@ class HttpSession(_Fed):
                 await self._relay_response(upstream, target, early)
                 return False
         while True:
-            event = await self.next_event()
+            # The handshake deadline ended with the head; the body gets the same bound
+            # between two pieces, or a client that stops sending holds a channel forever.
+            try:
+                async with asyncio.timeout(self.client.idle_timeout):
+                    event = await self.next_event()
+            except TimeoutError:
+                await self._body_stalled()
+                return False
             if isinstance(event, h11.Data):
                 await upstream.send(h11.Data(data=event.data))
             elif isinstance(event, h11.EndOfMessage):
@@ -346,6 +376,14 @@ class HttpSession(_Fed):
                 return False
         return await self._relay_response(upstream, target, None)
 
+    async def _body_stalled(self) -> None:
+        """408 for a request body that stopped arriving; the caller then closes the
+        client and the channel."""
+        seconds = f"{self.client.idle_timeout:g} s"
+        self.client.reject_client(f"request body stalled for {seconds}", close=False)
+        if self.conn.our_state is h11.SEND_RESPONSE:
+            await self.respond(408, f"the request body stalled for {seconds}")
+
     async def _relay_response(self, upstream: _Upstream, target: Target, first: Any) -> bool:
         """Pass the origin's response on; True if both sides may keep the connection."""
         while True:
@@ -354,7 +392,8 @@ class HttpSession(_Fed):
                 first = None
             except h11.RemoteProtocolError as exc:
                 if self.conn.our_state is h11.SEND_RESPONSE:
-                    await self.respond(502, f"bad response from {target.host}: {exc}")
+                    what = protocol_error_reason(str(exc))
+                    await self.respond(502, f"bad response from {target.host}: {what}")
                 return False
             if isinstance(answer, h11.InformationalResponse):
                 continue

@@ -215,6 +215,11 @@ class ProxyClient(asyncio.Protocol):
         """Wait while the client's socket buffer is full."""
         await self._writable.wait()
 
+    @property
+    def idle_timeout(self) -> float:
+        """How long a client may send nothing while it owes us part of a request."""
+        return self._server.handshake_timeout
+
     def parsed(self, protocol: str, command: str, host: str, port: int, sent_name: bool) -> None:
         self._cancel_deadline()
         self.info.protocol = protocol

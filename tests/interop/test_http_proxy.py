@@ -10,6 +10,7 @@ channels really reached the server.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import random
 import socket
@@ -495,6 +496,209 @@ def test_credentials_never_reach_the_origin(auth_tunnel: Running) -> None:
         assert hop not in names, head
     assert token.encode() not in head
     assert PASSWORD.encode() not in head
+
+
+@dataclass(frozen=True)
+class Logged:
+    """A tunnel run with -vv and -E: every place a rejection reason gets written."""
+
+    tunnel: Running
+    log_file: Path
+
+    def everything(self) -> dict[str, str]:
+        return {
+            "stdout": self.tunnel.stdout_text(),
+            "stderr": self.tunnel.stderr_text(),
+            "log file": self.log_file.read_text(errors="replace"),
+        }
+
+
+@pytest.fixture(scope="module")
+def logged_auth_tunnel(
+    sshd: SshdServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Logged]:
+    log_file = tmp_path_factory.mktemp("logged-auth") / "pytunnel.log"
+    args = [
+        "-vv",
+        "-E",
+        str(log_file),
+        "-D",
+        "127.0.0.1:0",
+        "--proxy-auth",
+        USER,
+        *server_args(sshd),
+    ]
+    with running_pytunnel(args, env={"PYTUNNEL_PROXY_PASSWORD": PASSWORD}) as running:
+        yield Logged(running, log_file)
+
+
+# Header lines h11 refuses, each carrying the credentials: no colon, a space before the
+# colon, a NUL in the value.
+MALFORMED_AUTH_LINES = {
+    "no-colon": "Proxy-Authorization Basic {token}",
+    "space-before-colon": "Proxy-Authorization : Basic {token}",
+    "nul-in-value": "Proxy-Authorization: Basic {token}\x00",
+}
+
+
+@pytest.mark.parametrize("line", MALFORMED_AUTH_LINES.values(), ids=MALFORMED_AUTH_LINES.keys())
+def test_malformed_header_line_is_never_logged(
+    logged_auth_tunnel: Logged, http_target: HttpTarget, line: str
+) -> None:
+    """A broken Proxy-Authorization line gets 400 and a reason that names what was wrong,
+    never the base64 credentials: not in the JSON event, on stderr, in the -E file, nor
+    echoed in the answer."""
+    tunnel = logged_auth_tunnel.tunnel
+    token = base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+    before = fence(tunnel)
+    request = (
+        f"GET http://127.0.0.1:{http_target.port}/hello HTTP/1.1\r\n"
+        f"Host: 127.0.0.1:{http_target.port}\r\n"
+        f"{line.format(token=token)}\r\n\r\n"
+    ).encode()
+    answer = raw_exchange(tunnel, request)
+    assert answer.startswith(b"HTTP/1.1 400 "), answer
+    [rejected] = wait_since(tunnel, before, "client_rejected")
+    assert rejected["reason"] == "HTTP protocol error: malformed header line"
+    assert token.encode() not in answer
+    fence(tunnel)
+    written = logged_auth_tunnel.everything()
+    assert "malformed header line" in written["log file"]
+    for where, text in written.items():
+        assert token not in text, where
+        assert PASSWORD not in text, where
+
+
+# ---- bounds on what a client may hold ---------------------------------------------------
+
+STALL_TIMEOUT = 30.0  # how long a test waits for pytunnel to act on a 1 s deadline
+
+
+class OneConnectionOrigin:
+    """An origin on loopback that takes one connection, keeps what arrives, and notes
+    when the other side (sshd, for pytunnel's channel) closes it."""
+
+    def __init__(self) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.server.settimeout(STALL_TIMEOUT)
+        self.port = self.server.getsockname()[1]
+        self.received = b""
+        self.accepted = threading.Event()
+        self.closed = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        try:
+            conn, _ = self.server.accept()
+        except OSError:
+            return
+        self.accepted.set()
+        with conn:
+            conn.settimeout(STALL_TIMEOUT)
+            try:
+                while chunk := conn.recv(65536):
+                    self.received += chunk
+            except OSError:
+                return
+            self.closed.set()
+
+    def close(self) -> None:
+        # On Linux, shutdown wakes an accept() still waiting in the thread; close does not.
+        with contextlib.suppress(OSError):
+            self.server.shutdown(socket.SHUT_RDWR)
+        self.server.close()
+        self.thread.join(STALL_TIMEOUT)
+
+
+@pytest.fixture
+def origin() -> Iterator[OneConnectionOrigin]:
+    served = OneConnectionOrigin()
+    try:
+        yield served
+    finally:
+        served.close()
+
+
+@pytest.fixture
+def quick_tunnel(pytunnel_factory: PytunnelFactory, sshd: SshdServer) -> Running:
+    return pytunnel_factory(["--handshake-timeout", "1", "-D", "127.0.0.1:0", *server_args(sshd)])
+
+
+def test_stalled_request_body_gets_408_and_the_channel_closes(
+    quick_tunnel: Running, origin: OneConnectionOrigin
+) -> None:
+    """Content-Length 1000, ten bytes, then silence: once the idle bound passes the
+    client gets 408 and a close, and the channel to the origin is closed too."""
+    before = fence(quick_tunnel)
+    head = (
+        f"POST http://127.0.0.1:{origin.port}/upload HTTP/1.1\r\n"
+        f"Host: 127.0.0.1:{origin.port}\r\nContent-Length: 1000\r\n\r\n"
+    ).encode()
+    with socket.create_connection(quick_tunnel.address, timeout=STALL_TIMEOUT) as sock:
+        sock.sendall(head + b"0123456789")
+        answer = recv_all(sock, STALL_TIMEOUT)
+    assert answer.startswith(b"HTTP/1.1 408 "), answer
+    assert origin.closed.wait(STALL_TIMEOUT), "the channel to the origin stayed open"
+    assert origin.received.endswith(b"0123456789")
+    [rejected] = wait_since(quick_tunnel, before, "client_rejected")
+    assert rejected["reason"] == "request body stalled for 1 s"
+
+
+MAX_HEAD = 64 * 1024
+
+
+def head_of(size: int, host: str, port: int) -> bytes:
+    """A GET whose request line and headers take exactly ``size`` bytes, the empty line
+    included, padded with 8 KiB headers (each under any per-line limit)."""
+    start = f"GET http://{host}:{port}/hello HTTP/1.1\r\nHost: {host}:{port}\r\n".encode()
+    pad = size - len(start) - 2
+    lines = []
+    index = 0
+    while pad > 0:
+        name = f"X-Pad-{index}: ".encode()
+        take = min(8192, pad) - len(name) - 2
+        assert take > 0, "size leaves too little for one more header"
+        lines.append(name + b"a" * take + b"\r\n")
+        pad -= len(lines[-1])
+        index += 1
+    head = start + b"".join(lines) + b"\r\n"
+    assert len(head) == size
+    return head
+
+
+@pytest.mark.parametrize("writes", ["one-write", "1-KiB-writes"])
+def test_oversized_head_gets_431_and_nothing_reaches_upstream(
+    plain_tunnel: Running, sshd: SshdServer, origin: OneConnectionOrigin, writes: str
+) -> None:
+    """100 KB of request line and headers, sent at once or in pieces: 431, and no
+    channel is opened, so not a byte of it reaches sshd or the origin."""
+    before = fence(plain_tunnel)
+    mark = sshd.log_mark()
+    head = head_of(100_000, "127.0.0.1", origin.port)
+    step = len(head) if writes == "one-write" else 1024
+    with socket.create_connection(plain_tunnel.address, timeout=CLIENT_TIMEOUT) as sock:
+        for start in range(0, len(head), step):
+            sock.sendall(head[start : start + step])
+        answer = recv_all(sock, CLIENT_TIMEOUT)
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+    [rejected] = wait_since(plain_tunnel, before, "client_rejected")
+    assert rejected["reason"] == "HTTP protocol error: header section too large"
+    assert since(plain_tunnel, before, "request_parsed") == []
+    assert since(plain_tunnel, before, "channel_opened") == []
+    assert target_line("127.0.0.1", origin.port) not in sshd.log_text(mark)
+    assert not origin.accepted.is_set()
+
+
+def test_head_at_the_limit_is_forwarded(plain_tunnel: Running, http_target: HttpTarget) -> None:
+    """Exactly 64 KiB of head is served, whether it comes at once or not; h11's own
+    default (16 KiB) is not the limit."""
+    request = head_of(MAX_HEAD - len(b"Connection: close\r\n"), "127.0.0.1", http_target.port)
+    request = request[:-2] + b"Connection: close\r\n\r\n"
+    assert len(request) == MAX_HEAD
+    answer = raw_exchange(plain_tunnel, request)
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+    assert answer.endswith(http_target.hello_body)
 
 
 # ---- destination rules -------------------------------------------------------------------

@@ -24,6 +24,7 @@ from fixtures.pytunnel_proc import (
     connect_proxy,
     recv_all,
     recv_exact,
+    run_pytunnel,
     running_pytunnel,
     server_args,
     socks4_request,
@@ -320,3 +321,63 @@ def test_password_from_file_is_not_shown(
     )
     exercise(tunnel, http_target, secret)
     assert_secret_nowhere(tunnel, secret, WRONG)
+
+
+# ---- a wrapped command (-- COMMAND) gets proxy URLs that carry the credentials ----------
+
+# Every character that means something in a URL's userinfo, and a literal percent.
+URL_HOSTILE_PASSWORD = "p@ss:w/rd%41 #?x"
+PROXY_VARIABLES = (
+    "ALL_PROXY",
+    "all_proxy",
+    "http_proxy",
+    "https_proxy",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+)
+
+
+@pytest.mark.parametrize(
+    ("variable", "protocol"), [("ALL_PROXY", "socks5"), ("http_proxy", "http")]
+)
+def test_wrapped_command_uses_the_proxy_with_its_credentials(
+    curl: str,
+    sshd: SshdServer,
+    http_target: HttpTarget,
+    tmp_path: Path,
+    variable: str,
+    protocol: str,
+) -> None:
+    """curl run as the command, told only ``-x "$VARIABLE"``, fetches through the tunnel:
+    the URL carries user and password percent-encoded; no other variable has the password."""
+    body, environment = tmp_path / "body", tmp_path / "environment"
+    script = (
+        'env > "$1"; '
+        f'exec "$2" --silent --show-error --max-time {CURL_TIMEOUT:g} --noproxy "" '
+        f'-x "${variable}" -o "$3" "$4"'
+    )
+    args = ["--json", "-D", "127.0.0.1:0", "--proxy-auth", USER, *server_args(sshd)]
+    command = [
+        "sh",
+        "-c",
+        script,
+        "sh",
+        str(environment),
+        curl,
+        str(body),
+        http_target.url("/hello"),
+    ]
+    result = run_pytunnel(
+        [*args, "--", *command], env={"PYTUNNEL_PROXY_PASSWORD": URL_HOSTILE_PASSWORD}
+    )
+    assert result.returncode == 0, result.describe()
+    assert body.read_bytes() == http_target.hello_body
+    [parsed] = [ev for ev in result.events if ev["event"] == "request_parsed"]
+    assert parsed["protocol"] == protocol
+    lines = environment.read_text().splitlines()
+    names = {line.split("=", 1)[0] for line in lines}
+    assert "PYTUNNEL_PROXY_PASSWORD" not in names
+    assert not [line for line in lines if URL_HOSTILE_PASSWORD in line]
+    encoded = "p%40ss%3Aw%2Frd%2541%20%23%3Fx"
+    carrying = {line.split("=", 1)[0] for line in lines if encoded in line}
+    assert carrying == set(PROXY_VARIABLES)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 
+import h11
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
@@ -14,14 +15,18 @@ from hypothesis import strategies as st
 from tunnel.errors import ReplyReason
 from tunnel.http import (
     HOP_BY_HOP,
+    MAX_HEAD,
     PAC_PATHS,
+    PROTOCOL_ERROR_PHRASES,
     BadTarget,
     Kind,
     Target,
     check_basic,
     forward_headers,
+    head_too_large,
     pac_file,
     parse_target,
+    protocol_error_reason,
     status_for,
 )
 
@@ -347,6 +352,140 @@ def test_check_basic_never_raises_on_garbage(header: bytes | None) -> None:
 def test_check_basic_accepts_any_credentials_it_was_given(user: bytes, password: bytes) -> None:
     assert check_basic(basic(user + b":" + password), user, password)
     assert not check_basic(basic(user + b":" + password + b"!"), user, password)
+
+
+# ---- protocol_error_reason -------------------------------------------------------------
+
+LEAKED = b"c2VjcmV0LXBhc3N3b3Jk"  # what must never come out of a reason
+
+# Requests h11 refuses, each carrying LEAKED where h11 quotes the bad bytes, and the
+# phrase pytunnel says instead.
+BROKEN_REQUESTS: list[tuple[str, bytes, str]] = [
+    ("header-no-colon", b"Proxy-Authorization Basic " + LEAKED, "malformed header line"),
+    ("header-space-before-colon", b"X-Token : " + LEAKED, "malformed header line"),
+    (
+        "header-nul-in-value",
+        b"Proxy-Authorization: Basic " + LEAKED + b"\0",
+        "malformed header line",
+    ),
+    ("header-cr-in-value", b"Cookie: a=" + LEAKED + b"\rb", "malformed header line"),
+    ("bad-content-length", b"Content-Length: " + LEAKED, "bad Content-Length"),
+    ("transfer-encoding", b"Transfer-Encoding: " + LEAKED, "Transfer-Encoding other than chunked"),
+]
+
+
+def h11_error(head: bytes, *, byte_by_byte: bool) -> h11.RemoteProtocolError:
+    conn = h11.Connection(h11.SERVER)
+    pieces = [head[i : i + 1] for i in range(len(head))] if byte_by_byte else [head]
+    for piece in pieces:
+        conn.receive_data(piece)
+        try:
+            while conn.next_event() is not h11.NEED_DATA:
+                pass
+        except h11.RemoteProtocolError as exc:
+            return exc
+    raise AssertionError(f"h11 accepted {head!r}")
+
+
+@pytest.mark.parametrize(
+    ("line", "phrase"),
+    [(line, phrase) for _, line, phrase in BROKEN_REQUESTS],
+    ids=[name for name, _, _ in BROKEN_REQUESTS],
+)
+@pytest.mark.parametrize("byte_by_byte", [False, True], ids=["whole", "byte-by-byte"])
+def test_protocol_error_reason_names_the_fault_not_the_bytes(
+    line: bytes, phrase: str, byte_by_byte: bool
+) -> None:
+    head = b"GET http://example.com/ HTTP/1.1\r\nHost: example.com\r\n" + line + b"\r\n\r\n"
+    exc = h11_error(head, byte_by_byte=byte_by_byte)
+    assert protocol_error_reason(str(exc)) == phrase
+    assert LEAKED.decode() not in phrase
+
+
+def test_protocol_error_reason_for_a_request_line_drops_the_url() -> None:
+    exc = h11_error(
+        b"GET http://user:" + LEAKED + b"@example.com/ HTTP/1.1 x\r\n\r\n", byte_by_byte=False
+    )
+    assert LEAKED.decode() in str(exc)  # h11 quotes it: the reason below must not
+    assert protocol_error_reason(str(exc)) == "malformed request line"
+
+
+@settings(max_examples=300, deadline=None)
+@given(line=st.binary(max_size=80))
+def test_protocol_error_reason_never_quotes_a_header_line(line: bytes) -> None:
+    """Whatever the client puts around the secret, a refusal names only a fixed phrase."""
+    head = b"GET / HTTP/1.1\r\nHost: h\r\n" + line.replace(b"\n", b" ") + LEAKED + b"\r\n\r\n"
+    conn = h11.Connection(h11.SERVER)
+    conn.receive_data(head)
+    try:
+        conn.next_event()
+    except h11.RemoteProtocolError as exc:
+        reason = protocol_error_reason(str(exc))
+        assert reason in PROTOCOL_ERROR_PHRASES
+        assert LEAKED.decode() not in reason
+
+
+@given(message=st.text(max_size=200))
+def test_protocol_error_reason_is_always_a_fixed_phrase(message: str) -> None:
+    assert protocol_error_reason(message) in PROTOCOL_ERROR_PHRASES
+
+
+# ---- head_too_large --------------------------------------------------------------------
+
+HEADS: list[tuple[str, bytes]] = [
+    ("crlf", b"GET / HTTP/1.1\r\nHost: h\r\nX-A: 1\r\n\r\n"),
+    ("bare-lf", b"GET / HTTP/1.1\nHost: h\nX-A: 1\n\n"),
+    ("mixed", b"GET / HTTP/1.1\r\nHost: h\n\r\n"),
+]
+
+
+@pytest.mark.parametrize("head", [h for _, h in HEADS], ids=[n for n, _ in HEADS])
+def test_head_too_large_counts_the_whole_head_with_its_empty_line(head: bytes) -> None:
+    body = b"pipelined body and the next request, never counted" * 10
+    assert not head_too_large(head + body, len(head))
+    assert head_too_large(head + body, len(head) - 1)
+
+
+@pytest.mark.parametrize("head", [h for _, h in HEADS], ids=[n for n, _ in HEADS])
+def test_head_too_large_byte_by_byte(head: bytes) -> None:
+    """Fed one byte more at a time, a head over the limit is refused as soon as it
+    passes the limit, before its end has arrived; one within it never is."""
+    limit = len(head) // 2
+    verdicts = [head_too_large(head[:n], limit) for n in range(len(head) + 1)]
+    assert verdicts == [n > limit for n in range(len(head) + 1)]
+    assert not any(head_too_large(head[:n], len(head)) for n in range(len(head) + 1))
+
+
+def test_head_too_large_default_limit_is_64_kib() -> None:
+    assert MAX_HEAD == 64 * 1024
+    head = b"GET / HTTP/1.1\r\nX: " + b"a" * (MAX_HEAD - 23) + b"\r\n\r\n"
+    assert len(head) == MAX_HEAD
+    assert not head_too_large(head)
+    assert head_too_large(head[:-4] + b"a\r\n\r\n")
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    values=st.lists(st.binary(max_size=300).map(lambda v: v.replace(b"\n", b"")), max_size=8),
+    limit=st.integers(min_value=1, max_value=2000),
+    rest=st.binary(max_size=300),
+)
+def test_head_too_large_agrees_with_the_length_of_what_h11_parses(
+    values: list[bytes], limit: int, rest: bytes
+) -> None:
+    """Whatever follows the head, the verdict is "the head h11 would take is longer
+    than the limit"; h11 is the oracle for where the head ends."""
+    head = b"GET / HTTP/1.1\r\n" + b"".join(b"X-V: " + v + b"\r\n" for v in values) + b"\r\n"
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=10**6)
+    conn.receive_data(head + rest)
+    try:
+        conn.next_event()
+    except h11.RemoteProtocolError:
+        pass
+    else:
+        taken = len(head + rest) - len(conn.trailing_data[0])
+        assert taken == len(head)
+    assert head_too_large(head + rest, limit) == (len(head) > limit)
 
 
 # ---- pac_file --------------------------------------------------------------------------
