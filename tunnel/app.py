@@ -14,7 +14,16 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from . import events
-from .config import Config, Destination, Forward, HostKeyPolicy, open_proxy_forwards
+from .config import (
+    Config,
+    Destination,
+    Forward,
+    HostKeyPolicy,
+    is_loopback_address,
+    literal_forward,
+    merge_forwards,
+    open_proxy_forwards,
+)
 from .errors import CommandFailed, ConfigError, ExitStatus, SessionClosed, SessionError
 from .proxy import ProxyServer
 from .retry import backoff, is_retryable
@@ -57,6 +66,11 @@ def listeners_to_open(config: Config) -> Config:
                 Forward("" if f.host is None else f.host, f.port) for f in config.forwards
             ),
         )
+    # A loopback name is bound as the literal it means, never looked up: the guard
+    # below lets it through as loopback, so nothing may turn it into another address.
+    config = dataclasses.replace(
+        config, forwards=merge_forwards(literal_forward(f) for f in config.forwards)
+    )
     if not config.forwards and not config.reverse_forwards:
         raise ConfigError(
             "nothing to forward",
@@ -79,6 +93,23 @@ def guard_open_proxy(config: Config) -> None:
         ]
         raise ConfigError(
             f"{where} would let anyone who can reach {' or '.join(places)} use the tunnel",
+            hint="require a password with --proxy-auth USER, or pass --allow-open-proxy "
+            "if that is really what you want",
+        )
+
+
+def guard_bound(config: Config, addresses: Sequence[tuple[str, int]]) -> None:
+    """The guard once more, on what was actually bound (each socket's own address),
+    before anything is served: whatever path a bind address took, a listener that is
+    not loopback needs --proxy-auth or --allow-open-proxy."""
+    if config.proxy_credentials is not None or config.allow_open_proxy:
+        return
+    exposed = [(host, port) for host, port in addresses if not is_loopback_address(host)]
+    if exposed:
+        where = ", ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in exposed)
+        raise ConfigError(
+            f"-D bound {where}, which is not loopback, and would let anyone who can "
+            "reach this machine use the tunnel",
             hint="require a password with --proxy-auth USER, or pass --allow-open-proxy "
             "if that is really what you want",
         )
@@ -247,7 +278,10 @@ async def serve(
                 stack.push_async_callback(reverse_proxy.close)
                 reverse = ReverseForwards(session, reverse_proxy, config.reverse_forwards, emit)
                 stack.callback(reverse.close)
-            listeners = await proxy.listen((f.host, f.port) for f in config.forwards)
+            listeners = await proxy.listen(
+                ((f.host, f.port) for f in config.forwards),
+                check=lambda bound: guard_bound(config, bound),
+            )
             supervisor = Supervisor(session, config, emit)
 
             starting = loop.create_task(supervisor.start())

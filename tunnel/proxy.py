@@ -27,7 +27,7 @@ import itertools
 import logging
 import socket
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, cast
 
 from . import events
@@ -701,13 +701,21 @@ class ProxyServer:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._idle = asyncio.Event()
 
-    async def listen(self, specs: Iterable[tuple[str | None, int]]) -> list[events.Listener]:
+    async def listen(
+        self,
+        specs: Iterable[tuple[str | None, int]],
+        *,
+        check: Callable[[list[tuple[str, int]]], None] | None = None,
+    ) -> list[events.Listener]:
         """Bind every ``(host, port)``; all or nothing: on any failure, close what was
-        bound and raise :class:`ListenError`."""
+        bound and raise :class:`ListenError`. ``check`` sees every address actually
+        bound before anything is served, and may refuse them all by raising."""
         bound: list[socket.socket] = []
         try:
             for host, port in specs:
                 bound.extend(_bind_group(bind_addresses(host), port, host))
+            if check is not None:
+                check([cast(tuple[str, int], sock.getsockname()[:2]) for sock in bound])
         except BaseException:
             for sock in bound:
                 sock.close()
