@@ -239,7 +239,8 @@ class HttpSession(_Fed):
             return False
         if target.kind is Kind.PAC:
             listener = self.client.info.listener
-            await self.respond(200, "", content_type=PAC_TYPE, body=pac_file(listener), close=False)
+            body = pac_file(listener, auth=self.client.credentials is not None)
+            await self.respond(200, "", content_type=PAC_TYPE, body=body, close=False)
             return await self._finish_body()
         if target.kind is Kind.LOCAL:
             await self.respond(404, "not found: this is pytunnel; try /proxy.pac", close=False)
