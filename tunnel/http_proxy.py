@@ -59,6 +59,7 @@ class HttpClient(ChannelSink, Protocol):
     def start_relay(self, channel: Channel, pipelined: bytes) -> None: ...
     def arm_deadline(self) -> None: ...
     def reject_client(self, reason: str, *, auth: bool = False, close: bool = True) -> None: ...
+    def login_failed(self) -> float: ...
 
 
 class _Fed:
@@ -252,6 +253,12 @@ class HttpSession(_Fed):
             )
             if not check_basic(header, *credentials):
                 self.client.reject_client("wrong proxy credentials (HTTP)", auth=True, close=False)
+                # No header at all is the challenge every browser starts with, not a guess.
+                hold = self.client.login_failed() if header is not None else 0.0
+                if hold > 0:
+                    # Held without blocking anyone: this task waits, the loop serves on
+                    # (and reads nothing more meanwhile: feed() paused the client).
+                    await asyncio.sleep(hold)
                 await self.respond(
                     407,
                     "proxy authentication required",

@@ -44,6 +44,7 @@ from .socks import (
     SocksVersion,
     State,
 )
+from .throttle import LoginThrottle
 from .udp import UdpAssociation, UdpSettings
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,8 @@ class ProxyClient(asyncio.Protocol):
         self._pending: list[bytes] | None = None
         self._udp: UdpAssociation | None = None
         self._bind: _BindWait | None = None
+        # A failure answer held back by the login throttle.
+        self._held: asyncio.TimerHandle | None = None
         self._loop = asyncio.get_running_loop()
         self.info = events.ConnectionInfo(id=0, client="", started=0.0)
 
@@ -116,6 +119,8 @@ class ProxyClient(asyncio.Protocol):
             self._http = HttpSession(self)
             self._http.feed(data)
             return
+        if self._held is not None:
+            return  # a failed login waits for its answer; what it sends meanwhile is moot
         self._codec.receive_data(data)
         self._socks_events()
 
@@ -138,6 +143,8 @@ class ProxyClient(asyncio.Protocol):
         if self._open_task is not None:
             # The whole request (and maybe data) came before EOF: pass it on later.
             return True
+        if self._held is not None:
+            return False  # it gave up waiting for the answer to a wrong password
         self.reject_client("client closed its side during the handshake")
         return False
 
@@ -281,8 +288,8 @@ class ProxyClient(asyncio.Protocol):
                 return
             if isinstance(event, Credentials):
                 if not self._server.check_credentials(event.username, event.password):
-                    self.transport.write(self._codec.reject_auth())
-                    self.reject_client("wrong proxy credentials (SOCKS5)", auth=True)
+                    self.reject_client("wrong proxy credentials (SOCKS5)", auth=True, close=False)
+                    self._answer_later(self.login_failed(), self._codec.reject_auth())
                     return
                 self.transport.write(self._codec.accept_auth())
                 continue
@@ -436,6 +443,30 @@ class ProxyClient(asyncio.Protocol):
             self.transport.write(exc.reply)
         self.reject_client(exc.message)
 
+    def login_failed(self) -> float:
+        """Count a wrong proxy password from this client's address; how long to hold the
+        answer. While it is held, the handshake deadline does not also close the client."""
+        peer = self.transport.get_extra_info("peername")
+        address = str(peer[0]) if isinstance(peer, tuple) and peer else self.info.client
+        hold = self._server.throttle.failed(address, self._server.clock())
+        if hold > 0:
+            self._cancel_deadline()
+        return hold
+
+    def _answer_later(self, hold: float, answer: bytes) -> None:
+        """Send a failure answer and close, after ``hold`` seconds (at once for 0).
+        Reading goes on meanwhile, only so that a client that hangs up is seen."""
+        if hold <= 0:
+            self._send_and_close(answer)
+            return
+        self._held = self._loop.call_later(hold, self._send_and_close, answer)
+
+    def _send_and_close(self, answer: bytes) -> None:
+        self._held = None
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.write(answer)
+            self._transport.close()
+
     def reject_client(self, reason: str, *, auth: bool = False, close: bool = True) -> None:
         """Report a client we will not serve; close it unless the caller still answers."""
         self._server.emit(events.ClientRejected(self.info, reason, auth=auth))
@@ -475,6 +506,9 @@ class ProxyClient(asyncio.Protocol):
             return
         self._closed = True
         self._cancel_deadline()
+        if self._held is not None:
+            self._held.cancel()
+            self._held = None
         if self._open_task is not None and not self._open_task.done():
             self._open_task.cancel()
         if self._http is not None:
@@ -681,6 +715,8 @@ class ProxyServer:
         udp: UdpSettings | None = None,
         ids: Iterator[int] | None = None,
         reverse: bool = False,
+        throttle: LoginThrottle | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         # binder: SOCKS BIND through the SSH server; udp: UDP ASSOCIATE. Without them
         # those commands get 0x07. ``reverse`` marks the proxy behind -R listeners.
@@ -693,6 +729,9 @@ class ProxyServer:
         self.max_clients = max_clients
         self.rules = rules or Rules()
         self.credentials = credentials
+        # Slows down password guessing, per client address; see tunnel.throttle.
+        self.throttle = LoginThrottle() if throttle is None else throttle
+        self.clock = clock
         self.clients: set[ProxyClient] = set()
         self.ids = ids or itertools.count(1)
         self.listeners: list[events.Listener] = []
