@@ -92,7 +92,7 @@ class ProxyClient(asyncio.Protocol):
             started=time.monotonic(),
             listener=_format_address(transport.get_extra_info("sockname")),
         )
-        self._over_limit = len(self._server.clients) >= self._server.max_clients
+        self._over_limit = not self._server.has_room()
         self._server.clients.add(self)
         self.arm_deadline()
         self._server.emit(events.ClientAccepted(self.info))
@@ -722,6 +722,9 @@ class ProxyServer:
         # those commands get 0x07. ``reverse`` marks the proxy behind -R listeners.
         self.binder = binder
         self.udp = udp
+        if udp is not None:
+            # DNS channels of UDP associations count toward the connection limit.
+            udp.room = self.has_room
         self.reverse = reverse
         self.opener = opener
         self.emit = emit
@@ -767,6 +770,12 @@ class ProxyServer:
             self.listeners.append(listener)
             self.emit(events.ListenerStarted(listener))
         return list(self.listeners)
+
+    def has_room(self) -> bool:
+        """Whether the connection limit allows one more: clients and the UDP
+        associations' DNS channels together stay below it."""
+        links = self.udp.links if self.udp is not None else 0
+        return len(self.clients) + links < self.max_clients
 
     def check_credentials(self, username: bytes, password: bytes) -> bool:
         """Constant time, so how long the answer takes says nothing about the secret."""
