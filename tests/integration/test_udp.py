@@ -450,7 +450,8 @@ def test_dns_links_per_association_are_capped_and_the_rest_counted_as_dropped(
     association.send(*servers[cap + 1].address, build_query(KNOWN, 0x0F01))
     # The links it has still serve (and answer after the two drops were handled).
     assert resolve(association, KNOWN, 0x0F02, via=servers[0].address).id == 0x0F02
-    assert [server.connections for server in servers] == [1] * cap + [0, 0]
+    assert all(server.connections >= 1 for server in servers[:cap])
+    assert [server.connections for server in servers[cap:]] == [0, 0]
     closed = close_association(running, association, ident)
     assert closed["dropped"] == 2
 
