@@ -32,6 +32,10 @@ from fixtures.pytunnel_proc import (
 from fixtures.sshd import SshdServer
 from fixtures.targets import EchoTarget
 
+from tunnel.errors import ConfigError
+from tunnel.proxy import ProxyServer
+from tunnel.reverse import LocalOpener
+
 pytestmark = pytest.mark.timeout(60)
 
 GUARD_TIMEOUT = 20.0
@@ -284,3 +288,25 @@ def test_unreadable_password_file_is_a_usage_error(closed_port: int, tmp_path: P
     result = run_pytunnel([*args, *unreachable_ssh(closed_port)], timeout=GUARD_TIMEOUT)
     assert result.returncode == 2, result.describe()
     assert str(missing) in result.stderr
+
+
+async def test_a_check_after_binding_sees_every_address_and_can_refuse_them_all() -> None:
+    # What serve() does with guard_bound: the addresses the sockets report, before any
+    # accept; a refusal closes every socket and announces none.
+    seen: list[object] = []
+    offered: list[list[tuple[str, int]]] = []
+
+    def refuse(bound: list[tuple[str, int]]) -> None:
+        offered.append(bound)
+        raise ConfigError("refused")
+
+    proxy = ProxyServer(LocalOpener(GUARD_TIMEOUT), seen.append)
+    with pytest.raises(ConfigError):
+        await proxy.listen([("127.0.0.1", 0), ("127.0.0.2", 0)], check=refuse)
+    [[(first, port), (second, _)]] = offered
+    assert (first, second) == ("127.0.0.1", "127.0.0.2")
+    assert seen == []
+    assert proxy.listeners == []
+    # The refused socket is closed: its port can be bound again at once.
+    with socket.socket() as again:
+        again.bind(("127.0.0.1", port))
