@@ -15,7 +15,16 @@ from typing import Any, NoReturn
 from urllib.parse import quote
 
 from . import events
-from .config import Config, Destination, Forward, HostKeyPolicy, open_proxy_forwards
+from .config import (
+    Config,
+    Destination,
+    Forward,
+    HostKeyPolicy,
+    is_loopback_address,
+    literal_forward,
+    merge_forwards,
+    open_proxy_forwards,
+)
 from .errors import CommandFailed, ConfigError, ExitStatus, SessionClosed, SessionError
 from .proxy import ProxyServer
 from .retry import backoff, is_retryable
@@ -58,6 +67,11 @@ def listeners_to_open(config: Config) -> Config:
                 Forward("" if f.host is None else f.host, f.port) for f in config.forwards
             ),
         )
+    # A loopback name is bound as the literal it means, never looked up: the guard
+    # below lets it through as loopback, so nothing may turn it into another address.
+    config = dataclasses.replace(
+        config, forwards=merge_forwards(literal_forward(f) for f in config.forwards)
+    )
     if not config.forwards and not config.reverse_forwards:
         raise ConfigError(
             "nothing to forward",
@@ -80,6 +94,23 @@ def guard_open_proxy(config: Config) -> None:
         ]
         raise ConfigError(
             f"{where} would let anyone who can reach {' or '.join(places)} use the tunnel",
+            hint="require a password with --proxy-auth USER, or pass --allow-open-proxy "
+            "if that is really what you want",
+        )
+
+
+def guard_bound(config: Config, addresses: Sequence[tuple[str, int]]) -> None:
+    """The guard once more, on what was actually bound (each socket's own address),
+    before anything is served: whatever path a bind address took, a listener that is
+    not loopback needs --proxy-auth or --allow-open-proxy."""
+    if config.proxy_credentials is not None or config.allow_open_proxy:
+        return
+    exposed = [(host, port) for host, port in addresses if not is_loopback_address(host)]
+    if exposed:
+        where = ", ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in exposed)
+        raise ConfigError(
+            f"-D bound {where}, which is not loopback, and would let anyone who can "
+            "reach this machine use the tunnel",
             hint="require a password with --proxy-auth USER, or pass --allow-open-proxy "
             "if that is really what you want",
         )
@@ -262,7 +293,10 @@ async def serve(
             # Bound now, so a port in use fails before any prompt; listening only once
             # the session is up, so until then a client is refused by the kernel and a
             # start-up that fails never accepted anyone (``ssh -f -D`` scripts poll).
-            proxy.bind((f.host, f.port) for f in config.forwards)
+            proxy.bind(
+                ((f.host, f.port) for f in config.forwards),
+                check=lambda bound: guard_bound(config, bound),
+            )
             supervisor = Supervisor(session, config, emit)
 
             starting = loop.create_task(supervisor.start())

@@ -335,7 +335,39 @@ def split_paths(value: str) -> tuple[str, ...]:
     return tuple(value.split())
 
 
-LOOPBACK_NAMES = frozenset({"localhost", "ip6-localhost", "ip6-loopback"})
+# Names that always mean this machine's loopback, with the addresses a -D on them binds:
+# these literals, never a lookup, so that /etc/hosts or a resolver cannot turn a name the
+# open-proxy guard let through into another address. "localhost" binds both families,
+# as ssh -D localhost:PORT does.
+LOOPBACK_NAMES: dict[str, tuple[str, ...]] = {
+    "localhost": ("127.0.0.1", "::1"),
+    "ip6-localhost": ("::1",),
+    "ip6-loopback": ("::1",),
+}
+
+
+def literal_forward(forward: Forward) -> Forward:
+    """A -D whose bind address is a loopback name (any case), as the literal it means:
+    None (127.0.0.1 and ::1) for localhost, ``::1`` for the IPv6 names."""
+    if forward.host is None:
+        return forward
+    addresses = LOOPBACK_NAMES.get(forward.host.lower())
+    if addresses is None:
+        return forward
+    return Forward(None if len(addresses) > 1 else addresses[0], forward.port)
+
+
+def is_loopback_address(host: str) -> bool:
+    """Whether an address as a socket reports it (``sockname``) is loopback. Names and
+    anything unparsable are not: only what was actually bound counts."""
+    try:
+        address = ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return False
+    # ::ffff:127.0.0.1 is 127.0.0.1 (Python before 3.13 says it is not loopback).
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped.is_loopback
+    return address.is_loopback
 
 
 def is_loopback_forward(forward: Forward) -> bool:

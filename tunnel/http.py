@@ -204,14 +204,32 @@ def check_basic(header: bytes | None, username: bytes, password: bytes) -> bool:
     return same_user and same_secret
 
 
-def pac_file(listener: str) -> bytes:
-    """Everything through the tunnel, SOCKS5 first; loopback and plain host names
-    direct. ``listener`` is host:port as the client reached us."""
+def pac_file(listener: str, *, auth: bool = False) -> bytes:
+    """Everything through the tunnel; loopback and plain host names direct.
+    ``listener`` is host:port as the client reached us; ``auth``: the proxy wants a
+    password.
+
+    Only what is surely loopback goes DIRECT: ``localhost``, a dotted-quad literal in
+    127.0.0.0/8 (checked octet by octet, so a name like ``127.example.com`` goes
+    through the tunnel), ``::1``, and plain names (no dots, no colons). No isInNet or
+    dnsResolve: browsers answer those with a local DNS lookup, which would leak the
+    name the tunnel is meant to carry.
+
+    The proxies: SOCKS5 (Chromium, and Firefox since 128, let the proxy resolve the
+    name) and then PROXY (an HTTP proxy always gets the name). Never plain ``SOCKS``:
+    both browsers read it as SOCKS4, which resolves names locally. With a password,
+    PROXY alone: browsers ask for and send HTTP proxy Basic credentials, but cannot log
+    in to a SOCKS5 proxy."""
+    proxies = f"PROXY {listener}" if auth else f"SOCKS5 {listener}; PROXY {listener}"
     return (
         "function FindProxyForURL(url, host) {\n"
-        '  if (isPlainHostName(host) || host == "localhost" ||\n'
-        '      shExpMatch(host, "127.*") || host == "::1" || host == "[::1]")\n'
+        "  var name = host.toLowerCase();\n"
+        # Older isPlainHostName() calls any name without a dot plain, IPv6 literals too.
+        '  var plain = isPlainHostName(name) && name.indexOf(":") == -1;\n'
+        '  if (plain || name == "localhost" ||\n'
+        "      /^127(\\.(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])){3}$/.test(name) ||\n"
+        '      name == "::1" || name == "[::1]")\n'
         '    return "DIRECT";\n'
-        f'  return "SOCKS5 {listener}; SOCKS {listener}";\n'
+        f'  return "{proxies}";\n'
         "}\n"
     ).encode()

@@ -65,6 +65,7 @@ class HttpClient(ChannelSink, Protocol):
     def idle_timeout(self) -> float: ...
     def arm_deadline(self) -> None: ...
     def reject_client(self, reason: str, *, auth: bool = False, close: bool = True) -> None: ...
+    def login_failed(self) -> float: ...
 
 
 class _Fed:
@@ -262,7 +263,8 @@ class HttpSession(_Fed):
             return False
         if target.kind is Kind.PAC:
             listener = self.client.info.listener
-            await self.respond(200, "", content_type=PAC_TYPE, body=pac_file(listener), close=False)
+            body = pac_file(listener, auth=self.client.credentials is not None)
+            await self.respond(200, "", content_type=PAC_TYPE, body=body, close=False)
             return await self._finish_body()
         if target.kind is Kind.LOCAL:
             await self.respond(404, "not found: this is pytunnel; try /proxy.pac", close=False)
@@ -274,6 +276,12 @@ class HttpSession(_Fed):
             )
             if not check_basic(header, *credentials):
                 self.client.reject_client("wrong proxy credentials (HTTP)", auth=True, close=False)
+                # No header at all is the challenge every browser starts with, not a guess.
+                hold = self.client.login_failed() if header is not None else 0.0
+                if hold > 0:
+                    # Held without blocking anyone: this task waits, the loop serves on
+                    # (and reads nothing more meanwhile: feed() paused the client).
+                    await asyncio.sleep(hold)
                 await self.respond(
                     407,
                     "proxy authentication required",

@@ -27,7 +27,7 @@ import itertools
 import logging
 import socket
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, cast
 
 from . import events
@@ -44,6 +44,7 @@ from .socks import (
     SocksVersion,
     State,
 )
+from .throttle import LoginThrottle
 from .udp import UdpAssociation, UdpSettings
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,8 @@ class ProxyClient(asyncio.Protocol):
         self._pending: list[bytes] | None = None
         self._udp: UdpAssociation | None = None
         self._bind: _BindWait | None = None
+        # A failure answer held back by the login throttle.
+        self._held: asyncio.TimerHandle | None = None
         self._loop = asyncio.get_running_loop()
         self.info = events.ConnectionInfo(id=0, client="", started=0.0)
 
@@ -89,7 +92,7 @@ class ProxyClient(asyncio.Protocol):
             started=time.monotonic(),
             listener=_format_address(transport.get_extra_info("sockname")),
         )
-        self._over_limit = len(self._server.clients) >= self._server.max_clients
+        self._over_limit = not self._server.has_room()
         self._server.clients.add(self)
         self.arm_deadline()
         self._server.emit(events.ClientAccepted(self.info))
@@ -116,6 +119,8 @@ class ProxyClient(asyncio.Protocol):
             self._http = HttpSession(self)
             self._http.feed(data)
             return
+        if self._held is not None:
+            return  # a failed login waits for its answer; what it sends meanwhile is moot
         self._codec.receive_data(data)
         self._socks_events()
 
@@ -138,6 +143,8 @@ class ProxyClient(asyncio.Protocol):
         if self._open_task is not None:
             # The whole request (and maybe data) came before EOF: pass it on later.
             return True
+        if self._held is not None:
+            return False  # it gave up waiting for the answer to a wrong password
         self.reject_client("client closed its side during the handshake")
         return False
 
@@ -286,8 +293,8 @@ class ProxyClient(asyncio.Protocol):
                 return
             if isinstance(event, Credentials):
                 if not self._server.check_credentials(event.username, event.password):
-                    self.transport.write(self._codec.reject_auth())
-                    self.reject_client("wrong proxy credentials (SOCKS5)", auth=True)
+                    self.reject_client("wrong proxy credentials (SOCKS5)", auth=True, close=False)
+                    self._answer_later(self.login_failed(), self._codec.reject_auth())
                     return
                 self.transport.write(self._codec.accept_auth())
                 continue
@@ -441,6 +448,30 @@ class ProxyClient(asyncio.Protocol):
             self.transport.write(exc.reply)
         self.reject_client(exc.message)
 
+    def login_failed(self) -> float:
+        """Count a wrong proxy password from this client's address; how long to hold the
+        answer. While it is held, the handshake deadline does not also close the client."""
+        peer = self.transport.get_extra_info("peername")
+        address = str(peer[0]) if isinstance(peer, tuple) and peer else self.info.client
+        hold = self._server.throttle.failed(address, self._server.clock())
+        if hold > 0:
+            self._cancel_deadline()
+        return hold
+
+    def _answer_later(self, hold: float, answer: bytes) -> None:
+        """Send a failure answer and close, after ``hold`` seconds (at once for 0).
+        Reading goes on meanwhile, only so that a client that hangs up is seen."""
+        if hold <= 0:
+            self._send_and_close(answer)
+            return
+        self._held = self._loop.call_later(hold, self._send_and_close, answer)
+
+    def _send_and_close(self, answer: bytes) -> None:
+        self._held = None
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.write(answer)
+            self._transport.close()
+
     def reject_client(self, reason: str, *, auth: bool = False, close: bool = True) -> None:
         """Report a client we will not serve; close it unless the caller still answers."""
         self._server.emit(events.ClientRejected(self.info, reason, auth=auth))
@@ -480,6 +511,9 @@ class ProxyClient(asyncio.Protocol):
             return
         self._closed = True
         self._cancel_deadline()
+        if self._held is not None:
+            self._held.cancel()
+            self._held = None
         if self._open_task is not None and not self._open_task.done():
             self._open_task.cancel()
         if self._http is not None:
@@ -686,11 +720,16 @@ class ProxyServer:
         udp: UdpSettings | None = None,
         ids: Iterator[int] | None = None,
         reverse: bool = False,
+        throttle: LoginThrottle | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         # binder: SOCKS BIND through the SSH server; udp: UDP ASSOCIATE. Without them
         # those commands get 0x07. ``reverse`` marks the proxy behind -R listeners.
         self.binder = binder
         self.udp = udp
+        if udp is not None:
+            # DNS channels of UDP associations count toward the connection limit.
+            udp.room = self.has_room
         self.reverse = reverse
         self.opener = opener
         self.emit = emit
@@ -698,6 +737,9 @@ class ProxyServer:
         self.max_clients = max_clients
         self.rules = rules or Rules()
         self.credentials = credentials
+        # Slows down password guessing, per client address; see tunnel.throttle.
+        self.throttle = LoginThrottle() if throttle is None else throttle
+        self.clock = clock
         self.clients: set[ProxyClient] = set()
         self.ids = ids or itertools.count(1)
         self.listeners: list[events.Listener] = []
@@ -707,21 +749,35 @@ class ProxyServer:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._idle = asyncio.Event()
 
-    async def listen(self, specs: Iterable[tuple[str | None, int]]) -> list[events.Listener]:
+    async def listen(
+        self,
+        specs: Iterable[tuple[str | None, int]],
+        *,
+        check: Callable[[list[tuple[str, int]]], None] | None = None,
+    ) -> list[events.Listener]:
         """Bind every ``(host, port)`` and accept at once: :meth:`bind`, then
         :meth:`start_accepting`."""
-        self.bind(specs)
+        self.bind(specs, check=check)
         return self.start_accepting()
 
-    def bind(self, specs: Iterable[tuple[str | None, int]]) -> list[events.Listener]:
+    def bind(
+        self,
+        specs: Iterable[tuple[str | None, int]],
+        *,
+        check: Callable[[list[tuple[str, int]]], None] | None = None,
+    ) -> list[events.Listener]:
         """Bind every ``(host, port)`` without listening, so a port in use is known
         before any SSH prompt while a client connecting now is still refused by the
         kernel. All or nothing: on any failure, close what was bound and raise
-        :class:`ListenError`. The listeners it returns carry the ports chosen for 0."""
+        :class:`ListenError`. ``check`` sees every address actually bound before
+        anything is served, and may refuse them all by raising. The listeners it
+        returns carry the ports chosen for 0."""
         bound: list[socket.socket] = []
         try:
             for host, port in specs:
                 bound.extend(_bind_group(bind_addresses(host), port, host))
+            if check is not None:
+                check([cast(tuple[str, int], sock.getsockname()[:2]) for sock in bound])
         except BaseException:
             for sock in bound:
                 sock.close()
@@ -747,6 +803,12 @@ class ProxyServer:
             self.listeners.append(listener)
             self.emit(events.ListenerStarted(listener))
         return list(self.listeners)
+
+    def has_room(self) -> bool:
+        """Whether the connection limit allows one more: clients and the UDP
+        associations' DNS channels together stay below it."""
+        links = self.udp.links if self.udp is not None else 0
+        return len(self.clients) + links < self.max_clients
 
     def check_credentials(self, username: bytes, password: bytes) -> bool:
         """Constant time, so how long the answer takes says nothing about the secret."""

@@ -54,6 +54,12 @@ MAX_PENDING_QUERIES: Final = 256
 MAX_QUEUED_DATAGRAMS: Final = 256
 # After the helper failed to start, how long before it is tried again.
 HELPER_RETRY: Final = 60.0
+# DNS servers one association may reach at once, each over a channel of its own. A stub
+# resolver asks one to three; a client naming thousands would otherwise open thousands
+# of channels on the SSH connection.
+MAX_DNS_LINKS: Final = 8
+# A DNS channel with no query for this long is closed (the next query opens another).
+LINK_IDLE: Final = 30.0
 
 
 class Drop(enum.StrEnum):
@@ -68,6 +74,8 @@ class Drop(enum.StrEnum):
     DNS_TIMEOUT = "DNS query unanswered"
     DNS_FAILED = "DNS over TCP could not reach the server"
     BACKLOG = "too many datagrams waiting"
+    LINKS = f"DNS to more than {MAX_DNS_LINKS} servers at once from one association"
+    LIMIT = "the connection limit is reached (DNS channels count toward it)"
 
 
 @dataclass(slots=True)
@@ -84,6 +92,10 @@ class UdpSettings:
     helper_failed_at: float | None = None
     helper_reported: bool = False
     clock: Callable[[], float] = time.monotonic
+    # DNS channels open or opening, over every association; and whether the connection
+    # limit leaves room for one more (the proxy that serves the associations says).
+    links: int = 0
+    room: Callable[[], bool] = lambda: True
 
     def helper_usable(self) -> bool:
         if self.runner is None or not self.helper:
@@ -183,7 +195,11 @@ class UdpAssociation(asyncio.DatagramProtocol):
             return
         self.info.bytes_up += len(datagram.payload)
         if port == DNS_PORT:
-            self._dns_link(host, port).query(datagram.payload, where, (host, port))
+            link = self._dns_link(host, port)
+            if isinstance(link, Drop):
+                self.drop(link, where)
+                return
+            link.query(datagram.payload, where, (host, port))
         elif self.settings.helper_usable():
             if self._helper is None:
                 self._helper = _HelperLink(self)
@@ -214,22 +230,34 @@ class UdpAssociation(asyncio.DatagramProtocol):
             why = f"{reason.value} ({detail})" if detail else reason.value
             self.settings.emit(events.DatagramsDropped(self.info, why, where))
 
-    def _dns_link(self, host: str, port: int) -> _DnsLink:
+    def _dns_link(self, host: str, port: int) -> _DnsLink | Drop:
+        """The link to the resolver a query goes to, or why there is none."""
         # One link per resolver actually reached: with --dns-server, one for every
         # query, whatever address it was sent to.
         target = self.settings.dns_server or (host, port)
         link = self._dns.get(target)
         if link is None:
+            if len(self._dns) >= MAX_DNS_LINKS:
+                return Drop.LINKS
+            if not self.settings.room():
+                return Drop.LIMIT
             link = self._dns[target] = _DnsLink(self, target)
+            self.settings.links += 1
         return link
+
+    def forget_link(self, link: _DnsLink) -> None:
+        """Close a DNS link and give its place back (idle, or its channel never opened)."""
+        if self._dns.get(link.target) is link:
+            del self._dns[link.target]
+            self.settings.links -= 1
+        link.close()
 
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
-        for link in self._dns.values():
-            link.close()
-        self._dns.clear()
+        for link in list(self._dns.values()):
+            self.forget_link(link)
         if self._helper is not None:
             self._helper.close()
         if self._transport is not None:
@@ -328,6 +356,9 @@ class _DnsLink(_Stream):
         self.decoder = dns_decoder()
         self.pending: dict[int, list[_Query]] = {}
         self.waiting = 0
+        loop = asyncio.get_running_loop()
+        self.last_query = loop.time()
+        self.idle_timer: asyncio.TimerHandle | None = loop.call_later(LINK_IDLE, self._check_idle)
 
     def query(self, message: bytes, where: str, reply_as: tuple[str, int]) -> None:
         qid = dns_id(message)
@@ -339,6 +370,7 @@ class _DnsLink(_Stream):
             return
         query = _Query(message, where, reply_as)
         self.last_reply_as = reply_as
+        self.last_query = asyncio.get_running_loop().time()
         query.timer = asyncio.get_running_loop().call_later(DNS_TIMEOUT, self._expire, qid, query)
         self.pending.setdefault(qid, []).append(query)
         self.waiting += 1
@@ -371,6 +403,17 @@ class _DnsLink(_Stream):
         self._forget(query)
         self.association.drop(Drop.DNS_TIMEOUT, query.where)
 
+    def _check_idle(self) -> None:
+        self.idle_timer = None
+        loop = asyncio.get_running_loop()
+        quiet = loop.time() - self.last_query
+        if quiet >= LINK_IDLE and not self.waiting:
+            self.association.forget_link(self)
+            return
+        # Queries still waiting end within DNS_TIMEOUT; look again then.
+        later = LINK_IDLE - quiet if quiet < LINK_IDLE else DNS_TIMEOUT
+        self.idle_timer = loop.call_later(later, self._check_idle)
+
     async def _open(self) -> None:
         host, port = self.target
         association = self.association
@@ -386,6 +429,8 @@ class _DnsLink(_Stream):
                 for query in list(queries):
                     self._forget(query)
                     association.drop(Drop.DNS_FAILED, query.where)
+            # Its place goes to the next resolver asked for; this one is tried afresh.
+            association.forget_link(self)
             return
         self.opened(channel)
 
@@ -423,6 +468,9 @@ class _DnsLink(_Stream):
                     self._send(query)
 
     def close(self) -> None:
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+            self.idle_timer = None
         for queries in list(self.pending.values()):
             for query in list(queries):
                 self._forget(query)

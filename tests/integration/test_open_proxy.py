@@ -9,12 +9,16 @@ exit status would be 255 (connection refused), not 2.
 
 from __future__ import annotations
 
+import os
+import shutil
 import socket
+import subprocess
 from pathlib import Path
 
 import pytest
 from fixtures.net import ipv6_loopback_available
 from fixtures.pytunnel_proc import (
+    PYTUNNEL,
     Finished,
     PytunnelFactory,
     closed_by_peer,
@@ -27,6 +31,10 @@ from fixtures.pytunnel_proc import (
 )
 from fixtures.sshd import SshdServer
 from fixtures.targets import EchoTarget
+
+from tunnel.errors import ConfigError
+from tunnel.proxy import ProxyServer
+from tunnel.reverse import LocalOpener
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -192,6 +200,61 @@ def test_ipv6_loopback_needs_no_flag(pytunnel_factory: PytunnelFactory, sshd: Ss
     assert [host for host, _ in tunnel.listeners] == ["::1"]
 
 
+# ---- loopback names are bound as literals, whatever the resolver says ---------------------
+
+# Every loopback name means every interface here: what a hostile /etc/hosts or resolver
+# could answer. Only pytunnel sees it, in its own mount namespace; nothing is looked up
+# beyond this file, and the SSH server is reached by address.
+HOSTILE_HOSTS = "0.0.0.0 localhost ip6-localhost ip6-loopback\n"
+
+
+def hostile_hosts_prefix(tmp_path: Path) -> list[str]:
+    """The command that runs pytunnel with HOSTILE_HOSTS as its /etc/hosts."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare for a private /etc/hosts")
+    hosts = tmp_path / "hosts"
+    hosts.write_text(HOSTILE_HOSTS)
+    wrap = ["unshare", "--mount", "sh", "-c", 'mount --bind "$1" /etc/hosts && shift && exec "$@"']
+    probe = subprocess.run(
+        [*wrap, "sh", str(hosts), "getent", "ahostsv4", "ip6-localhost"],
+        capture_output=True,
+        text=True,
+        timeout=GUARD_TIMEOUT,
+        check=False,
+    )
+    if probe.returncode != 0 or "0.0.0.0" not in probe.stdout:
+        pytest.skip(f"cannot give pytunnel a private /etc/hosts: {probe.stderr.strip()}")
+    return [*wrap, "sh", str(hosts), str(PYTUNNEL)]
+
+
+NAMED_LOOPBACK = [
+    ("LOCALHOST:0", {"127.0.0.1", "::1"}),
+    ("Localhost:0", {"127.0.0.1", "::1"}),
+    ("ip6-localhost:0", {"::1"}),
+    ("IP6-LOOPBACK:0", {"::1"}),
+]
+
+
+@pytest.mark.parametrize(("spec", "hosts"), NAMED_LOOPBACK, ids=[s for s, _ in NAMED_LOOPBACK])
+def test_loopback_names_bind_loopback_even_if_the_resolver_says_otherwise(
+    sshd: SshdServer, tmp_path: Path, spec: str, hosts: set[str]
+) -> None:
+    if hosts == {"::1"} and not ipv6_loopback_available():
+        pytest.skip("no IPv6 loopback")
+    prefix = hostile_hosts_prefix(tmp_path)
+    # The command ends the tunnel once it is up, so the run has an end.
+    result = run_pytunnel(
+        ["--json", "-D", spec, *server_args(sshd), "--", "true"],
+        executable=prefix,
+        timeout=GUARD_TIMEOUT,
+    )
+    assert result.returncode == 0, result.describe()
+    [ready] = [event for event in result.events if event["event"] == "ready"]
+    bound = {item["host"] for item in ready["listeners"]}
+    assert bound, result.describe()
+    assert bound <= hosts, result.describe()
+
+
 # ---- where the password comes from -----------------------------------------------------------
 
 
@@ -225,3 +288,25 @@ def test_unreadable_password_file_is_a_usage_error(closed_port: int, tmp_path: P
     result = run_pytunnel([*args, *unreachable_ssh(closed_port)], timeout=GUARD_TIMEOUT)
     assert result.returncode == 2, result.describe()
     assert str(missing) in result.stderr
+
+
+async def test_a_check_after_binding_sees_every_address_and_can_refuse_them_all() -> None:
+    # What serve() does with guard_bound: the addresses the sockets report, before any
+    # accept; a refusal closes every socket and announces none.
+    seen: list[object] = []
+    offered: list[list[tuple[str, int]]] = []
+
+    def refuse(bound: list[tuple[str, int]]) -> None:
+        offered.append(bound)
+        raise ConfigError("refused")
+
+    proxy = ProxyServer(LocalOpener(GUARD_TIMEOUT), seen.append)
+    with pytest.raises(ConfigError):
+        await proxy.listen([("127.0.0.1", 0), ("127.0.0.2", 0)], check=refuse)
+    [[(first, port), (second, _)]] = offered
+    assert (first, second) == ("127.0.0.1", "127.0.0.2")
+    assert seen == []
+    assert proxy.listeners == []
+    # The refused socket is closed: its port can be bound again at once.
+    with socket.socket() as again:
+        again.bind(("127.0.0.1", port))

@@ -37,8 +37,10 @@ from fixtures.pytunnel_proc import (
     recv_exact,
     server_args,
     socks4_request,
+    socks5_open,
 )
 from fixtures.sshd import SshdServer
+from fixtures.targets import EchoTarget
 from fixtures.udp_targets import (
     ECHO_PREFIX,
     RCODE_NXDOMAIN,
@@ -401,6 +403,80 @@ def test_dns_server_that_refuses_drops_the_query(
     dropped = running.wait_event("datagrams_dropped", id=ident)
     assert "could not reach" in dropped["reason"]
     assert nothing_waiting(association.udp)
+
+
+# -- bounds on DNS channels ---------------------------------------------------------------
+
+
+@pytest.fixture
+def resolvers() -> Iterator[Callable[[int], list[DnsOverTcpServer]]]:
+    """``resolvers(n)``: n DNS-over-TCP servers on port 53 of distinct loopback addresses
+    (127.0.0.60 and up), as a client naming n resolvers reaches them."""
+    started: list[DnsOverTcpServer] = []
+
+    def start_resolvers(count: int) -> list[DnsOverTcpServer]:
+        for number in range(count):
+            try:
+                started.append(DnsOverTcpServer(RECORDS, host=f"127.0.0.{60 + number}", port=53))
+            except OSError as exc:
+                pytest.skip(f"cannot listen on 127.0.0.{60 + number}:53: {exc}")
+        return started
+
+    try:
+        yield start_resolvers
+    finally:
+        for server in started:
+            server.stop()
+
+
+def test_dns_links_per_association_are_capped_and_the_rest_counted_as_dropped(
+    start: StartTunnel,
+    associate: OpenAssociation,
+    resolvers: Callable[[int], list[DnsOverTcpServer]],
+) -> None:
+    cap = udp_module.MAX_DNS_LINKS
+    servers = resolvers(cap + 2)
+    running = start()
+    association = associate(running)
+    ident = association_id(running, association)
+    for qid, server in enumerate(servers[:cap], start=1):
+        answer = resolve(association, KNOWN, qid, via=server.address)
+        assert answer == DnsAnswer(qid, 0, [RECORDS[KNOWN]])
+    # One more resolver: no channel for it, the query is dropped, counted and reported.
+    association.send(*servers[cap].address, build_query(KNOWN, 0x0F00))
+    dropped = running.wait_event("datagrams_dropped", id=ident)
+    assert f"more than {cap} servers" in dropped["reason"]
+    assert dropped["destination"] == f"{servers[cap].host}:53"
+    association.send(*servers[cap + 1].address, build_query(KNOWN, 0x0F01))
+    # The links it has still serve (and answer after the two drops were handled).
+    assert resolve(association, KNOWN, 0x0F02, via=servers[0].address).id == 0x0F02
+    assert all(server.connections >= 1 for server in servers[:cap])
+    assert [server.connections for server in servers[cap:]] == [0, 0]
+    closed = close_association(running, association, ident)
+    assert closed["dropped"] == 2
+
+
+def test_dns_channels_count_toward_the_connection_limit(
+    start: StartTunnel,
+    associate: OpenAssociation,
+    resolvers: Callable[[int], list[DnsOverTcpServer]],
+    echo_target: EchoTarget,
+) -> None:
+    # A limit of 3: the association's control connection and two DNS channels.
+    servers = resolvers(3)
+    running = start("--max-connections", "3")
+    association = associate(running)
+    ident = association_id(running, association)
+    for qid, server in enumerate(servers[:2], start=1):
+        assert resolve(association, KNOWN, qid, via=server.address).rcode == 0
+    association.send(*servers[2].address, build_query(KNOWN, 3))
+    dropped = running.wait_event("datagrams_dropped", id=ident)
+    assert "connection limit" in dropped["reason"]
+    assert servers[2].connections == 0
+    # Nor is there room for another client: it gets SOCKS5 general failure.
+    sock, reply = socks5_open(running.address, LOOPBACK4, echo_target.port)
+    with sock:
+        assert reply[:2] == b"\x05\x01"
 
 
 # -- other UDP: the helper ---------------------------------------------------------------
@@ -863,3 +939,88 @@ async def test_in_process_late_dns_answer_is_still_passed_on(
             await proxy.close()
         await session.close()
         await held.close()
+
+
+class AnsweringDnsServer:
+    """DNS over TCP in the test's event loop that answers at once and reports each
+    connection's end."""
+
+    def __init__(self) -> None:
+        self.opened = 0
+        self.ended: asyncio.Queue[None] = asyncio.Queue()
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> tuple[str, int]:
+        self._server = await asyncio.start_server(self._serve, LOOPBACK4, 0)
+        host, port = self._server.sockets[0].getsockname()[:2]
+        return str(host), int(port)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.opened += 1
+        self._writers.append(writer)
+        try:
+            with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+                while True:
+                    size = int.from_bytes(await reader.readexactly(2), "big")
+                    query = await reader.readexactly(size)
+                    writer.write(frame_tcp(dns_response(query, RECORDS) or b""))
+        finally:
+            self.ended.put_nowait(None)
+
+    async def close(self) -> None:
+        for writer in self._writers:
+            writer.close()
+        if self._server is not None:
+            self._server.close()
+            await asyncio.wait_for(self._server.wait_closed(), JOIN_TIMEOUT)
+
+
+async def test_in_process_idle_dns_link_is_closed_and_opened_again_when_needed(
+    sshd: SshdServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Short, so the test need not wait the real 30 s; the waits below are on events.
+    monkeypatch.setattr(udp_module, "LINK_IDLE", 0.2)
+    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
+    log = EventLog()
+    server = AnsweringDnsServer()
+    config = Config(
+        Destination(sshd.host, sshd.user, sshd.port),
+        identities=(sshd.client_key,),
+        identities_only=True,
+        ssh_config=(),
+        known_hosts=(sshd.known_hosts,),
+        global_known_hosts=(),
+        host_key_policy=HostKeyPolicy.YES,
+        connect_timeout=10.0,
+    )
+    session = Session(config, log)
+    proxy: ProxyServer | None = None
+    try:
+        dns_address = await server.start()
+        await asyncio.wait_for(session.connect(), RECV_TIMEOUT)
+        settings = udp_module.UdpSettings(
+            opener=session, runner=session, rules=Rules(), emit=log, dns_server=dns_address
+        )
+        proxy = ProxyServer(session, log, udp=settings)
+        listener = (await proxy.listen([(LOOPBACK4, 0)]))[0]
+        association = await asyncio.to_thread(Socks5Udp.open, listener.host, listener.port)
+        try:
+            assert association.reply_code == 0
+            for qid in (0x1D1E, 0x1D1F):
+                association.send(*ADDRESSED, build_query(KNOWN, qid))
+                where = await asyncio.to_thread(association.recv, RECV_TIMEOUT)
+                assert where[:2] == ADDRESSED
+                assert parse_response(where[2]) == DnsAnswer(qid, 0, [RECORDS[KNOWN]])
+                # Quiet now: pytunnel closes the channel, and the server sees it end.
+                await asyncio.wait_for(server.ended.get(), EVENT_TIMEOUT)
+                assert settings.links == 0
+            # Each query after a quiet spell came over a channel of its own.
+            assert server.opened == 2
+        finally:
+            association.close()
+    finally:
+        if proxy is not None:
+            await proxy.close()
+        await session.close()
+        await server.close()

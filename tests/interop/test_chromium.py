@@ -175,3 +175,29 @@ def test_pac_file(
     # Chromium hands the host to the proxy as a name (remote resolution).
     parsed = since(tunnel, before, "request_parsed", host=THIS_HOST)
     assert all(ev["sent_name"] for ev in parsed)
+
+
+@pytest.fixture(scope="module")
+def auth_tunnel(sshd: SshdServer) -> Iterator[Running]:
+    password = {"PYTUNNEL_PROXY_PASSWORD": "chromium-pac-pw"}
+    args = ["-D", "127.0.0.1:0", "--proxy-auth", "bob", "--deny", "*", *server_args(sshd)]
+    with running_pytunnel(args, env=password) as running:
+        yield running
+
+
+def test_pac_file_with_a_password_sends_chromium_to_the_http_proxy(
+    chromium: str, auth_tunnel: Running, http_target: HttpTarget, tmp_path: Path
+) -> None:
+    # Chromium cannot log in to a SOCKS5 proxy; behind --proxy-auth the PAC file names
+    # the HTTP proxy, which answers 407 and a browser asks its user for the password.
+    # Headless, nobody answers: what counts is that Chromium spoke HTTP to the proxy.
+    before = fence(auth_tunnel)
+    run_chromium(
+        chromium,
+        tmp_path,
+        f"http://{THIS_HOST}:{http_target.port}/hello",
+        f"--proxy-pac-url=http://{auth_tunnel.netloc}/proxy.pac",
+    )
+    rejected = since(auth_tunnel, before, "client_rejected", auth=True)
+    assert rejected, auth_tunnel.describe()
+    assert {ev["reason"] for ev in rejected} == {"wrong proxy credentials (HTTP)"}

@@ -784,7 +784,8 @@ def test_pac_file(curl: str, plain_tunnel: Running, tmp_path: Path, path: str) -
 def test_pac_file_needs_no_credentials(curl: str, auth_tunnel: Running, tmp_path: Path) -> None:
     got = fetch(curl, tmp_path, f"http://{auth_tunnel.netloc}/proxy.pac")
     assert got.status == 200
-    assert f"SOCKS5 127.0.0.1:{auth_tunnel.port}" in got.body.decode()
+    # Browsers cannot log in to a SOCKS5 proxy, but do HTTP proxy Basic auth.
+    assert f'"PROXY 127.0.0.1:{auth_tunnel.port}"' in got.body.decode()
 
 
 def test_pac_file_keeps_the_connection(curl: str, plain_tunnel: Running) -> None:

@@ -494,28 +494,35 @@ def test_head_too_large_agrees_with_the_length_of_what_h11_parses(
 def test_pac_file_sends_everything_through_the_listener() -> None:
     text = pac_file("127.0.0.1:1080").decode()
     assert text.startswith("function FindProxyForURL(url, host) {")
-    assert 'return "SOCKS5 127.0.0.1:1080; SOCKS 127.0.0.1:1080";' in text
+    # SOCKS5 then an HTTP proxy: both keep names for the far end. Never "SOCKS" alone,
+    # which browsers take for SOCKS4 and resolve locally.
+    assert 'return "SOCKS5 127.0.0.1:1080; PROXY 127.0.0.1:1080";' in text
+    assert "SOCKS " not in text
     assert text.rstrip().endswith("}")
+
+
+def test_pac_file_with_a_password_names_only_the_http_proxy() -> None:
+    text = pac_file("127.0.0.1:1080", auth=True).decode()
+    assert 'return "PROXY 127.0.0.1:1080";' in text
+    assert "SOCKS" not in text
 
 
 def test_pac_file_sends_loopback_and_plain_names_direct() -> None:
     text = pac_file("127.0.0.1:1080").decode()
     assert 'return "DIRECT";' in text
-    for check in (
-        "isPlainHostName(host)",
-        'host == "localhost"',
-        'shExpMatch(host, "127.*")',
-        'host == "::1"',
-        'host == "[::1]"',
-    ):
+    for check in ("isPlainHostName(name)", 'name == "localhost"', 'name == "::1"'):
         assert check in text
+    # No glob on names (127.example.com is a name), and nothing that makes the browser
+    # look a name up locally.
+    for unsafe in ("shExpMatch", "isInNet", "dnsResolve", "isResolvable"):
+        assert unsafe not in text
     # DIRECT comes first, so loopback never goes through the tunnel.
     assert text.index('"DIRECT"') < text.index('"SOCKS5 ')
 
 
 def test_pac_file_names_an_ipv6_listener_with_brackets() -> None:
     text = pac_file("[::1]:1080").decode()
-    assert '"SOCKS5 [::1]:1080; SOCKS [::1]:1080"' in text
+    assert '"SOCKS5 [::1]:1080; PROXY [::1]:1080"' in text
 
 
 def test_pac_file_is_ascii_and_balanced() -> None:

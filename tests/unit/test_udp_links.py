@@ -1,0 +1,125 @@
+"""The DNS links of one UDP association (tunnel.udp), with a fake opener and no sockets:
+how many there may be, what counts toward the connection limit, and when one goes."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fixtures.udp_targets import build_query
+
+import tunnel.udp as udp_module
+from tunnel import events
+from tunnel.channels import ChannelSink
+from tunnel.errors import ChannelOpenFailed, ReplyReason
+from tunnel.rules import Rules
+from tunnel.socks import build_datagram
+from tunnel.udp import Drop, UdpAssociation, UdpSettings
+
+CLIENT = ("127.0.0.1", 40000)
+
+
+class FakeChannel:
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def write_eof(self) -> None:
+        pass
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class FakeOpener:
+    """Opens a channel to anything, or refuses every open when ``refuse`` is set."""
+
+    def __init__(self, refuse: bool = False) -> None:
+        self.refuse = refuse
+        self.opened: list[tuple[str, int]] = []
+        self.channels: list[FakeChannel] = []
+
+    async def open_tcp(
+        self, host: str, port: int, origin: tuple[str, int], sink: ChannelSink
+    ) -> FakeChannel:
+        self.opened.append((host, port))
+        if self.refuse:
+            raise ChannelOpenFailed(ReplyReason.CONNECTION_REFUSED, "Connection refused")
+        channel = FakeChannel()
+        self.channels.append(channel)
+        return channel
+
+
+def association_with(
+    opener: FakeOpener, seen: list[events.Event], room: bool = True
+) -> tuple[UdpAssociation, UdpSettings]:
+    settings = UdpSettings(opener=opener, runner=None, rules=Rules(), emit=seen.append)
+    settings.room = lambda: room
+    info = events.ConnectionInfo(id=1, client="127.0.0.1:40000", started=0.0)
+    return UdpAssociation(settings, info, CLIENT), settings
+
+
+def query_to(association: UdpAssociation, host: str, qid: int = 1) -> None:
+    packet = build_datagram(host, 53, build_query("www.example.test", qid))
+    association.datagram_received(packet, CLIENT)
+
+
+async def settle() -> None:
+    """Let the open tasks the queries started run to their end."""
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_links_per_association_are_capped_and_the_rest_dropped() -> None:
+    opener, seen = FakeOpener(), []
+    association, settings = association_with(opener, seen)
+    cap = udp_module.MAX_DNS_LINKS
+    for number in range(cap + 12):
+        query_to(association, f"127.0.1.{number + 1}", qid=number)
+    await settle()
+    assert len(opener.opened) == cap
+    assert settings.links == cap
+    assert association.info.dropped == 12
+    [dropped] = [e for e in seen if isinstance(e, events.DatagramsDropped)]
+    assert dropped.reason == Drop.LINKS
+    # A resolver it already has is still served.
+    query_to(association, "127.0.1.1", qid=99)
+    assert association.info.dropped == 12
+    association.close()
+    assert settings.links == 0
+    assert all(channel.closed for channel in opener.channels)
+
+
+async def test_no_link_without_room_under_the_connection_limit() -> None:
+    opener, seen = FakeOpener(), []
+    association, settings = association_with(opener, seen, room=False)
+    query_to(association, "127.0.1.1")
+    await settle()
+    assert opener.opened == []
+    assert settings.links == 0
+    assert association.info.dropped == 1
+    [dropped] = [e for e in seen if isinstance(e, events.DatagramsDropped)]
+    assert dropped.reason == Drop.LIMIT
+    association.close()
+
+
+async def test_a_link_that_cannot_open_gives_its_place_back() -> None:
+    opener, seen = FakeOpener(refuse=True), []
+    association, settings = association_with(opener, seen)
+    cap = udp_module.MAX_DNS_LINKS
+    # Twice as many refusing resolvers as places, one after the other: none is kept.
+    for number in range(2 * cap):
+        query_to(association, f"127.0.1.{number + 1}", qid=number)
+        await settle()
+    assert len(opener.opened) == 2 * cap
+    assert settings.links == 0
+    assert {e.reason for e in seen if isinstance(e, events.DatagramsDropped)} == {Drop.DNS_FAILED}
+    association.close()
