@@ -14,6 +14,8 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -33,6 +35,7 @@ from fixtures.pytunnel_proc import (
     running_pytunnel,
     server_args,
     socks5_open,
+    socks5_request,
 )
 from fixtures.sshd import SshdServer, _descendants_of
 from fixtures.targets import EchoTarget, HttpTarget
@@ -40,6 +43,11 @@ from fixtures.targets import EchoTarget, HttpTarget
 pytestmark = pytest.mark.timeout(60)
 
 CURL_TIMEOUT = 20
+# The clients that retry from the start stop after this many accepted connections, or at
+# this deadline (startup on a loaded machine included).
+EAGER_ACCEPTED = 24
+EAGER_CLIENTS = 4
+EAGER_DEADLINE = 60.0
 RECONNECT_DEADLINE = 20.0  # the first retry is immediate; this only bounds a stuck one
 CURL_SOCKS_ERROR = 97  # curl: "proxy handshake error"
 REPLY_NOT_ALLOWED = 2
@@ -391,3 +399,64 @@ def test_reconnect_listens_again_on_the_same_port(
     if lines is not None:
         assert not owners_of(port, lines) & set(victims)
     assert tunnel.alive
+
+
+# -- clients that are already retrying -------------------------------------------------
+
+
+def test_clients_retrying_from_the_start_are_all_served(
+    sshd: SshdServer,
+    pytunnel_factory: PytunnelFactory,
+    echo_target: EchoTarget,
+    closed_port: int,
+) -> None:
+    """Clients on the server connect in a tight loop from before pytunnel starts: sshd
+    accepts the first ones in the moment between listening and answering, and every
+    connection it accepted must be served, not reset."""
+    accepted: list[str] = []  # "served", or what went wrong instead
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def enough() -> bool:
+        with lock:
+            return len(accepted) >= EAGER_ACCEPTED
+
+    def client(index: int) -> None:
+        deadline = time.monotonic() + EAGER_DEADLINE
+        while not stop.is_set() and not enough() and time.monotonic() < deadline:
+            try:
+                sock = socket.create_connection(("127.0.0.1", closed_port), timeout=10)
+            except ConnectionRefusedError:
+                continue  # not listening yet: at once again
+            payload = f"client {index}".encode()
+            try:
+                with sock:
+                    sock.settimeout(10)
+                    sock.sendall(b"\x05\x01\x00")
+                    assert recv_exact(sock, 2) == b"\x05\x00"
+                    sock.sendall(socks5_request(echo_target.host, echo_target.port))
+                    assert recv_exact(sock, 10)[1] == 0
+                    sock.sendall(payload)
+                    sock.shutdown(socket.SHUT_WR)
+                    assert recv_all(sock) == EchoTarget.expected_reply(payload)
+                outcome = "served"
+            except (OSError, AssertionError) as exc:
+                outcome = f"{type(exc).__name__}: {exc}"
+            with lock:
+                accepted.append(outcome)
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(EAGER_CLIENTS)]
+    for thread in threads:
+        thread.start()
+    try:
+        tunnel = pytunnel_factory(["-R", str(closed_port), *server_args(sshd)])
+    except BaseException:
+        stop.set()
+        raise
+    finally:
+        for thread in threads:
+            thread.join(EAGER_DEADLINE + 30)
+    assert len(accepted) >= EAGER_ACCEPTED, (accepted, tunnel.describe())
+    failed = [outcome for outcome in accepted if outcome != "served"]
+    assert not failed, f"{len(failed)} of {len(accepted)} not served: {failed}\n{tunnel.describe()}"
+    assert tunnel.events("incoming_refused") == []
