@@ -1011,7 +1011,15 @@ class Session:
                 reason = f"listening on {where} failed"
                 self._refused((host, port), origin, reason)
                 raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, reason)
-            sink = handler(origin)
+            try:
+                sink = handler(origin)
+            except Exception as exc:
+                # A bug here must cost this one connection, not hang it or the session.
+                log.debug("incoming connection handler failed", exc_info=True)
+                self._refused(bound[0], origin, f"internal error: {exc!r}")
+                raise asyncssh.ChannelOpenError(
+                    asyncssh.OPEN_CONNECT_FAILED, "internal error in pytunnel"
+                ) from exc
             if sink is None:
                 self._refused(
                     bound[0], origin, "its listener takes no more connections, or none from there"

@@ -8,6 +8,7 @@ here. Each open runs a small program on the server's side; its outcome is what w
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 from collections.abc import Iterator
@@ -28,7 +29,9 @@ from fixtures.pytunnel_proc import (
 from fixtures.targets import EchoTarget
 from fixtures.udp_targets import socks5_bind
 
-from tunnel import fastpath
+from tunnel import events, fastpath
+from tunnel.config import Config, Destination, HostKeyPolicy
+from tunnel.session import Session
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -141,6 +144,42 @@ def test_bind_peer_before_the_answer_is_served(
         bind.sock.shutdown(socket.SHUT_WR)
         assert early_server.next_outcome() == (DYNAMIC_PORT, b"from the client")
     assert early_server.asked == [("127.0.0.1", 0)]
+
+
+async def test_a_failing_handler_costs_that_connection_only(
+    early_server: EarlyOpenServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
+    seen: list[events.Event] = []
+    config = Config(
+        Destination(early_server.host, "tester", early_server.port),
+        identities=(early_server.client_key,),
+        identities_only=True,
+        ssh_config=(),
+        known_hosts=(early_server.known_hosts,),
+        global_known_hosts=(),
+        host_key_policy=HostKeyPolicy.YES,
+        connect_timeout=10.0,
+    )
+    session = Session(config, seen.append)
+    await asyncio.wait_for(session.connect(), 30)
+
+    def broken(origin: tuple[str, int]) -> None:
+        raise RuntimeError("a bug")
+
+    try:
+        listener = await session.listen_tcp("127.0.0.1", FIXED_PORT, broken)
+        port, outcome = await asyncio.to_thread(early_server.next_outcome)
+        assert port == listener.port == FIXED_PORT
+        assert isinstance(outcome, asyncssh.ChannelOpenError), outcome
+        assert outcome.reason == "internal error in pytunnel"
+        [refused] = [event for event in seen if isinstance(event, events.IncomingRefused)]
+        client = f"{ORIGIN[0]}:{ORIGIN[1]}"
+        why = "internal error: RuntimeError('a bug')"
+        assert refused == events.IncomingRefused("127.0.0.1", FIXED_PORT, client, why)
+        assert session.is_up
+    finally:
+        await session.close()
 
 
 # -- the version guard --------------------------------------------------------------------
