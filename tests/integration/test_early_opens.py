@@ -12,11 +12,18 @@ import asyncio
 import logging
 import socket
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import asyncssh
 import pytest
-from fixtures.early_opens import DYNAMIC_PORT, ORIGIN, EarlyOpenServer, Program
+from fixtures.early_opens import (
+    DYNAMIC_PORT,
+    ORIGIN,
+    ORIGINS_PER_REQUEST,
+    EarlyOpenServer,
+    Program,
+)
 from fixtures.keys import SshKeys
 from fixtures.pytunnel_proc import (
     PytunnelFactory,
@@ -180,6 +187,33 @@ async def test_a_failing_handler_costs_that_connection_only(
         assert session.is_up
     finally:
         await session.close()
+
+
+def test_binds_in_flight_together_each_get_the_peer_of_their_port(
+    early_server: EarlyOpenServer, pytunnel_factory: PytunnelFactory
+) -> None:
+    """Two BINDs ask for port 0 on the same address at once: the first port's open comes
+    while both are unanswered, and must go to the BIND whose answer names that port."""
+    early_server.program = bind_peer
+    early_server.pipelined = 2
+    tunnel = pytunnel_factory(["-D", "127.0.0.1:0", *server_args(early_server)])
+    with ThreadPoolExecutor(2) as pool:
+        binds = list(pool.map(lambda _: socks5_bind(*tunnel.address, ORIGIN[0], 0), range(2)))
+    try:
+        ports = sorted(bind.first_address[1] for bind in binds)
+        assert ports == [DYNAMIC_PORT, DYNAMIC_PORT + 1]
+        for bind in binds:
+            number = bind.first_address[1] - DYNAMIC_PORT
+            peer = (ORIGIN[0], ORIGIN[1] + ORIGINS_PER_REQUEST * number)
+            assert bind.second_reply() == (0, *peer)
+            assert recv_all(bind.sock) == b"from the peer"
+            bind.sock.sendall(f"to {number}".encode())
+            bind.sock.shutdown(socket.SHUT_WR)
+        outcomes = dict(early_server.next_outcome() for _ in binds)
+        assert outcomes == {DYNAMIC_PORT: b"to 0", DYNAMIC_PORT + 1: b"to 1"}
+    finally:
+        for bind in binds:
+            bind.close()
 
 
 # -- the version guard --------------------------------------------------------------------
