@@ -137,7 +137,9 @@ class HoldingConnection(asyncssh.SSHClientConnection):
         self, candidates: list[_Asked], listen: tuple[str, int], origin: tuple[str, int]
     ) -> Any:
         """The held open's session, once every request it may belong to is answered."""
-        answers = await asyncio.gather(*(asked.answer for asked in candidates))
+        # Shielded: several held opens share each answer, and one of them being cancelled
+        # must not cancel the answer for the others, or for listen().
+        answers = [await asyncio.shield(asked.answer) for asked in candidates]
         for asked, answer in zip(candidates, answers, strict=True):
             if not isinstance(answer, str) and _listening_on(answer, listen[1]):
                 session = asked.factory(*origin)
