@@ -69,8 +69,8 @@ class IncomingSink(ChannelSink, Protocol):
     def channel_opened(self, channel: Channel) -> None: ...
 
 
-# Called with the connecting peer's (address, port) before the channel opens; None
-# refuses the connection.
+# Called with the connecting peer's (address, port) before the channel opens, and never
+# before listen_tcp has returned; None refuses the connection.
 IncomingHandler = Callable[[tuple[str, int]], IncomingSink | None]
 
 

@@ -151,6 +151,17 @@ class DatagramsDropped:
 
 
 @dataclass(frozen=True, slots=True)
+class IncomingRefused:
+    """A connection the SSH server accepted on a port it listens on for us (``-R``, a
+    SOCKS BIND) that we refused: ``client`` connected to listen_host:listen_port."""
+
+    listen_host: str
+    listen_port: int
+    client: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class Stopping:
     reason: str
 
@@ -177,6 +188,7 @@ Event = (
     | ChannelFailed
     | ConnectionClosed
     | DatagramsDropped
+    | IncomingRefused
     | Stopping
     | Notice
 )

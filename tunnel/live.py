@@ -73,7 +73,8 @@ class LiveRenderer:
             events.Notice
             | events.SessionLost
             | events.ReconnectScheduled
-            | events.DatagramsDropped,
+            | events.DatagramsDropped
+            | events.IncomingRefused,
         ):
             described = describe(event)
             if described is not None:

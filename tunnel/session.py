@@ -27,7 +27,7 @@ import asyncssh
 from asyncssh.config import SSHClientConfig, SSHConfig
 from asyncssh.public_key import get_default_certificate_algs, get_default_public_key_algs
 
-from . import events
+from . import events, fastpath
 from .channels import Channel, ChannelSink, IncomingHandler, IncomingSink, ReportsToSink
 from .config import (
     DEFAULT_CONNECT_TIMEOUT,
@@ -768,8 +768,11 @@ class Session:
         while True:
             client = _Client(host_keys, prompter, str(dest))
             try:
-                conn = await asyncssh.connect(
-                    dest.host, client_factory=functools.partial(_same, client), **kwargs
+                conn = await fastpath.connect(
+                    dest.host,
+                    self._refused,
+                    client_factory=functools.partial(_same, client),
+                    **kwargs,
                 )
             except asyncssh.HostKeyNotVerifiable as exc:
                 if (
@@ -992,21 +995,69 @@ class Session:
 
     async def listen_tcp(self, host: str, port: int, handler: IncomingHandler) -> _Listening:
         """``tcpip-forward``: the server listens on host:port ("" every interface,
-        "localhost" loopback, 0 a port it picks) and sends each connection back to us."""
+        "localhost" loopback, 0 a port it picks) and sends each connection back to us.
+        ``handler`` is called for none of them before this has returned."""
         conn = await self._live()
+        where = f"[{host}]:{port}" if ":" in host else f"{host or '*'}:{port}"
+        # asyncssh hands a connection over as soon as it has registered the listener
+        # (the fast path even before): the caller learns of the listener only when this
+        # returns, so each open waits for that. True once returned, False if it failed.
+        returned: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        bound: list[tuple[str, int]] = []
 
-        def accept(orig_host: str, orig_port: int) -> _IncomingBridge:
-            sink = handler((orig_host, orig_port))
+        async def accept(orig_host: str, orig_port: int) -> _IncomingBridge:
+            origin = (orig_host, orig_port)
+            if not await asyncio.shield(returned):
+                reason = f"listening on {where} failed"
+                self._refused((host, port), origin, reason)
+                raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, reason)
+            try:
+                sink = handler(origin)
+            except Exception as exc:
+                # A bug here must cost this one connection, not hang it or the session.
+                log.debug("incoming connection handler failed", exc_info=True)
+                self._refused(bound[0], origin, f"internal error: {exc!r}")
+                raise asyncssh.ChannelOpenError(
+                    asyncssh.OPEN_CONNECT_FAILED, "internal error in pytunnel"
+                ) from exc
             if sink is None:
+                self._refused(
+                    bound[0], origin, "its listener takes no more connections, or none from there"
+                )
                 raise asyncssh.ChannelOpenError(
                     asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, "refused by pytunnel"
                 )
             return _IncomingBridge(sink, self)
 
-        where = f"[{host}]:{port}" if ":" in host else f"{host or '*'}:{port}"
         try:
-            listener = await asyncio.wait_for(
-                conn.create_server(accept, host, port), self.config.open_timeout
+            listener = await self._ask_to_listen(conn, accept, host, port, where)
+        except BaseException:
+            returned.set_result(False)
+            raise
+        bound.append((host, listener.get_port()))
+        # Where peers should connect. "localhost" stays a name: sshd binds the loopback
+        # of each family it can and succeeds if one works, so only the name is sure to
+        # reach it. For every interface, the server's address as we reached it.
+        address = host
+        if host == "":
+            peer = conn.get_extra_info("peername")
+            address = str(peer[0]) if peer else "0.0.0.0"
+        # Set last: the opens waiting in accept resume only once the caller has run on to
+        # its next await, and so holds the listener by then.
+        returned.set_result(True)
+        return _Listening(listener, address, listener.get_port())
+
+    async def _ask_to_listen(
+        self,
+        conn: asyncssh.SSHClientConnection,
+        accept: fastpath.SessionFactory,
+        host: str,
+        port: int,
+        where: str,
+    ) -> asyncssh.SSHListener:
+        try:
+            return await asyncio.wait_for(
+                fastpath.listen(conn, accept, host, port), self.config.open_timeout
             )
         except TimeoutError:
             raise ChannelOpenFailed(
@@ -1022,14 +1073,13 @@ class Session:
             raise ChannelOpenFailed(
                 ReplyReason.GENERAL_FAILURE, f"SSH session failed: {exc}"
             ) from exc
-        # Where peers should connect. "localhost" stays a name: sshd binds the loopback
-        # of each family it can and succeeds if one works, so only the name is sure to
-        # reach it. For every interface, the server's address as we reached it.
-        address = host
-        if host == "":
-            peer = conn.get_extra_info("peername")
-            address = str(peer[0]) if peer else "0.0.0.0"
-        return _Listening(listener, address, listener.get_port())
+
+    def _refused(self, listen: tuple[str, int], origin: tuple[str, int], reason: str) -> None:
+        """A connection the server accepted for us, refused: never silently."""
+        host, port = listen
+        client = f"[{origin[0]}]:{origin[1]}" if ":" in origin[0] else f"{origin[0]}:{origin[1]}"
+        log.info("refused a connection from %s to %s port %s: %s", client, host, port, reason)
+        self.emit(events.IncomingRefused(host, port, client, reason))
 
     async def run_process(self, command: str, sink: ChannelSink) -> Channel:
         """Run ``command`` on the server (an exec channel, no terminal)."""

@@ -110,6 +110,9 @@ def describe(event: events.Event) -> tuple[str, bool] | None:
             )
         case events.DatagramsDropped(connection=info, reason=why, destination=where):
             return (f"#{info.id} UDP datagram to {where} dropped: {why}", True)
+        case events.IncomingRefused(listen_host=host, listen_port=port, client=client, reason=why):
+            where = f"[{host}]:{port}" if ":" in host else f"{host or '*'}:{port}"
+            return f"{client} -> {where} (on the server) refused: {why}", True
         case events.Stopping(reason=reason):
             return f"stopping: {reason}", False
         case events.Notice(message=message):
@@ -128,6 +131,7 @@ _BATCHED = (
     events.ConnectionClosed,
     events.ClientRejected,
     events.DatagramsDropped,
+    events.IncomingRefused,
 )
 
 

@@ -14,6 +14,8 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -33,6 +35,7 @@ from fixtures.pytunnel_proc import (
     running_pytunnel,
     server_args,
     socks5_open,
+    socks5_request,
 )
 from fixtures.sshd import SshdServer, _descendants_of
 from fixtures.targets import EchoTarget, HttpTarget
@@ -40,6 +43,11 @@ from fixtures.targets import EchoTarget, HttpTarget
 pytestmark = pytest.mark.timeout(60)
 
 CURL_TIMEOUT = 20
+# The clients that retry from the start stop after this many accepted connections, or at
+# this deadline (startup on a loaded machine included).
+EAGER_ACCEPTED = 24
+EAGER_CLIENTS = 4
+EAGER_DEADLINE = 60.0
 RECONNECT_DEADLINE = 20.0  # the first retry is immediate; this only bounds a stuck one
 CURL_SOCKS_ERROR = 97  # curl: "proxy handshake error"
 REPLY_NOT_ALLOWED = 2
@@ -391,3 +399,115 @@ def test_reconnect_listens_again_on_the_same_port(
     if lines is not None:
         assert not owners_of(port, lines) & set(victims)
     assert tunnel.alive
+
+
+# -- clients that are already retrying -------------------------------------------------
+
+
+class EagerClients:
+    """Programs on the server that connect to a -R port in a tight loop (a refused connect
+    is retried at once) and speak SOCKS5 through each connection they get, until
+    EAGER_ACCEPTED were accepted or EAGER_DEADLINE passed."""
+
+    def __init__(self, port: int, target: EchoTarget) -> None:
+        self.port = port
+        self.target = target
+        self.accepted: list[str] = []  # "served", or what went wrong instead
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.threads = [
+            threading.Thread(target=self._client, args=(n,)) for n in range(EAGER_CLIENTS)
+        ]
+
+    def start(self) -> None:
+        for thread in self.threads:
+            thread.start()
+
+    def join(self) -> None:
+        for thread in self.threads:
+            thread.join(EAGER_DEADLINE + 30)
+
+    def _enough(self) -> bool:
+        with self.lock:
+            return len(self.accepted) >= EAGER_ACCEPTED
+
+    def _client(self, index: int) -> None:
+        deadline = time.monotonic() + EAGER_DEADLINE
+        while not self.stop.is_set() and not self._enough() and time.monotonic() < deadline:
+            try:
+                sock = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+            except ConnectionRefusedError:
+                continue  # not listening yet: at once again
+            payload = f"client {index}".encode()
+            try:
+                with sock:
+                    sock.settimeout(10)
+                    sock.sendall(b"\x05\x01\x00")
+                    assert recv_exact(sock, 2) == b"\x05\x00"
+                    sock.sendall(socks5_request(self.target.host, self.target.port))
+                    assert recv_exact(sock, 10)[1] == 0
+                    sock.sendall(payload)
+                    sock.shutdown(socket.SHUT_WR)
+                    assert recv_all(sock) == EchoTarget.expected_reply(payload)
+                outcome = "served"
+            except (OSError, AssertionError) as exc:
+                outcome = f"{type(exc).__name__}: {exc}"
+            with self.lock:
+                self.accepted.append(outcome)
+
+    def check(self, tunnel: Running) -> None:
+        accepted = self.accepted
+        assert len(accepted) >= EAGER_ACCEPTED, (accepted, tunnel.describe())
+        failed = [outcome for outcome in accepted if outcome != "served"]
+        assert not failed, (
+            f"{len(failed)} of {len(accepted)} not served: {failed}\n{tunnel.describe()}"
+        )
+        assert tunnel.events("incoming_refused") == []
+
+
+def test_clients_retrying_from_the_start_are_all_served(
+    sshd: SshdServer,
+    pytunnel_factory: PytunnelFactory,
+    echo_target: EchoTarget,
+    closed_port: int,
+) -> None:
+    """Clients on the server connect in a tight loop from before pytunnel starts: sshd
+    accepts the first ones in the moment between listening and answering, and every
+    connection it accepted must be served, not reset."""
+    clients = EagerClients(closed_port, echo_target)
+    clients.start()
+    try:
+        tunnel = pytunnel_factory(["-R", str(closed_port), *server_args(sshd)])
+    except BaseException:
+        clients.stop.set()
+        raise
+    finally:
+        clients.join()
+    clients.check(tunnel)
+
+
+def test_clients_retrying_through_a_reconnect_are_all_served(
+    make_sshd: Callable[..., SshdServer],
+    pytunnel_factory: PytunnelFactory,
+    echo_target: EchoTarget,
+    closed_port: int,
+) -> None:
+    """The same, right after a reconnect, when the clients that were cut off retry."""
+    server = make_sshd()
+    tunnel = pytunnel_factory(["-R", str(closed_port), *server_args(server)])
+    victims = [pid for child in server.children() for pid in (child, *_descendants_of(child))]
+    assert victims
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    # From here on the old listener is gone: whatever is accepted is the new session's.
+    tunnel.wait_event("session_lost")
+    clients = EagerClients(closed_port, echo_target)
+    clients.start()
+    try:
+        tunnel.wait_event("listener_started", timeout=RECONNECT_DEADLINE, port=closed_port)
+    except BaseException:
+        clients.stop.set()
+        raise
+    finally:
+        clients.join()
+    clients.check(tunnel)

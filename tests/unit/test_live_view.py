@@ -437,6 +437,11 @@ SCHEMA: list[tuple[events.Event, set[str], bool]] = [
         {"id", "client", "host", "port", "reason", "destination"},
         True,
     ),
+    (
+        events.IncomingRefused("127.0.0.1", 2080, "127.0.0.1:50000", "no such listener"),
+        {"listen_host", "listen_port", "client", "reason"},
+        True,
+    ),
 ]
 
 
@@ -516,3 +521,10 @@ def test_udp_bind_and_remote_listener_are_shown(view: LiveRenderer, clock: FakeC
     assert "UDP dropped 2" in shown
     # The reason is printed above the view, once.
     assert printed(view).count("UDP datagram to 192.0.2.1:123 dropped: not DNS") == 1
+
+
+def test_refused_incoming_connection_is_printed_once(view: LiveRenderer, clock: FakeClock) -> None:
+    bring_up(view, clock)
+    view(events.IncomingRefused("127.0.0.1", 2080, "127.0.0.1:50000", "no such listener"))
+    line = "127.0.0.1:50000 -> 127.0.0.1:2080 (on the server) refused: no such listener"
+    assert printed(view).count(line) == 1

@@ -102,6 +102,9 @@ DESCRIBE: list[tuple[str, events.Event, list[str], bool]] = [
      ["#9", "3 datagrams dropped"], False),
     ("bind-opened", events.ChannelOpened(info(host="127.0.0.2", port=21), 0.5),
      ["#7", "127.0.0.2:21"], False),
+    ("incoming-refused", events.IncomingRefused("127.0.0.1", 2080, "127.0.0.1:50000",
+                                                "no such listener"),
+     ["127.0.0.1:50000 -> 127.0.0.1:2080 (on the server) refused: no such listener"], True),
 ]  # fmt: skip
 
 
@@ -118,6 +121,18 @@ def test_describe(event: events.Event, substrings: list[str], problem: bool) -> 
         assert substring in text, f"{substring!r} not in {text!r}"
     assert "\n" not in text
     assert is_problem is problem
+
+
+@pytest.mark.parametrize(
+    ("listen_host", "client", "shown"),
+    [("::1", "[::1]:5", "[::1]:5 -> [::1]:2080"), ("", "192.0.2.7:5", "192.0.2.7:5 -> *:2080")],
+    ids=["ipv6", "every-interface"],
+)
+def test_describe_refused_incoming_names_the_listener(
+    listen_host: str, client: str, shown: str
+) -> None:
+    described = describe(events.IncomingRefused(listen_host, 2080, client, "why"))
+    assert described == (f"{shown} (on the server) refused: why", True)
 
 
 def test_describe_first_attempt_does_not_mention_attempts() -> None:
@@ -184,6 +199,7 @@ def test_plain_renderer_quiet_keeps_only_problems(utc: None) -> None:
         "channel-failed",
         "notice",
         "datagrams-dropped",
+        "incoming-refused",
     ]
     assert [line.split(" ", 2)[1] for line in lines] == [
         "lost",
@@ -192,6 +208,7 @@ def test_plain_renderer_quiet_keeps_only_problems(utc: None) -> None:
         "#7",
         "clients",
         "#7",
+        "127.0.0.1:50000",
     ]
     assert lines[3].endswith("failed: connection refused (0x05): Connection refused")
     assert all(line.startswith("2023-11-14T22:13:20 ") for line in lines)
