@@ -991,7 +991,7 @@ ENVIRONMENT = [
     (
         "NOTIFY_SOCKET",
         "When set, as systemd sets it for a `Type=notify` service, pytunnel sends "
-        "`READY=1` there once every listener is bound and the SSH session is up, a "
+        "`READY=1` there once the SSH session is up and every listener accepts connections, a "
         "`STATUS=` line when the session is lost, reconnects or comes back, and "
         "`STOPPING=1` when it stops. A name starting with `@` is in the abstract "
         "namespace.",
