@@ -404,6 +404,10 @@ class _HostKeys:
             # A changed or revoked key is never accepted, whatever the policy: even with
             # "no", where ssh goes on without forwarding, a tunnel has nothing to offer.
             return False
+        if not hostkeys.recordable(self.host or host):
+            # As ssh: a new key for a name that cannot be written down as one plain host
+            # (a pattern, a list, a second line) is never accepted, by any policy.
+            return False
         if self.policy in (HostKeyPolicy.ACCEPT_NEW, HostKeyPolicy.NO):
             self._record(name, key)
             return True
@@ -442,10 +446,6 @@ class _HostKeys:
     def _record(self, name: str, key: asyncssh.SSHKey) -> None:
         path = Path(self.user_files[0])
         key_type, blob = key.export_public_key("openssh").decode().split()[:2]
-        if not hostkeys.recordable(self.host or name):
-            # As ssh: a name that would read as a pattern (or a second line) is not written.
-            log.warning("Not recording the host key of %r: not a plain host name.", name)
-            return
         salt = os.urandom(20) if hostkeys.uses_hashed_names(path) else None
         line = hostkeys.known_hosts_line(name, key_type, blob, salt)
         try:
