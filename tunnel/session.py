@@ -140,6 +140,30 @@ def _config_paths(config: Config) -> list[str]:
     return [default] if os.access(default, os.R_OK) else []
 
 
+def _host_key_alias(config: Config, dest: Destination) -> str | None:
+    """ssh_config's HostKeyAlias for one destination, read from the files asyncssh reads
+    (it looks the key up under the alias; we must know it to file it without a port)."""
+    paths = _config_paths(config)
+    if not paths:
+        return None
+    try:
+        loaded = _FileConfig.load(
+            None,
+            paths,
+            False,
+            False,
+            False,
+            getpass.getuser(),
+            dest.user or (),
+            dest.host,
+            dest.port or (),
+        )
+    except (OSError, asyncssh.ConfigParseError):
+        return None  # asyncssh meets the same error when it connects, and reports it
+    alias = loaded.get("HostKeyAlias")
+    return alias if isinstance(alias, str) else None
+
+
 def apply_ssh_config(config: Config) -> Config:
     """Fill what the command line left open from ssh_config, for the destination host.
     The command line wins; ``DynamicForward`` lines add listeners, as in ssh."""
@@ -332,8 +356,11 @@ class _HostKeys:
         global_files: Sequence[str],
         prompter: events.Prompter | None,
         accepted: set[asyncssh.SSHKey],
+        alias: str | None = None,
     ) -> None:
         self.policy = policy
+        # ssh_config's HostKeyAlias: asyncssh hands it to match() instead of the host.
+        self.alias = alias
         self.user_files = tuple(os.path.expanduser(p) for p in user_files)
         self.files = self.user_files + tuple(os.path.expanduser(p) for p in global_files)
         self.prompter = prompter
@@ -354,6 +381,9 @@ class _HostKeys:
         """asyncssh's known_hosts callback: trusted keys, CA keys, revoked keys. The
         address is not looked up (ssh's CheckHostIP, off by default): an entry for an
         address reused by another machine must not vouch for, or against, this one."""
+        if self.alias is not None and host == self.alias:
+            # As ssh: a HostKeyAlias names the key on its own, whatever the port.
+            port = None
         self.host = host
         self.name = hostkeys.host_name(host, port)
         self.found = hostkeys.lookup(self.files, host, port)
@@ -369,7 +399,7 @@ class _HostKeys:
         """Host-key algorithms with the known keys' types first, then all the others:
         asyncssh alone would offer only the known types, and a server that lost that key
         type would fail key exchange instead of showing whose key it has now."""
-        self.match(host, "", port)  # the address is not known yet
+        self.match(self.alias or host, "", port)  # the address is not known yet
         known = _import_keys(self.found.trusted)
         if not known:
             return None
@@ -385,7 +415,7 @@ class _HostKeys:
         same_type = [
             entry for entry, known in self.known_for_host if known.algorithm == key.algorithm
         ]
-        name = self.name or hostkeys.host_name(host, port)
+        name = self.name or hostkeys.host_name(host, None if host == self.alias else port)
         fingerprint = key.get_fingerprint("sha256")
         self.verdict = _Verdict(
             changed=bool(same_type),
@@ -670,7 +700,7 @@ class Session:
     def connection(self) -> asyncssh.SSHClientConnection | None:
         return self._conn
 
-    def _host_keys(self) -> _HostKeys:
+    def _host_keys(self, dest: Destination) -> _HostKeys:
         cfg = self.config
         return _HostKeys(
             cfg.host_key_policy or HostKeyPolicy.ASK,
@@ -678,6 +708,7 @@ class Session:
             cfg.global_known_hosts if cfg.global_known_hosts is not None else GLOBAL_KNOWN_HOSTS,
             None if cfg.batch_mode else self.prompter,
             self._accepted_host_keys,
+            _host_key_alias(cfg, dest),
         )
 
     def _connect_kwargs(self, host_keys: _HostKeys | None) -> dict[str, Any]:
@@ -718,7 +749,7 @@ class Session:
     ) -> tuple[asyncssh.SSHClientConnection, _Client]:
         """One SSH connection (to a jump host or the server), errors translated."""
         cfg = self.config
-        host_keys = self._host_keys()
+        host_keys = self._host_keys(dest)
         kwargs = self._connect_kwargs(host_keys)
         if dest.user:
             kwargs["username"] = dest.user

@@ -461,3 +461,55 @@ def test_append_to_a_file_without_a_final_newline_keeps_both_entries(
     by_name = run_pytunnel(["-D", "127.0.0.1:0", *args, *TRUE])
     assert by_name.returncode == 0, by_name.describe()
     assert len(path.read_text().splitlines()) == 2
+
+
+# -- HostKeyAlias (ssh_config): the alias alone names the key, on any port ----------------------
+
+ALIAS = "tunnel-alias.test"
+
+
+def run_with_alias(sshd: SshdServer, tmp_path: Path, known_hosts: Path, strict: str) -> Finished:
+    config = tmp_path / "ssh_config"
+    config.write_text(
+        "Host viaalias\n"
+        f"    HostName {sshd.host}\n"
+        f"    Port {sshd.port}\n"
+        f"    User {sshd.user}\n"
+        f"    IdentityFile {sshd.client_key}\n"
+        f"    HostKeyAlias {ALIAS}\n"
+        f"    UserKnownHostsFile {known_hosts}\n"
+        "    GlobalKnownHostsFile /dev/null\n"
+        f"    StrictHostKeyChecking {strict}\n"
+        "    ConnectTimeout 10\n"
+    )
+    return run_pytunnel(["--json", "-F", str(config), "-D", "127.0.0.1:0", "viaalias", *TRUE])
+
+
+@pytest.mark.parametrize("strict", ALL_POLICIES)
+def test_alias_entry_with_another_key_is_a_changed_key(
+    sshd: SshdServer, tmp_path: Path, strict: str
+) -> None:
+    path = tmp_path / "known_hosts_alias"
+    path.write_text(f"{ALIAS} {other_host_key_line()}\n")
+    before = path.read_text()
+    result = run_with_alias(sshd, tmp_path, path, strict)
+    line = assert_refused(result, fingerprint(sshd.host_key_pub))
+    assert line.startswith(f"pytunnel: HOST KEY CHANGED for {ALIAS}: ")
+    assert path.read_text() == before
+
+
+def test_alias_entry_is_trusted_on_any_port(sshd: SshdServer, tmp_path: Path) -> None:
+    path = tmp_path / "known_hosts_alias"
+    path.write_text(f"{ALIAS} {sshd.host_key_pub}\n")
+    result = run_with_alias(sshd, tmp_path, path, "yes")
+    assert result.returncode == 0, result.describe()
+
+
+def test_accept_new_records_the_alias_without_a_port(sshd: SshdServer, tmp_path: Path) -> None:
+    path = tmp_path / "known_hosts_alias"
+    path.write_text("")
+    added = run_with_alias(sshd, tmp_path, path, "accept-new")
+    assert added.returncode == 0, added.describe()
+    assert [line.split()[:3] for line in path.read_text().splitlines()] == [
+        [ALIAS, *sshd.host_key_pub.split()]
+    ]
