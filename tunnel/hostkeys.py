@@ -6,9 +6,10 @@ them into key objects. The rules follow OpenSSH's sshconnect.c and hostfile.c:
 
 - a host is looked up under one name: ``host`` on port 22, ``[host]:port`` otherwise
   (lowercase, as ssh does); an entry for one port says nothing about another;
-- on another port, a key type the ``[host]:port`` name has no key of is also looked up
-  under the bare ``host`` ("checking without port identifier"): a matching key there is
-  trusted, a different one means nothing (the host is new, never "changed");
+- a key known for the name that is not the server's, of any type, means the key changed;
+- on another port, when the ``[host]:port`` name has no key at all, the bare ``host`` is
+  looked up too ("checking without port identifier"): a matching key there is trusted, a
+  different one means nothing (the host is new, never "changed");
 - the address the connection reached is not looked up (ssh's CheckHostIP, off by default
   since OpenSSH 8.5), unless the host was given as that address;
 - ``@revoked`` lines count for the name and, stricter than ssh, for the bare host too.
@@ -56,11 +57,10 @@ class KnownKey:
 class Lookup:
     """What the files say about one host on one port."""
 
-    # Plain keys for the name itself: one of the server's key type that differs from
-    # the server's key means the key changed.
+    # Plain keys for the name itself: if the server's key is not one of them, it changed.
     for_name: tuple[KnownKey, ...]
-    # Keys that are accepted without a question: for_name, plus the bare host's keys of
-    # the types for_name has none of.
+    # Keys that are accepted without a question: for_name, or when it is empty, the bare
+    # host's keys.
     trusted: tuple[KnownKey, ...]
     authorities: tuple[KnownKey, ...]
     revoked: tuple[KnownKey, ...]
@@ -184,8 +184,9 @@ def lookup(files: Iterable[str], host: str, port: int | None) -> Lookup:
 def decide_lookup(for_name: Sequence[KnownKey], for_bare: Sequence[KnownKey]) -> Lookup:
     """Combine the entries for ``[host]:port`` and for the bare host (empty on port 22)."""
     plain = tuple(k for k in for_name if k.marker is None)
-    types = {k.key_type for k in plain}
-    fallback = tuple(k for k in for_bare if k.marker is None and k.key_type not in types)
+    # ssh looks at the bare host only when the name knows no key at all (any key there,
+    # of any type, makes the server's key either known or changed).
+    fallback = () if plain else tuple(k for k in for_bare if k.marker is None)
     authorities = tuple(k for k in for_name if k.marker is Marker.CERT_AUTHORITY)
     if not authorities:
         authorities = tuple(k for k in for_bare if k.marker is Marker.CERT_AUTHORITY)

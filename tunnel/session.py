@@ -412,25 +412,27 @@ class _HostKeys:
 
     def decide(self, host: str, addr: str, port: int, key: asyncssh.SSHKey) -> bool:
         """Called by asyncssh for a key no known_hosts line trusts."""
+        # As ssh: any key known for the name that is not this one makes this one a changed
+        # key, of whatever type (a server that lost its known key type, or someone who
+        # cannot offer it). The line of the same type, if any, is the one to name.
         same_type = [
             entry for entry, known in self.known_for_host if known.algorithm == key.algorithm
         ]
+        old = same_type or [entry for entry, _ in self.known_for_host]
         name = self.name or hostkeys.host_name(host, None if host == self.alias else port)
         fingerprint = key.get_fingerprint("sha256")
         self.verdict = _Verdict(
-            changed=bool(same_type),
+            changed=bool(old),
             key_type=key.algorithm.decode("ascii"),
             fingerprint=fingerprint,
             host=name,
-            old_line=same_type[0].where if same_type else "",
-            other_types=tuple(
-                sorted(
-                    {k.algorithm.decode("ascii") for _, k in self.known_for_host}
-                    - {key.algorithm.decode("ascii")}
-                )
-            ),
+            old_line=old[0].where if old else "",
+            # Named only when no key of the offered type is known.
+            other_types=()
+            if same_type
+            else tuple(sorted({k.algorithm.decode("ascii") for _, k in self.known_for_host})),
         )
-        if same_type or key in self.revoked:
+        if old or key in self.revoked:
             # A changed or revoked key is never accepted, whatever the policy: even with
             # "no", where ssh goes on without forwarding, a tunnel has nothing to offer.
             return False
@@ -503,10 +505,13 @@ class _HostKeys:
                 hint="the server's key was withdrawn on purpose; ask its owner for the new one",
             )
         if v.changed:
+            also = ""
+            if v.other_types:
+                also = f" (a {', '.join(v.other_types)} key; the server offered no such key)"
             return HostKeyRejected(
                 f"HOST KEY CHANGED for {v.host}: the server now offers {v.key_type} key "
-                f"{v.fingerprint}, not the one in {v.old_line or 'known_hosts'}. Someone may "
-                "be intercepting the connection, or the server was reinstalled",
+                f"{v.fingerprint}, not the one in {v.old_line or 'known_hosts'}{also}. Someone "
+                "may be intercepting the connection, or the server was reinstalled",
                 hint=f"if you know why it changed, remove the old key with "
                 f"`ssh-keygen -R '{v.host}'` and connect again",
             )
@@ -514,11 +519,8 @@ class _HostKeys:
             return HostKeyRejected(
                 f"host key for {v.host} not accepted: {v.key_type} {v.fingerprint}"
             )
-        also = ""
-        if v.other_types:
-            also = f" (known_hosts has a {', '.join(v.other_types)} key for it, not this type)"
         return HostKeyRejected(
-            f"host key for {v.host} is not known: {v.key_type} {v.fingerprint}{also}",
+            f"host key for {v.host} is not known: {v.key_type} {v.fingerprint}",
             hint=f"check the fingerprint with the server's owner, then add it to "
             f"{self.user_files[0]} (for example by running pytunnel or ssh once on a "
             "terminal), or use -o StrictHostKeyChecking=accept-new",

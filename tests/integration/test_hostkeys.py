@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import asyncssh
@@ -513,3 +514,123 @@ def test_accept_new_records_the_alias_without_a_port(sshd: SshdServer, tmp_path:
     assert [line.split()[:3] for line in path.read_text().splitlines()] == [
         [ALIAS, *sshd.host_key_pub.split()]
     ]
+
+
+# -- OpenSSH as the oracle: the same known_hosts, the same verdict, the same file after ----------
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    known_hosts: str  # {host} {port} {key} {other} {rsa} are filled in
+    policies: tuple[str, ...]
+    connect_as: str = "127.0.0.1"
+
+
+CASES = [
+    Case("empty", "", ("yes", "ask", "accept-new", "no")),
+    Case("bare host, another key", "{host} {other}\n", ("yes", "accept-new", "no")),
+    Case("bare host, this key", "{host} {key}\n", ("yes",)),
+    Case("this port, another key", "[{host}]:{port} {other}\n", ("yes", "ask", "accept-new")),
+    Case("another port, this key", "[{host}]:{next_port} {key}\n", ("yes", "accept-new")),
+    Case("another key type", "[{host}]:{port} {rsa}\n", ("yes", "ask", "accept-new")),
+    Case("bare host, another key type", "{host} {rsa}\n", ("yes", "accept-new")),
+    Case("another type, bare host this key", "[{host}]:{port} {rsa}\n{host} {key}\n", ("yes",)),
+    Case("revoked for all", "[{host}]:{port} {key}\n@revoked * {key}\n", ("yes", "accept-new")),
+    Case("revoked for the bare host", "@revoked {host} {key}\n", ("yes",)),
+    Case("pattern list", "nowhere.invalid,[{host}]:{port} {key}\n", ("yes",)),
+    Case("negated pattern", "[{host}]:*,![{host}]:{port} {key}\n", ("yes", "accept-new")),
+    Case("address only", "[127.0.0.1]:{port} {key}\n", ("yes", "accept-new"), "localhost"),
+    Case("address, another key", "[127.0.0.1]:{port} {other}\n", ("accept-new",), "localhost"),
+]
+
+
+def oracle_cases() -> list[pytest.param]:  # type: ignore[valid-type]
+    return [
+        pytest.param(case, strict, id=f"{case.id}-{strict}")
+        for case in CASES
+        for strict in case.policies
+    ]
+
+
+def run_ssh(sshd: SshdServer, known_hosts: Path, strict: str, host: str) -> int:
+    ssh = shutil.which("ssh")
+    if ssh is None:
+        pytest.skip("OpenSSH client not installed")
+    cmd = [
+        ssh, "-F", "/dev/null", "-i", sshd.client_key, "-o", "IdentitiesOnly=yes",
+        "-o", f"UserKnownHostsFile={known_hosts}", "-o", "GlobalKnownHostsFile=/dev/null",
+        "-o", f"StrictHostKeyChecking={strict}", "-o", "BatchMode=yes",
+        "-o", "ConnectTimeout=10", "-p", str(sshd.port), f"{sshd.user}@{host}", "true",
+    ]  # fmt: skip
+    return subprocess.run(
+        cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=60, check=False
+    ).returncode
+
+
+@pytest.mark.parametrize(("case", "strict"), oracle_cases())
+def test_same_verdict_and_file_as_openssh(
+    sshd: SshdServer, tmp_path: Path, case: Case, strict: str
+) -> None:
+    text = case.known_hosts.format(
+        host=sshd.host,
+        port=sshd.port,
+        next_port=sshd.port + 1,
+        key=sshd.host_key_pub,
+        other=other_host_key_line(),
+        rsa=asyncssh.generate_private_key("ssh-rsa", key_size=2048).export_public_key().decode(),
+    )
+    for_ssh = tmp_path / "for_ssh"
+    for_us = tmp_path / "for_pytunnel"
+    for_ssh.write_text(text)
+    for_us.write_text(text)
+    ssh_status = run_ssh(sshd, for_ssh, strict, case.connect_as)
+    args = as_host(server_args(sshd, known_hosts=for_us, strict=strict), case.connect_as)
+    ours = run_pytunnel(["-o", "BatchMode=yes", "-D", "127.0.0.1:0", *args, *TRUE])
+    assert ssh_status in (0, 255)
+    assert ours.returncode == ssh_status, ours.describe()
+    assert for_us.read_text() == for_ssh.read_text()
+
+
+def test_strict_no_with_a_changed_key_is_where_pytunnel_is_stricter(
+    sshd: SshdServer, changed_known_hosts: Path, tmp_path: Path
+) -> None:
+    # ssh -o StrictHostKeyChecking=no logs in despite the changed key (it only turns off
+    # forwarding and password logins); pytunnel refuses outright.
+    copy = tmp_path / "for_ssh"
+    copy.write_text(changed_known_hosts.read_text())
+    assert run_ssh(sshd, copy, "no", sshd.host) == 0
+    result = run_against(sshd, changed_known_hosts, strict="no", command=TRUE)
+    assert_refused(result, "HOST KEY CHANGED")
+
+
+@pytest.mark.parametrize("strict", ["accept-new", "no"])
+def test_key_revoked_for_the_bare_host_is_where_pytunnel_is_stricter(
+    sshd: SshdServer, tmp_path: Path, strict: str
+) -> None:
+    # ssh only looks at @revoked lines for the name it checks, [host]:port; pytunnel also
+    # honours the bare host's, so a key withdrawn for "host" is not accepted on a port.
+    text = f"@revoked {sshd.host} {sshd.host_key_pub}\n"
+    for_ssh = tmp_path / "for_ssh"
+    for_ssh.write_text(text)
+    assert run_ssh(sshd, for_ssh, strict, sshd.host) == 0
+    for_us = tmp_path / "for_pytunnel"
+    for_us.write_text(text)
+    assert_refused(run_against(sshd, for_us, strict=strict, command=TRUE), "revoked")
+    assert for_us.read_text() == text
+
+
+def test_unterminated_last_line_gets_the_line_ssh_would_add(
+    sshd: SshdServer, tmp_path: Path
+) -> None:
+    # The same new line as ssh's, on a line of its own: OpenSSH 9.2 writes it right after
+    # an unterminated last line, gluing both entries into one that matches nothing.
+    text = f"[localhost]:{sshd.port} {sshd.host_key_pub}"
+    for_ssh = tmp_path / "for_ssh"
+    for_ssh.write_text(text)
+    run_ssh(sshd, for_ssh, "accept-new", sshd.host)
+    for_us = tmp_path / "for_pytunnel"
+    for_us.write_text(text)
+    assert run_against(sshd, for_us, strict="accept-new", command=TRUE).returncode == 0
+    assert for_us.read_text().splitlines()[0] == text
+    assert for_us.read_text() == f"{text}\n{for_ssh.read_text()[len(text) :].lstrip()}"

@@ -197,10 +197,14 @@ def test_the_port_form_alone_decides_the_types_it_has() -> None:
     assert blobs(lookup.trusted) == [KEY_A]  # the bare host's other key: not trusted
 
 
-def test_the_bare_host_only_lends_types_the_port_form_lacks() -> None:
+def test_the_bare_host_counts_only_when_the_port_form_knows_no_key() -> None:
+    # Any key for [host]:port, of any type, makes the server's key known or changed.
     lookup = hostkeys.decide_lookup([known(RSA_C)], [known(KEY_A), known(RSA_C)])
     assert blobs(lookup.for_name) == [RSA_C]
-    assert blobs(lookup.trusted) == [RSA_C, KEY_A]
+    assert blobs(lookup.trusted) == [RSA_C]
+    # Markers alone do not make the port form known.
+    only_marks = hostkeys.decide_lookup([known(RSA_C, Marker.REVOKED)], [known(KEY_A)])
+    assert blobs(only_marks.trusted) == [KEY_A]
 
 
 def test_the_bare_host_never_makes_a_key_changed() -> None:
@@ -248,7 +252,10 @@ def test_lookup_on_port_22_ignores_port_forms(files: list[str]) -> None:
 def test_lookup_on_another_port(files: list[str]) -> None:
     lookup = hostkeys.lookup(files, "EXAMPLE.org", 2222)
     assert blobs(lookup.for_name) == [RSA_C]
-    assert blobs(lookup.trusted) == [RSA_C, KEY_A]
+    assert blobs(lookup.trusted) == [RSA_C]
+    bare = hostkeys.lookup(files, "example.org", 2300)
+    assert blobs(bare.for_name) == []
+    assert blobs(bare.trusted) == [KEY_A]
     hashed = hostkeys.lookup(files, "example.org", 2200)
     assert blobs(hashed.for_name) == [KEY_B]
     assert blobs(hashed.trusted) == [KEY_B]  # the bare ed25519 key is another one
@@ -369,6 +376,25 @@ def test_a_changed_key_is_refused_whatever_the_policy(
     before = path.read_text()
     assert not decide(policy, path, server_key)
     assert path.read_text() == before
+
+
+@pytest.mark.parametrize("policy", POLICIES, ids=[p.value for p in POLICIES])
+def test_a_key_of_another_type_than_the_known_one_is_changed(
+    tmp_path: Path, policy: HostKeyPolicy, server_key: asyncssh.SSHKey
+) -> None:
+    # As ssh: the server offers ed25519, known_hosts knows only an RSA key for the name.
+    rsa = asyncssh.generate_private_key("ssh-rsa", key_size=2048).convert_to_public()
+    path = tmp_path / "known_hosts"
+    path.write_text(f"[example.org]:2222 {public(rsa)}\n")
+    keys = _HostKeys(policy, [str(path)], [], None, set())
+    keys.match("example.org", "192.0.2.7", 2222)
+    assert not keys.decide("example.org", "192.0.2.7", 2222, server_key)
+    assert keys.verdict is not None
+    assert keys.verdict.changed
+    assert keys.verdict.old_line == f"{path}:1"
+    assert keys.verdict.other_types == ("ssh-rsa",)
+    assert "ssh-rsa" in keys.error().message
+    assert len(path.read_text().splitlines()) == 1
 
 
 @pytest.mark.parametrize("policy", POLICIES, ids=[p.value for p in POLICIES])
