@@ -1041,8 +1041,8 @@ FILES = [
     (
         "~/.ssh/known_hosts",
         "Host keys the server's key is checked against, with <~/.ssh/known_hosts2>. "
-        "`StrictHostKeyChecking=accept-new` adds new keys to the first "
-        "`UserKnownHostsFile`, this one by default.",
+        "`StrictHostKeyChecking=accept-new` (and `no`, and a yes to the question) adds new "
+        "keys to the first `UserKnownHostsFile`, this one by default.",
     ),
     (
         "/etc/ssh/ssh_known_hosts",
