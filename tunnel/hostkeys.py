@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
+import functools
 import hashlib
 import hmac
 import os
@@ -92,6 +93,7 @@ def _hashed_matches(field: str, name: str) -> bool:
     return hmac.compare_digest(digest, wanted)
 
 
+@functools.lru_cache(maxsize=1024)
 def _wildcard(pattern: str) -> re.Pattern[str]:
     # Only * and ? are special, as in OpenSSH's match_pattern: "[host]:2222" is literal
     # (fnmatch would read the brackets as a character class).
@@ -99,6 +101,12 @@ def _wildcard(pattern: str) -> re.Pattern[str]:
         ".*" if char == "*" else "." if char == "?" else re.escape(char) for char in pattern
     )
     return re.compile(body, re.DOTALL)
+
+
+def _pattern_matches(pattern: str, name: str) -> bool:
+    if "*" not in pattern and "?" not in pattern:
+        return pattern == name  # most lines: no regex needed
+    return _wildcard(pattern).fullmatch(name) is not None
 
 
 def names_match(field: str, name: str) -> bool:
@@ -115,7 +123,7 @@ def names_match(field: str, name: str) -> bool:
             pattern = pattern[1:]
         if not pattern:
             continue
-        if _wildcard(pattern.lower()).fullmatch(name):
+        if _pattern_matches(pattern.lower(), name):
             if negated:
                 return False
             matched = True

@@ -473,3 +473,16 @@ def test_no_new_key_for_a_name_that_cannot_be_recorded(
         keys.match(host, "192.0.2.7", 22)
         assert not keys.decide(host, "192.0.2.7", 22, server_key)
     assert not path.exists()
+
+
+@PROPERTY
+@given(
+    name=st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789.-:[]", min_size=1),
+    cut=st.integers(min_value=0),
+)
+def test_plain_and_wildcard_patterns_agree(name: str, cut: int) -> None:
+    assert hostkeys.names_match(name.upper(), name)
+    position = cut % (len(name) + 1)
+    assert hostkeys.names_match(name[:position] + "*", name)
+    assert hostkeys.names_match("?" * len(name), name)
+    assert not hostkeys.names_match("?" * (len(name) + 1), name)
