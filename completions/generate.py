@@ -1041,8 +1041,8 @@ FILES = [
     (
         "~/.ssh/known_hosts",
         "Host keys the server's key is checked against, with <~/.ssh/known_hosts2>. "
-        "`StrictHostKeyChecking=accept-new` adds new keys to the first "
-        "`UserKnownHostsFile`, this one by default.",
+        "`StrictHostKeyChecking=accept-new` (and `no`, and a yes to the question) adds new "
+        "keys to the first `UserKnownHostsFile`, this one by default.",
     ),
     (
         "/etc/ssh/ssh_known_hosts",
@@ -1159,8 +1159,9 @@ HOST_KEYS = (
     "naming the key type and its SHA256 fingerprint. An unknown key is up to "
     "`StrictHostKeyChecking`: unless it is set, pytunnel asks on the terminal, as ssh "
     "does, and refuses the key when there is no terminal or with `BatchMode=yes`; `yes` "
-    "refuses it; `accept-new` records it. `no` accepts any key, changed ones too: then "
-    "anyone on the network path can read and change everything the tunnel carries."
+    "refuses it; `accept-new` records it, and so does `no`. A changed or `@revoked` key "
+    "is refused whatever `StrictHostKeyChecking` says: where ssh with `no` still connects "
+    "(without forwarding), a tunnel would carry everything past whoever holds that key."
 )
 
 SEE_ALSO = ["ssh(1)", "ssh-keygen(1)", "ssh_config(5)", "systemd.service(5)"]

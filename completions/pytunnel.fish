@@ -121,7 +121,7 @@ end
 function __pytunnel_option
     set -l word (__pytunnel_word)
     if not string match -q -- '*=*' $word
-        printf '%s\t%s\n' 'StrictHostKeyChecking=' 'ask: ask about unknown host keys on a terminal, refuse them without one; yes: refuse unknown and changed keys; accept-new: record unknown keys, refuse changed ones; no: accept any key'
+        printf '%s\t%s\n' 'StrictHostKeyChecking=' 'ask: ask about unknown host keys on a terminal, refuse them without one; yes: refuse unknown and changed keys; accept-new: record unknown keys, refuse changed ones; no: the same as accept-new (changed and revoked keys are always refused)'
         printf '%s\t%s\n' 'UserKnownHostsFile=' 'known_hosts files to check (and to add accepted keys to, the first one)'
         printf '%s\t%s\n' 'GlobalKnownHostsFile=' 'system-wide known_hosts files'
         printf '%s\t%s\n' 'ConnectTimeout=' 'seconds to wait for the SSH connection and login'

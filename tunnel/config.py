@@ -477,7 +477,8 @@ OPTION_KEYS: dict[str, OptionKey] = {
             "ask",
             "ask: ask about unknown host keys on a terminal, refuse them without one; yes: "
             "refuse unknown and changed keys; accept-new: record unknown keys, refuse "
-            "changed ones; no: accept any key",
+            "changed ones; no: the same as accept-new (changed and revoked keys are always "
+            "refused)",
         ),
         OptionKey(
             "UserKnownHostsFile",

@@ -7,13 +7,10 @@ exceptions are translated here, once, into the tree of :mod:`tunnel.errors`.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import dataclasses
 import functools
 import getpass
-import hashlib
-import hmac
 import logging
 import os
 import socket
@@ -27,7 +24,7 @@ import asyncssh
 from asyncssh.config import SSHClientConfig, SSHConfig
 from asyncssh.public_key import get_default_certificate_algs, get_default_public_key_algs
 
-from . import events, fastpath
+from . import events, fastpath, hostkeys
 from .channels import Channel, ChannelSink, IncomingHandler, IncomingSink, ReportsToSink
 from .config import (
     DEFAULT_CONNECT_TIMEOUT,
@@ -141,6 +138,30 @@ def _config_paths(config: Config) -> list[str]:
         return list(config.ssh_config)
     default = os.path.expanduser("~/.ssh/config")
     return [default] if os.access(default, os.R_OK) else []
+
+
+def _host_key_alias(config: Config, dest: Destination) -> str | None:
+    """ssh_config's HostKeyAlias for one destination, read from the files asyncssh reads
+    (it looks the key up under the alias; we must know it to file it without a port)."""
+    paths = _config_paths(config)
+    if not paths:
+        return None
+    try:
+        loaded = _FileConfig.load(
+            None,
+            paths,
+            False,
+            False,
+            False,
+            getpass.getuser(),
+            dest.user or (),
+            dest.host,
+            dest.port or (),
+        )
+    except (OSError, asyncssh.ConfigParseError):
+        return None  # asyncssh meets the same error when it connects, and reports it
+    alias = loaded.get("HostKeyAlias")
+    return alias if isinstance(alias, str) else None
 
 
 def apply_ssh_config(config: Config) -> Config:
@@ -325,7 +346,8 @@ class _Verdict:
 
 class _HostKeys:
     """Host-key trust as OpenSSH does it: known_hosts files, and StrictHostKeyChecking
-    for keys that are not in them. asyncssh matches the files; we decide the rest."""
+    for keys that are not in them. :mod:`tunnel.hostkeys` reads the files; asyncssh
+    checks the key against what we hand it; we decide the rest."""
 
     def __init__(
         self,
@@ -334,13 +356,19 @@ class _HostKeys:
         global_files: Sequence[str],
         prompter: events.Prompter | None,
         accepted: set[asyncssh.SSHKey],
+        alias: str | None = None,
     ) -> None:
         self.policy = policy
+        # ssh_config's HostKeyAlias: asyncssh hands it to match() instead of the host.
+        self.alias = alias
         self.user_files = tuple(os.path.expanduser(p) for p in user_files)
         self.files = self.user_files + tuple(os.path.expanduser(p) for p in global_files)
         self.prompter = prompter
-        self.known_for_host: list[asyncssh.SSHKey] = []
+        self.found = hostkeys.Lookup((), (), (), ())
+        # The plain keys for the host's name, with their lines (for "changed").
+        self.known_for_host: list[tuple[hostkeys.KnownKey, asyncssh.SSHKey]] = []
         self.revoked: set[asyncssh.SSHKey] = set()
+        self.host = ""
         self.name = ""
         self.verdict: _Verdict | None = None
         self.declined = False
@@ -350,29 +378,33 @@ class _HostKeys:
         self.accepted = accepted
 
     def match(self, host: str, addr: str, port: int | None) -> Any:
-        self.name = _known_hosts_name(host, port or 22)
-        present = [p for p in self.files if os.path.isfile(p)]
-        if not present:
-            self.known_for_host = []
-            return ([], [], [])
-        known = asyncssh.read_known_hosts(present)
-        result: list[Any] = list(known.match(host, addr, port))
-        self.known_for_host = list(result[0])
-        # asyncssh falls back from [host]:port to host when nothing is trusted for the
-        # port, and then forgets the port's @revoked lines. Match those on their own.
-        self.revoked = set(result[2]) | set(_revoked_keys(present, host, addr, port))
-        result[2] = list(self.revoked)
-        return tuple(result)
+        """asyncssh's known_hosts callback: trusted keys, CA keys, revoked keys. The
+        address is not looked up (ssh's CheckHostIP, off by default): an entry for an
+        address reused by another machine must not vouch for, or against, this one."""
+        if self.alias is not None and host == self.alias:
+            # As ssh: a HostKeyAlias names the key on its own, whatever the port.
+            port = None
+        self.host = host
+        self.name = hostkeys.host_name(host, port)
+        self.found = hostkeys.lookup(self.files, host, port)
+        self.known_for_host = _import_pairs(self.found.for_name)
+        self.revoked = set(_import_keys(self.found.revoked))
+        return (
+            _import_keys(self.found.trusted),
+            _import_keys(self.found.authorities),
+            list(self.revoked),
+        )
 
     def preferred_algorithms(self, host: str, port: int | None) -> list[bytes] | None:
         """Host-key algorithms with the known keys' types first, then all the others:
         asyncssh alone would offer only the known types, and a server that lost that key
         type would fail key exchange instead of showing whose key it has now."""
-        self.match(host, "", port if port != 22 else None)  # the address is not known yet
-        if not self.known_for_host:
+        self.match(self.alias or host, "", port)  # the address is not known yet
+        known = _import_keys(self.found.trusted)
+        if not known:
             return None
         algorithms: list[bytes] = []
-        for key in self.known_for_host:
+        for key in known:
             algorithms.extend(key.sig_algorithms)
         algorithms.extend(get_default_certificate_algs())
         algorithms.extend(get_default_public_key_algs())
@@ -380,25 +412,35 @@ class _HostKeys:
 
     def decide(self, host: str, addr: str, port: int, key: asyncssh.SSHKey) -> bool:
         """Called by asyncssh for a key no known_hosts line trusts."""
-        same_type = [k for k in self.known_for_host if k.algorithm == key.algorithm]
-        name = _known_hosts_name(host, port)
+        # As ssh: any key known for the name that is not this one makes this one a changed
+        # key, of whatever type (a server that lost its known key type, or someone who
+        # cannot offer it). The line of the same type, if any, is the one to name.
+        same_type = [
+            entry for entry, known in self.known_for_host if known.algorithm == key.algorithm
+        ]
+        old = same_type or [entry for entry, _ in self.known_for_host]
+        name = self.name or hostkeys.host_name(host, None if host == self.alias else port)
         fingerprint = key.get_fingerprint("sha256")
         self.verdict = _Verdict(
-            changed=bool(same_type),
+            changed=bool(old),
             key_type=key.algorithm.decode("ascii"),
             fingerprint=fingerprint,
             host=name,
-            old_line=_find_line(self.files, same_type) if same_type else "",
-            other_types=tuple(
-                sorted(
-                    {k.algorithm.decode("ascii") for k in self.known_for_host}
-                    - {key.algorithm.decode("ascii")}
-                )
-            ),
+            old_line=old[0].where if old else "",
+            # Named only when no key of the offered type is known.
+            other_types=()
+            if same_type
+            else tuple(sorted({k.algorithm.decode("ascii") for _, k in self.known_for_host})),
         )
-        if same_type or key in self.revoked:
-            return False  # a changed or revoked key is never accepted, whatever the policy
-        if self.policy is HostKeyPolicy.ACCEPT_NEW:
+        if old or key in self.revoked:
+            # A changed or revoked key is never accepted, whatever the policy: even with
+            # "no", where ssh goes on without forwarding, a tunnel has nothing to offer.
+            return False
+        if not hostkeys.recordable(self.host or host):
+            # As ssh: a new key for a name that cannot be written down as one plain host
+            # (a pattern, a list, a second line) is never accepted, by any policy.
+            return False
+        if self.policy in (HostKeyPolicy.ACCEPT_NEW, HostKeyPolicy.NO):
             self._record(name, key)
             return True
         if key in self.accepted:
@@ -435,14 +477,22 @@ class _HostKeys:
 
     def _record(self, name: str, key: asyncssh.SSHKey) -> None:
         path = Path(self.user_files[0])
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        public = key.export_public_key("openssh").decode().split()
-        if _uses_hashed_names(path):
-            name = hash_known_host(name, os.urandom(20))
-        with path.open("a", encoding="ascii") as handle:
-            handle.write(f"{name} {public[0]} {public[1]}\n")
+        key_type, blob = key.export_public_key("openssh").decode().split()[:2]
+        salt = os.urandom(20) if hostkeys.uses_hashed_names(path) else None
+        line = hostkeys.known_hosts_line(name, key_type, blob, salt)
+        try:
+            hostkeys.append_line(path, line)
+        except OSError as exc:
+            # As ssh: the key was accepted for this connection; only remembering it failed.
+            log.warning(
+                "Failed to add the host to the list of known hosts (%s): %s", path, exc.strerror
+            )
+            return
         log.warning(
-            "Permanently added '%s' (%s) to the list of known hosts (%s).", name, public[0], path
+            "Permanently added '%s' (%s) to the list of known hosts (%s).",
+            name,
+            key_type,
+            path,
         )
 
     def error(self) -> HostKeyRejected:
@@ -455,10 +505,13 @@ class _HostKeys:
                 hint="the server's key was withdrawn on purpose; ask its owner for the new one",
             )
         if v.changed:
+            also = ""
+            if v.other_types:
+                also = f" (a {', '.join(v.other_types)} key; the server offered no such key)"
             return HostKeyRejected(
                 f"HOST KEY CHANGED for {v.host}: the server now offers {v.key_type} key "
-                f"{v.fingerprint}, not the one in {v.old_line or 'known_hosts'}. Someone may "
-                "be intercepting the connection, or the server was reinstalled",
+                f"{v.fingerprint}, not the one in {v.old_line or 'known_hosts'}{also}. Someone "
+                "may be intercepting the connection, or the server was reinstalled",
                 hint=f"if you know why it changed, remove the old key with "
                 f"`ssh-keygen -R '{v.host}'` and connect again",
             )
@@ -466,15 +519,30 @@ class _HostKeys:
             return HostKeyRejected(
                 f"host key for {v.host} not accepted: {v.key_type} {v.fingerprint}"
             )
-        also = ""
-        if v.other_types:
-            also = f" (known_hosts has a {', '.join(v.other_types)} key for it, not this type)"
         return HostKeyRejected(
-            f"host key for {v.host} is not known: {v.key_type} {v.fingerprint}{also}",
+            f"host key for {v.host} is not known: {v.key_type} {v.fingerprint}",
             hint=f"check the fingerprint with the server's owner, then add it to "
             f"{self.user_files[0]} (for example by running pytunnel or ssh once on a "
             "terminal), or use -o StrictHostKeyChecking=accept-new",
         )
+
+
+def _import_pairs(
+    known: Sequence[hostkeys.KnownKey],
+) -> list[tuple[hostkeys.KnownKey, asyncssh.SSHKey]]:
+    """known_hosts lines with their keys; a line whose key does not parse is skipped, as
+    ssh skips it."""
+    pairs: list[tuple[hostkeys.KnownKey, asyncssh.SSHKey]] = []
+    for entry in known:
+        try:
+            pairs.append((entry, asyncssh.import_public_key(entry.public)))
+        except (asyncssh.KeyImportError, ValueError):
+            continue
+    return pairs
+
+
+def _import_keys(known: Sequence[hostkeys.KnownKey]) -> list[asyncssh.SSHKey]:
+    return [key for _, key in _import_pairs(known)]
 
 
 def _is_encrypted_key(filename: str) -> bool:
@@ -490,56 +558,6 @@ def _is_encrypted_key(filename: str) -> bool:
     return False
 
 
-def _revoked_keys(
-    files: Sequence[str], host: str, addr: str, port: int | None
-) -> list[asyncssh.SSHKey]:
-    """Keys that ``@revoked`` lines name for this host. They are read as plain lines of
-    a known_hosts of their own, so asyncssh's own matching finds them by port too."""
-    lines: list[str] = []
-    for path in files:
-        try:
-            with open(path, encoding="utf-8", errors="replace") as handle:
-                lines.extend(
-                    line.split(None, 1)[1] for line in handle if line.startswith("@revoked ")
-                )
-        except OSError:
-            continue
-    if not lines:
-        return []
-    try:
-        return list(asyncssh.import_known_hosts("".join(lines)).match(host, addr, port)[0])
-    except (ValueError, asyncssh.KeyImportError):
-        return []
-
-
-def hash_known_host(name: str, salt: bytes) -> str:
-    """known_hosts' hashed form of a host name: ``|1|base64(salt)|base64(HMAC-SHA1)``."""
-    digest = hmac.new(salt, name.encode(), hashlib.sha1).digest()
-    return f"|1|{base64.b64encode(salt).decode()}|{base64.b64encode(digest).decode()}"
-
-
-def _uses_hashed_names(path: Path) -> bool:
-    try:
-        with path.open(encoding="ascii", errors="replace") as handle:
-            return any(line.startswith("|1|") for line in handle)
-    except OSError:
-        return False
-
-
-def _find_line(files: Sequence[str], keys: Sequence[asyncssh.SSHKey]) -> str:
-    """``file:line`` of the first known_hosts line holding one of ``keys``."""
-    blobs = {k.export_public_key("openssh").decode().split()[1] for k in keys}
-    for path in files:
-        try:
-            with open(path, encoding="ascii", errors="replace") as handle:
-                for number, line in enumerate(handle, start=1):
-                    if any(field in blobs for field in line.split()[1:4]):
-                        return f"{path}:{number}"
-        except OSError:
-            continue
-    return ""
-
-
 def _same(client: _Client) -> _Client:
     return client
 
@@ -551,10 +569,6 @@ def _exists(path: str) -> bool:
 
 def _expand(paths: Sequence[str]) -> list[str]:
     return [os.path.expanduser(path) for path in paths]
-
-
-def _known_hosts_name(host: str, port: int) -> str:
-    return host if port == 22 else f"[{host}]:{port}"
 
 
 # As ssh: three password tries, then give up on the method.
@@ -688,16 +702,15 @@ class Session:
     def connection(self) -> asyncssh.SSHClientConnection | None:
         return self._conn
 
-    def _host_keys(self) -> _HostKeys | None:
+    def _host_keys(self, dest: Destination) -> _HostKeys:
         cfg = self.config
-        if cfg.host_key_policy is HostKeyPolicy.NO:
-            return None
         return _HostKeys(
             cfg.host_key_policy or HostKeyPolicy.ASK,
             cfg.known_hosts if cfg.known_hosts is not None else USER_KNOWN_HOSTS,
             cfg.global_known_hosts if cfg.global_known_hosts is not None else GLOBAL_KNOWN_HOSTS,
             None if cfg.batch_mode else self.prompter,
             self._accepted_host_keys,
+            _host_key_alias(cfg, dest),
         )
 
     def _connect_kwargs(self, host_keys: _HostKeys | None) -> dict[str, Any]:
@@ -738,7 +751,7 @@ class Session:
     ) -> tuple[asyncssh.SSHClientConnection, _Client]:
         """One SSH connection (to a jump host or the server), errors translated."""
         cfg = self.config
-        host_keys = self._host_keys()
+        host_keys = self._host_keys(dest)
         kwargs = self._connect_kwargs(host_keys)
         if dest.user:
             kwargs["username"] = dest.user

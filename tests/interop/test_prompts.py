@@ -265,6 +265,25 @@ def test_host_key_prompt_writes_hashed_names_to_a_hashed_file(
     assert running.stop() == 0
 
 
+def test_host_key_prompt_when_only_port_22_of_the_host_is_known(
+    sshd: SshdServer, start_pty: StartPty, tmp_path: Path
+) -> None:
+    # ssh: "host" and "[host]:port" are two hosts; another key for port 22 makes this
+    # port's key unknown (a question), not changed (a refusal).
+    known = tmp_path / "known_hosts_port22"
+    other = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode().strip()
+    known.write_text(f"{sshd.host} {other}\n")
+    running = ask_host_key(sshd, start_pty, known)
+    running.answer("yes")
+    running.wait_event("ready")
+    lines = known.read_text().splitlines()
+    assert [line.split()[:3] for line in lines] == [
+        [sshd.host, *other.split()[:2]],
+        [host_name(sshd), *sshd.host_key_pub.split()],
+    ]
+    assert running.stop() == 0
+
+
 def test_batch_mode_never_asks_about_a_host_key(
     sshd: SshdServer, start_pty: StartPty, empty_known_hosts: Path
 ) -> None:
