@@ -12,6 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from . import events
+from .names import printable
 from .stats import Stats
 from .ui import (
     DNS_HINT,
@@ -60,7 +61,7 @@ class LiveRenderer:
         if isinstance(event, events.SessionConnecting | events.Ready):
             self.server = event.server
         if self.hint.check(event):
-            self.console.print(f"[yellow]{DNS_HINT}[/]")
+            self.console.print(Text(DNS_HINT, style="yellow"))
         if isinstance(event, events.Stopping):
             self.stop()
             return
@@ -77,7 +78,8 @@ class LiveRenderer:
         ):
             described = describe(event)
             if described is not None:
-                self.console.print(f"[yellow]{described[0]}[/]")
+                # A Text, not a markup string: "[bold]" in a server's message is text.
+                self.console.print(Text(described[0], style="yellow"))
 
     def start(self) -> None:
         if self._running or self._stopped:
@@ -201,10 +203,11 @@ class LiveRenderer:
         open_now = sorted(self.stats.open.values(), key=lambda info: info.id, reverse=True)
         for info in open_now[:rows]:
             rate = self._conn_rates.get(info.id, 0.0)
+            # Text cells: a plain str cell would be read as rich markup.
             table.add_row(
                 str(info.id),
-                info.client,
-                destination(info),
+                Text(info.client),
+                Text(printable(destination(info))),
                 protocol_label(info.protocol),
                 human_seconds(now - info.started),
                 human_bytes(info.bytes_up),
@@ -224,9 +227,9 @@ class LiveRenderer:
         lines = [Text("last failures:", style="bold dim")]
         for failure in failures:
             line = Text(no_wrap=True, overflow="ellipsis")
-            line.append(f"  {failure.destination}", style="red")
+            line.append(f"  {printable(failure.destination)}", style="red")
             line.append(f"  {failure.label} (0x{failure.reply:02x})  ")
-            line.append(failure.reason, style="dim")
+            line.append(printable(failure.reason), style="dim")
             lines.append(line)
         return Group(*lines)
 
