@@ -122,17 +122,17 @@ def _ip_literal(host: str) -> bool:
 
 
 def printable(text: str, *, keep: str = "") -> str:
-    """``text`` with every control or format character (see :func:`is_control`) and
-    the backslash written as a backslash escape (``\\x1b``, ``\\u202e``, ``\\\\``), so
-    the result shows what was sent and says nothing to a terminal. Characters in
-    ``keep`` (a banner's newlines) stay as they are."""
-    if text.isprintable() and "\\" not in text:
+    """``text`` with every control or format character (see :func:`is_control`)
+    written as a backslash escape (``\\x1b``, ``\\u202e``), so the result shows what was
+    sent and says nothing to a terminal. Characters in ``keep`` (a banner's newlines)
+    stay as they are. Idempotent, so text escaped where it is refused (a name in an
+    event) is not escaped twice by the renderer; the price is that a sent backslash
+    is not escaped, so ``\\x1b`` may also have been sent as those four characters."""
+    if text.isprintable():
         return text  # the common case: nothing to do
     out: list[str] = []
     for char in text:
-        if char == "\\":
-            out.append("\\\\")
-        elif char in keep or not is_control(char):
+        if char in keep or not is_control(char):
             out.append(char)
         else:
             code = ord(char)

