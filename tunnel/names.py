@@ -49,7 +49,8 @@ _UNSAFE_CATEGORIES: Final = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs"})
 
 
 def has_control(text: str) -> bool:
-    return any(is_control(char) for char in text)
+    # Every unsafe category is one str.isprintable() refuses: the fast answer first.
+    return not text.isprintable() and any(is_control(char) for char in text)
 
 
 def normalize_host(host: str, *, glob: bool = False) -> str:

@@ -116,6 +116,17 @@ def test_unicode_spellings_of_a_denied_host_are_refused(
     assert asked_for(asyncssh_server, since) == [("barrier.example", PORT_ECHO)]
 
 
+def test_bind_and_udp_associate_meet_the_same_normal_form(deny_loopback: Running) -> None:
+    # BIND's DST.ADDR is checked against the rules before the server is asked to listen.
+    reply = socks5_reply_to(deny_loopback.address, socks5_name_request("１２７.０.０.１", 0, 2))
+    assert reply[1] == REPLY_NOT_ALLOWED
+    failed = deny_loopback.wait_event("channel_failed", host="127.0.0.1")
+    assert failed["reason"].startswith("denied by --deny ")
+    # UDP ASSOCIATE names the client's own address; one with controls is no name either.
+    reply = socks5_reply_to(deny_loopback.address, socks5_name_request(HOSTILE_NAME, 0, 3))
+    assert reply[1] == REPLY_HOST_UNREACHABLE
+
+
 def test_an_ipv4_mapped_address_meets_the_ipv4_rules(
     deny_loopback: Running, asyncssh_server: AsyncsshServer
 ) -> None:
@@ -218,6 +229,9 @@ def test_udp_datagrams_meet_the_same_normal_form(
         dropped = deny_loopback.wait_event("datagrams_dropped")
         assert "rules" in dropped["reason"]
         assert dropped["destination"] == "127.0.0.1:53"
+        association.udp.sendto(raw_datagram(HOSTILE_NAME, 53, query), relay)
+        bad = deny_loopback.wait_event("datagrams_dropped", destination="?")
+        assert "not a valid host name" in bad["reason"]
         # An allowed name goes to the server as its A-label; the server refuses it
         # without a lookup, so the query is reported undeliverable.
         association.udp.sendto(raw_datagram("Bücher.Example", 53, query), relay)
