@@ -182,7 +182,8 @@ class LiveRenderer:
         if s.cipher:
             line.append(f"  {s.cipher}", style="dim")
         if s.server_version:
-            line.append(f"  {s.server_version}", style="dim")
+            # The server's own words, as it sent them in its identification string.
+            line.append(f"  {printable(s.server_version)}", style="dim")
         urls = Text("listening: ", style="dim", no_wrap=True, overflow="ellipsis")
         urls.append("  ".join(listener_text(item) for item in s.listeners) or "-", style="bold")
         return Group(line, urls)
