@@ -33,6 +33,7 @@ from .config import (
 )
 from .config import OptionKey as OptionKey
 from .errors import ConfigError, ExitStatus, TunnelError
+from .names import printable
 from .notify import OnReady, SystemdNotifier
 from .rules import Action, parse_rules
 from .ui import JsonRenderer, PlainRenderer, Tee, TerminalPrompter
@@ -167,7 +168,8 @@ def proxy_credentials(user: str | None, password_file: str | None) -> tuple[byte
 def _fail(message: str, status: int, *, json_out: bool) -> NoReturn:
     if json_out:
         JsonRenderer().write({"event": "error", "message": message, "exit_status": status})
-    click.echo(f"{PROG}: {message}", err=True)
+    # The message may quote the server (a disconnect reason): show it, not its controls.
+    click.echo(f"{PROG}: {printable(message)}", err=True)
     sys.exit(status)
 
 
@@ -239,11 +241,25 @@ class _CurrentStderr(logging.StreamHandler):  # type: ignore[type-arg]
         pass
 
 
+class _SafeFormatter(logging.Formatter):
+    """Log lines quote names and messages from the network: one line each, with their
+    control characters escaped (a "\\n" in a name must not forge a line of its own)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return printable(super().formatMessage(record))
+
+    def formatException(self, ei: Any) -> str:
+        return printable(super().formatException(ei), keep="\n")
+
+    def formatStack(self, stack_info: str) -> str:
+        return printable(super().formatStack(stack_info), keep="\n")
+
+
 def _setup_logging(verbose: int, stream: TextIO) -> None:
     handler = _CurrentStderr() if stream is sys.stderr else logging.StreamHandler(stream)
     # Plain "pytunnel: message" as ssh words its warnings; level and logger only with -v.
     detail = "%(levelname)s %(name)s: " if verbose else ""
-    handler.setFormatter(logging.Formatter(f"{PROG}: {detail}%(message)s"))
+    handler.setFormatter(_SafeFormatter(f"{PROG}: {detail}%(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from .errors import ReplyReason
+from .names import BadName, normalize_host
 
 # RFC 9110 section 7.6.1 plus the proxy ones: never forwarded, whatever they say.
 HOP_BY_HOP = frozenset(
@@ -82,7 +83,7 @@ def parse_target(method: bytes, target: bytes) -> Target:
             host = host[1:-1]
         elif ":" in host:
             raise BadTarget("put an IPv6 address in brackets")
-        return Target(Kind.CONNECT, host, _port(port_text, 0))
+        return Target(Kind.CONNECT, _host(host), _port(port_text, 0))
     if text.startswith("/"):
         path = text.split("?", 1)[0]
         return Target(Kind.PAC if path in PAC_PATHS else Kind.LOCAL, path=target)
@@ -102,7 +103,15 @@ def parse_target(method: bytes, target: bytes) -> Target:
     path = parts.path or "/"
     if parts.query:
         path += "?" + parts.query
-    return Target(Kind.FORWARD, hostname, port or 80, path.encode("ascii", errors="replace"))
+    return Target(Kind.FORWARD, _host(hostname), port or 80, path.encode("ascii", errors="replace"))
+
+
+def _host(host: str) -> str:
+    """The host in the normal form the rules check and the server gets (tunnel.names)."""
+    try:
+        return normalize_host(host)
+    except BadName as exc:
+        raise BadTarget(f"bad host: {exc}") from None
 
 
 def head_too_large(pending: bytes, limit: int = MAX_HEAD) -> bool:

@@ -12,6 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from . import events
+from .names import printable
 from .stats import Stats
 from .ui import (
     DNS_HINT,
@@ -60,7 +61,7 @@ class LiveRenderer:
         if isinstance(event, events.SessionConnecting | events.Ready):
             self.server = event.server
         if self.hint.check(event):
-            self.console.print(f"[yellow]{DNS_HINT}[/]")
+            self.console.print(Text(DNS_HINT, style="yellow"))
         if isinstance(event, events.Stopping):
             self.stop()
             return
@@ -78,7 +79,8 @@ class LiveRenderer:
         ):
             described = describe(event)
             if described is not None:
-                self.console.print(f"[yellow]{described[0]}[/]")
+                # A Text, not a markup string: "[bold]" in a server's message is text.
+                self.console.print(Text(described[0], style="yellow"))
 
     def start(self) -> None:
         if self._running or self._stopped:
@@ -181,7 +183,8 @@ class LiveRenderer:
         if s.cipher:
             line.append(f"  {s.cipher}", style="dim")
         if s.server_version:
-            line.append(f"  {s.server_version}", style="dim")
+            # The server's own words, as it sent them in its identification string.
+            line.append(f"  {printable(s.server_version)}", style="dim")
         urls = Text("listening: ", style="dim", no_wrap=True, overflow="ellipsis")
         urls.append("  ".join(listener_text(item) for item in s.listeners) or "-", style="bold")
         return Group(line, urls)
@@ -202,10 +205,11 @@ class LiveRenderer:
         open_now = sorted(self.stats.open.values(), key=lambda info: info.id, reverse=True)
         for info in open_now[:rows]:
             rate = self._conn_rates.get(info.id, 0.0)
+            # Text cells: a plain str cell would be read as rich markup.
             table.add_row(
                 str(info.id),
-                info.client,
-                destination(info),
+                Text(info.client),
+                Text(printable(destination(info))),
                 protocol_label(info.protocol),
                 human_seconds(now - info.started),
                 human_bytes(info.bytes_up),
@@ -225,9 +229,9 @@ class LiveRenderer:
         lines = [Text("last failures:", style="bold dim")]
         for failure in failures:
             line = Text(no_wrap=True, overflow="ellipsis")
-            line.append(f"  {failure.destination}", style="red")
+            line.append(f"  {printable(failure.destination)}", style="red")
             line.append(f"  {failure.label} (0x{failure.reply:02x})  ")
-            line.append(failure.reason, style="dim")
+            line.append(printable(failure.reason), style="dim")
             lines.append(line)
         return Group(*lines)
 

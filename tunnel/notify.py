@@ -12,6 +12,7 @@ import socket
 from collections.abc import Callable
 
 from . import events
+from .names import printable
 
 
 def notify_address(value: str) -> str | bytes:
@@ -44,13 +45,14 @@ class SystemdNotifier:
                 urls = " ".join(item.url for item in listeners)
                 self.send(f"READY=1\nSTATUS=ready: {urls}\nMAINPID={os.getpid()}")
             case events.SessionLost(reason=reason):
-                self.send(f"STATUS=session lost: {reason}")
+                # The server's words: a newline in them would be a line of the protocol.
+                self.send(f"STATUS=session lost: {printable(reason)}")
             case events.ReconnectScheduled(delay=delay, attempt=attempt):
                 self.send(f"STATUS=reconnecting in {delay:.1f} s (attempt {attempt})")
             case events.SessionUp(server=server):
                 self.send(f"STATUS=connected to {server}")
             case events.Stopping(reason=reason):
-                self.send(f"STOPPING=1\nSTATUS=stopping: {reason}")
+                self.send(f"STOPPING=1\nSTATUS=stopping: {printable(reason)}")
 
 
 class OnReady:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import hmac
 import ipaddress
@@ -34,6 +35,7 @@ from . import events
 from .channels import Binder, Channel, ChannelSink, IncomingSink, Opener, RemoteListener
 from .errors import ChannelOpenFailed, ListenError, RemoteProtocolError, ReplyReason
 from .http_proxy import HttpSession
+from .names import BadName, normalize_host, printable
 from .rules import Rules, bind_peer_allowed, is_loopback
 from .socks import (
     NEED_DATA,
@@ -236,8 +238,9 @@ class ProxyClient(asyncio.Protocol):
 
     async def open_channel(self, host: str, port: int, sink: ChannelSink) -> Channel:
         """Ask the opener for a channel, after the limits and the rules; raise
-        ChannelOpenFailed with the reason. The channel arrives paused."""
-        self.check_policy(host, port)
+        ChannelOpenFailed with the reason. The channel arrives paused. The host goes to
+        the opener in the normal form the rules checked."""
+        host = self.check_policy(host, port)
         origin = self.transport.get_extra_info("peername") or ("", 0)
         started = time.monotonic()
         try:
@@ -310,6 +313,15 @@ class ProxyClient(asyncio.Protocol):
             protocol = f"socks{request.version}-bind"
         elif request.command is Command.UDP_ASSOCIATE:
             protocol = "socks5-udp"
+        try:
+            # One form for the rules, the events and the server alike (tunnel.names).
+            request = dataclasses.replace(request, host=_normal_host(request.host))
+        except ChannelOpenFailed as exc:
+            # The name stays out of the event as sent: it may hold control characters.
+            host = printable(request.host)
+            self.parsed(protocol, request.command.name, host, request.port, request.sent_name)
+            self._socks_fail(exc)
+            return
         self.parsed(protocol, request.command.name, request.host, request.port, request.sent_name)
         if request.version is SocksVersion.SOCKS4 and self._server.credentials is not None:
             self._socks_fail(
@@ -353,12 +365,15 @@ class ProxyClient(asyncio.Protocol):
                 f"too many connections (limit {self._server.max_clients})",
             )
 
-    def check_policy(self, host: str, port: int) -> None:
-        """The connection limit and the allow/deny rules; ChannelOpenFailed if refused."""
+    def check_policy(self, host: str, port: int) -> str:
+        """The connection limit and the allow/deny rules; ChannelOpenFailed if refused.
+        Returns the host in its normal form, which is what was checked."""
         self.check_limit()
+        host = _normal_host(host)
         rule = self._server.rules.denies(host, port)
         if rule is not None:
             raise ChannelOpenFailed(ReplyReason.CONNECTION_NOT_ALLOWED, f"denied by {rule}")
+        return host
 
     # -- SOCKS BIND -------------------------------------------------------------------
 
@@ -374,6 +389,7 @@ class ProxyClient(asyncio.Protocol):
             listen_host = "::1" if ":" in request.host else "127.0.0.1"
         wait = _BindWait(self, request, time.monotonic())
         try:
+            # (The host is already in its normal form: _socks_request saw to it.)
             self.check_policy(request.host, request.port)
             listener = await binder.listen_tcp(listen_host, 0, wait.incoming)
         except ChannelOpenFailed as exc:
@@ -616,6 +632,16 @@ class _BoundPeer:
 
     def remote_closed(self, exc: BaseException | None) -> None:
         self.wait.client.remote_closed(exc)
+
+
+def _normal_host(host: str) -> str:
+    """A destination in its normal form, or the refusal of one that has none. RFC 1928
+    has no code for "that is no host name"; 0x04 (host unreachable) is the nearest, and
+    what the same name gets when the server's resolver cannot find it."""
+    try:
+        return normalize_host(host)
+    except BadName as exc:
+        raise ChannelOpenFailed(ReplyReason.HOST_UNREACHABLE, f"refused: {exc}") from None
 
 
 def _reply_host(host: str) -> str:

@@ -14,6 +14,11 @@ and a local lookup would leak it); write a host glob for names. Numeric forms th
 server would read as an address (``127.1``, ``2130706433``, ``::ffff:10.0.0.1``,
 ``::1%1``) are treated as that address, and the unspecified addresses (``0.0.0.0``,
 ``::``), which reach the server itself, as its loopback.
+
+Hosts and patterns alike are first brought to :func:`tunnel.names.normalize_host`'s
+form, so ``ｌｏｃａｌｈｏｓｔ`` and ``１２７。０。０。１`` meet the rules as ``localhost`` and
+127.0.0.1, and ``--deny bücher.example`` matches its A-label. A CIDR block written as
+IPv4-mapped IPv6 (``::ffff:10.0.0.0/104``) is the IPv4 block it maps.
 """
 
 from __future__ import annotations
@@ -23,10 +28,12 @@ import fnmatch
 import ipaddress
 import re
 import socket
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .errors import ConfigError
+from .names import INET_ATON, BadName, normalize_host
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -56,7 +63,7 @@ class Rule:
         if address is not None:
             # A glob names hosts; an address matches only itself written out.
             return self.glob == str(address)
-        return fnmatch.fnmatchcase(host.lower().rstrip("."), self.glob)
+        return fnmatch.fnmatchcase(host, self.glob)
 
     def __str__(self) -> str:
         return f"--{self.action.value} {self.text}"
@@ -71,7 +78,7 @@ def _address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
         address = ipaddress.ip_address(host.strip("[]"))
     except ValueError:
-        if not _INET_ATON.fullmatch(host):
+        if not INET_ATON.fullmatch(host):
             return None
         # Pure parsing, no lookup.
         try:
@@ -88,8 +95,6 @@ def _address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     return address
 
 
-_NUMBER = r"(?:0[xX][0-9a-fA-F]+|[0-9]+)"
-_INET_ATON = re.compile(rf"{_NUMBER}(?:\.{_NUMBER}){{0,3}}")
 _PORTS = re.compile(r"([0-9]{1,5})(?:-([0-9]{1,5}))?")
 _GLOB = re.compile(r"[A-Za-z0-9_.*?\[\]!-]+")
 
@@ -129,17 +134,39 @@ def parse_rule(action: Action, text: str) -> Rule:
     # Otherwise a bare IPv6 address or block: no port part.
     port_range = _parse_ports(ports, text)
     if "/" in host:
+        base, _, prefix = host.partition("/")
         try:
-            network = ipaddress.ip_network(host, strict=False)
-        except ValueError:
+            # Full-width digits and the like, as in names; the prefix is digits only.
+            base = normalize_host(base)
+            prefix = unicodedata.normalize("NFKC", prefix)
+            network = ipaddress.ip_network(f"{base}/{prefix}", strict=False)
+        except (ValueError, BadName):
             raise ConfigError(f"bad rule {text!r}: {host!r} is not a CIDR block") from None
-        return Rule(action, text, network=network, ports=port_range)
+        return Rule(action, text, network=_unmapped(network), ports=port_range)
+    try:
+        host = normalize_host(host, glob=True)
+    except BadName as exc:
+        raise ConfigError(
+            f"bad rule {text!r}: {host!r} is not a host name, glob or address ({exc})"
+        ) from None
     address = _address(host)
     if address is not None:
         return Rule(action, text, glob=str(address), ports=port_range)
     if not _GLOB.fullmatch(host):
         raise ConfigError(f"bad rule {text!r}: {host!r} is not a host name, glob or address")
-    return Rule(action, text, glob=host.lower().rstrip("."), ports=port_range)
+    return Rule(action, text, glob=host, ports=port_range)
+
+
+_MAPPED = ipaddress.IPv6Network("::ffff:0:0/96")
+
+
+def _unmapped(network: IPNetwork) -> IPNetwork:
+    """An IPv4-mapped block as the IPv4 block it maps: the addresses it is matched with
+    are IPv4 by then (see :func:`_address`)."""
+    if isinstance(network, ipaddress.IPv6Network) and network.subnet_of(_MAPPED):
+        base = ipaddress.IPv4Address(int(network.network_address) & 0xFFFFFFFF)
+        return ipaddress.IPv4Network((base, network.prefixlen - 96))
+    return network
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,7 +174,10 @@ class Rules:
     rules: tuple[Rule, ...] = ()
 
     def check(self, host: str, port: int) -> Rule | None:
-        """The first rule that matches, or None (no rule: allowed)."""
+        """The first rule that matches, or None (no rule: allowed). The host is matched
+        in its normal form; one that has none raises :class:`~tunnel.names.BadName`
+        (callers normalise first, to forward that same form)."""
+        host = normalize_host(host)
         for rule in self.rules:
             if rule.matches(host, port):
                 return rule

@@ -42,6 +42,7 @@ from .datagrams import (
     parse_helper_frame,
 )
 from .errors import ChannelOpenFailed, RemoteProtocolError
+from .names import BadName, normalize_host
 from .rules import Rules, same_host
 from .socks import build_datagram, parse_datagram
 
@@ -67,6 +68,7 @@ class Drop(enum.StrEnum):
 
     FOREIGN = "sent from an address other than the association's client"
     MALFORMED = "malformed SOCKS5 UDP header"
+    BAD_NAME = "the destination is not a valid host name"
     FRAGMENT = "fragmented (FRAG != 0); pytunnel does not reassemble"
     DENIED = "denied by the --allow/--deny rules"
     NO_HELPER = "not DNS: other UDP needs --udp-helper (SSH has no UDP channel)"
@@ -185,7 +187,12 @@ class UdpAssociation(asyncio.DatagramProtocol):
         except RemoteProtocolError:
             self.drop(Drop.MALFORMED, "?")
             return
-        host, port = datagram.host, datagram.port
+        try:
+            # The normal form is what the rules check and the server gets (tunnel.names).
+            host, port = normalize_host(datagram.host), datagram.port
+        except BadName:
+            self.drop(Drop.BAD_NAME, "?")
+            return
         where = _hostport(host, port)
         if datagram.frag:
             self.drop(Drop.FRAGMENT, where)

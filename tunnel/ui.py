@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any, TextIO
 
 from . import events
+from .names import printable
 from .stats import is_public_address
 
 
@@ -72,7 +73,16 @@ def destination(info: events.ConnectionInfo) -> str:
 
 def describe(event: events.Event) -> tuple[str, bool] | None:
     """One line of text for an event, and whether it reports a problem; None for events
-    that are only worth a line in JSON."""
+    that are only worth a line in JSON. The line is safe to show: names, user names and
+    the server's reasons come from the network, and their control characters are
+    escaped here (:func:`tunnel.names.printable`), once, for every text renderer."""
+    described = _describe(event)
+    if described is None:
+        return None
+    return printable(described[0]), described[1]
+
+
+def _describe(event: events.Event) -> tuple[str, bool] | None:
     match event:
         case events.ListenerStarted(listener=listener):
             return f"listening on {listener_text(listener)}", False
@@ -306,9 +316,10 @@ class TerminalPrompter:
         self.after_prompt()
 
     def show(self, text: str) -> None:
+        """Show the server's text (its auth banner): its lines, none of its controls."""
         self.pause()
         try:
-            self.tty.write(text.rstrip("\n") + "\n")
+            self.tty.write(printable(text.rstrip("\n"), keep="\n\t") + "\n")
             self.tty.flush()
         finally:
             self.resume()
@@ -330,7 +341,8 @@ class TerminalPrompter:
             self.tty.flush()
 
     def _read_line(self, prompt: str) -> str:
-        self.tty.write(prompt)
+        # Keyboard-interactive prompts are the server's text too.
+        self.tty.write(printable(prompt, keep="\n\t"))
         self.tty.flush()
         return self.tty.readline()
 

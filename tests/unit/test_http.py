@@ -40,6 +40,26 @@ GOOD_TARGETS: list[tuple[str, bytes, bytes, Target]] = [
     ("connect-ipv6-loopback", b"CONNECT", b"[::1]:22", Target(Kind.CONNECT, "::1", 22)),
     ("connect-port-1", b"CONNECT", b"h:1", Target(Kind.CONNECT, "h", 1)),
     ("connect-port-65535", b"CONNECT", b"h:65535", Target(Kind.CONNECT, "h", 65535)),
+    # The host in the normal form the rules check and the server gets (tunnel.names).
+    (
+        "connect-normal-form",
+        b"CONNECT",
+        b"Example.COM.:443",
+        Target(Kind.CONNECT, "example.com", 443),
+    ),
+    ("connect-inet-aton", b"CONNECT", b"127.1:80", Target(Kind.CONNECT, "127.0.0.1", 80)),
+    (
+        "absolute-inet-aton",
+        b"GET",
+        b"http://0x7f.1/x",
+        Target(Kind.FORWARD, "127.0.0.1", 80, b"/x"),
+    ),
+    (
+        "absolute-trailing-dot",
+        b"GET",
+        b"http://localhost.:8080/",
+        Target(Kind.FORWARD, "localhost", 8080, b"/"),
+    ),
     # absolute-form: forwarded in origin form
     (
         "absolute-default-port",
@@ -134,6 +154,12 @@ BAD_TARGETS: list[tuple[str, bytes, bytes, str]] = [
     ("no-host", b"GET", b"http:///path", "host"),
     ("bad-url-port", b"GET", b"http://example.com:99999/", "port"),
     ("url-port-name", b"GET", b"http://example.com:http/", "port"),
+    # Hosts without a normal form (h11 lets no control byte or non-ASCII through; the
+    # codec refuses them on its own all the same).
+    ("connect-empty-label", b"CONNECT", b"a..example:443", "bad host"),
+    ("connect-control", b"CONNECT", b"a\x1b]0;x\x07b:443", "control character"),
+    ("connect-non-ascii", b"CONNECT", "bücher.example:443".encode(), "bad host"),
+    ("absolute-empty-label", b"GET", b"http://a..example/", "bad host"),
 ]
 
 

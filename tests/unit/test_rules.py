@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tunnel.errors import ConfigError
+from tunnel.names import BadName, normalize_host
 from tunnel.rules import Action, Rule, Rules, parse_rule, parse_rules
 
 ALLOW = Action.ALLOW
@@ -55,6 +56,18 @@ PARSED = [
     Parsed("::1", glob="::1"),
     Parsed("[0:0:0:0:0:0:0:1]:22", glob="::1", ports=(22, 22)),
     Parsed("2001:DB8::1", glob="2001:db8::1"),
+    # Patterns in the normal form of the hosts they meet (tunnel.names).
+    Parsed("ｌｏｃａｌｈｏｓｔ", glob="localhost"),
+    Parsed("bücher.example:443", glob="xn--bcher-kva.example", ports=(443, 443)),
+    Parsed("*.bücher.example", glob="*.xn--bcher-kva.example"),
+    Parsed("１２７.０.０.１", glob="127.0.0.1"),
+    Parsed("127.1", glob="127.0.0.1"),
+    Parsed("１２７.０.０.０/８", network="127.0.0.0/8"),
+    # An IPv4-mapped block is the IPv4 block it maps.
+    Parsed("::ffff:10.0.0.0/104", network="10.0.0.0/8"),
+    Parsed("[::ffff:10.0.0.0]/104:22", network="10.0.0.0/8", ports=(22, 22)),
+    Parsed("::ffff:0:0/96", network="0.0.0.0/0"),
+    Parsed("::/0", network="::/0"),
 ]
 
 
@@ -89,6 +102,10 @@ BAD_RULES = [
     ("missing-bracket", "[::1", "missing ']'"),
     ("junk-after-bracket", "[::1]x", "[address]:port"),
     ("empty-brackets", "[]", "not a host name"),
+    ("control-character", "evil\x1b.example", "control character"),
+    ("empty-label", "a..b", "empty label"),
+    ("unicode-in-a-glob-label", "*ü.example", "A-label"),
+    ("disallowed-unicode", "⒈.example", "not a valid international name"),
 ]
 
 
@@ -268,6 +285,25 @@ def test_a_rule_written_ipv4_mapped_means_the_ipv4_address() -> None:
     assert ruleset.denies("192.0.2.7", 81) is None
 
 
+@pytest.mark.parametrize(
+    "host", ["10.1.2.3", "::ffff:10.1.2.3", "[::ffff:a01:203]", "１０.１.２.３"]
+)
+def test_an_ipv4_mapped_block_matches_the_ipv4_addresses(host: str) -> None:
+    # Regression: "::ffff:10.0.0.0/104" stayed an IPv6 block, while every address it
+    # was matched with had been mapped to IPv4 already: it matched nothing.
+    ruleset = rules((DENY, "::ffff:10.0.0.0/104"))
+    assert ruleset.denies(host, 80) is not None
+    assert ruleset.denies("11.0.0.1", 80) is None
+
+
+def test_a_wider_ipv6_block_is_about_ipv6_only() -> None:
+    # "::/0" means every IPv6 address; IPv4 (mapped or not) needs an IPv4 rule.
+    ruleset = rules((DENY, "::/0"))
+    assert ruleset.denies("2001:db8::1", 80) is not None
+    assert ruleset.denies("10.0.0.1", 80) is None
+    assert ruleset.denies("::ffff:10.0.0.1", 80) is None
+
+
 def test_other_ipv6_addresses_do_not_match_ipv4_rules() -> None:
     ruleset = rules((DENY, "0.0.0.0/0"))
     for host in ("::1", "2001:db8::1", "::7f00:1", "64:ff9b::7f00:1"):
@@ -301,12 +337,22 @@ hosts = st.one_of(
     host=hosts,
     port=st.one_of(st.integers(0, 65535), st.integers()),
 )
-def test_check_never_raises(chosen: list[tuple[Action, str]], host: str, port: int) -> None:
+def test_check_answers_or_refuses_the_name(
+    chosen: list[tuple[Action, str]], host: str, port: int
+) -> None:
     ruleset = parse_rules(chosen)
+    try:
+        normal = normalize_host(host)
+    except BadName:
+        # A name without a normal form is never matched (nor forwarded): the caller
+        # refuses it, so checking it says so too.
+        with pytest.raises(BadName):
+            ruleset.check(host, port)
+        return
     found = ruleset.check(host, port)
     if found is not None:
-        # The answer is the first rule that matches, never a later one.
-        first = next(r for r in ruleset.rules if r.matches(host, port))
+        # The answer is the first rule that matches the normal form, never a later one.
+        first = next(r for r in ruleset.rules if r.matches(normal, port))
         assert found is first
     denied = ruleset.denies(host, port)
     assert denied is None or (denied is found and denied.action is DENY)
