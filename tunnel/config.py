@@ -352,8 +352,9 @@ def parse_proxy_command(value: str) -> str:
 
 
 # What ProxyCommand's %-tokens may put into a shell command line: ssh (since 9.6) refuses
-# user and host names with shell metacharacters there, and so do we.
-_SHELL_SAFE = re.compile(r"[A-Za-z0-9_.:@%+-]*")
+# user and host names with shell metacharacters there, and so do we; nor may a value
+# start with "-", where a command would take it for an option.
+_SHELL_SAFE = re.compile(r"(?!-)[A-Za-z0-9_.:@%+-]*")
 
 
 def expand_proxy_command(

@@ -216,7 +216,8 @@ def _resolve(config: Config, paths: list[str], chain: tuple[str, ...]) -> Config
             else:
                 command = parse_proxy_command(value)
         except ConfigError as exc:
-            raise ConfigError(f"in ssh_config: {exc.message}", hint=exc.hint) from exc
+            what = "" if option in exc.message else f"{option} {value!r}: "
+            raise ConfigError(f"in ssh_config: {what}{exc.message}", hint=exc.hint) from exc
     if jumps:
         # As ssh runs `ssh -J j1,...,jn-1 jn`: the first jump host's own ssh_config
         # route applies to it, the later ones go through the earlier ones. Only the
