@@ -170,3 +170,68 @@ def test_failing_proxycommand_is_retried_like_a_connect_failure(
     assert "ProxyCommand: not yet" in stderr, running.describe()
     assert "connecting to viaproxy (attempt 2)" in stderr, running.describe()
     assert curl_hello(running, http_target) == http_target.hello_body.decode()
+
+
+def test_the_command_ends_with_the_tunnel(
+    sshd: SshdServer, tmp_path: Path, closed_port: int, pytunnel_factory: PytunnelFactory
+) -> None:
+    # The command outlives stdin's end on purpose: only being stopped ends it, as ssh
+    # stops its ProxyCommand when it exits.
+    pid_file = tmp_path / "proxy.pid"
+    command = f"sh -c 'echo $$ > {pid_file}; nc {sshd.host} {sshd.port}; exec sleep 600'"
+    known = known_hosts_at(tmp_path, sshd, closed_port)
+    path = config_file(tmp_path, sshd, closed_port, known, f"    ProxyCommand {command}\n")
+    running = pytunnel_factory(["-F", str(path), "-D", "127.0.0.1:0", "viaproxy"])
+    pid = int(pid_file.read_text())
+    assert Path(f"/proc/{pid}").exists()
+    assert running.stop() == 0, running.describe()
+    # pytunnel waited for it: it is gone (reaped), not a zombie left behind.
+    assert not Path(f"/proc/{pid}").exists()
+
+
+def test_a_jump_hosts_own_proxycommand_starts_the_chain(
+    sshd: SshdServer,
+    make_sshd: MakeSshd,
+    tmp_path: Path,
+    closed_port: int,
+    pytunnel_factory: PytunnelFactory,
+    http_target: HttpTarget,
+) -> None:
+    jump = make_sshd()
+    known = tmp_path / "known_hosts_chain"
+    known.write_text(
+        f"[{jump.host}]:{closed_port} {jump.host_key_pub}\n"
+        f"[{sshd.host}]:{sshd.port} {sshd.host_key_pub}\n"
+    )
+    path = tmp_path / "ssh_config"
+    path.write_text(
+        "Host behind\n"
+        f"    HostName {sshd.host}\n    Port {sshd.port}\n    ProxyJump jumpbox\n"
+        "Host jumpbox\n"
+        f"    HostName {jump.host}\n    Port {closed_port}\n"
+        f"    ProxyCommand nc %h {jump.port}\n"
+        "Host *\n"
+        f"    User {sshd.user}\n    IdentityFile {sshd.client_key}\n"
+        f"    UserKnownHostsFile {known}\n    GlobalKnownHostsFile /dev/null\n"
+        "    StrictHostKeyChecking yes\n    ConnectTimeout 10\n"
+    )
+    mark = jump.log_mark()
+    running = pytunnel_factory(["-F", str(path), "-D", "127.0.0.1:0", "behind"])
+    assert curl_hello(running, http_target) == http_target.hello_body.decode()
+    assert jump.wait_log("server_request_direct_tcpip", since=mark)
+    assert f"target {sshd.host} port {sshd.port}" in jump.log_text(mark)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["-l", "x;touch owned", "-o", "ProxyCommand=ssh -W %h:%p %r@gateway"],
+        ["-o", "ProxyCommand=nc %h %x"],
+    ],
+    ids=["unsafe-user", "unknown-token"],
+)
+def test_refused_proxycommand_is_one_line_and_exit_2(args: list[str]) -> None:
+    result = run_pytunnel(["-F", "none", "-D", "127.0.0.1:0", *args, "127.0.0.1"])
+    assert result.returncode == 2, result.describe()
+    assert "ProxyCommand" in error_line(result)
+    assert len(result.stderr_lines) == 1, result.describe()
