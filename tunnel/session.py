@@ -984,23 +984,14 @@ class Session:
         )
         while True:
             client = _Client(host_keys, prompter, str(dest))
+            proxy: _ProxyCommand | None = None
             if use_proxy:
                 assert cfg.proxy_run is not None
                 proxy = await _ProxyCommand.start(cfg.proxy_command or "", cfg.proxy_run, self.emit)
                 proxies.append(proxy)
                 kwargs["sock"] = proxy.sock
             try:
-                try:
-                    conn = await asyncssh.connect(
-                        dest.host, client_factory=functools.partial(_same, client), **kwargs
-                    )
-                except (OSError, asyncssh.ConnectionLost) as exc:
-                    # Through a ProxyCommand, a lost connection or a broken pipe is the
-                    # command's failure when it ended: say so, with what it said.
-                    failure = await proxy.failure() if use_proxy else None
-                    if failure is not None:
-                        raise failure from exc
-                    raise
+                conn = await self._connect_once(dest.host, client, kwargs, proxy)
             except asyncssh.HostKeyNotVerifiable as exc:
                 if (
                     host_keys is not None
@@ -1052,6 +1043,29 @@ class Session:
                     conn.get_extra_info("server_version"),
                 )
                 return conn, client
+
+    @staticmethod
+    async def _connect_once(
+        host: str, client: _Client, kwargs: dict[str, Any], proxy: _ProxyCommand | None
+    ) -> asyncssh.SSHClientConnection:
+        """asyncssh.connect. Through a ProxyCommand, a failed attempt stops the command,
+        and a lost connection or a broken pipe is told as the command's own failure when
+        the command ended (with what it said), not as a puzzling "Broken pipe"."""
+        try:
+            conn: asyncssh.SSHClientConnection = await asyncssh.connect(
+                host, client_factory=functools.partial(_same, client), **kwargs
+            )
+        except BaseException as exc:
+            if proxy is None:
+                raise
+            failure = None
+            if isinstance(exc, (OSError, asyncssh.ConnectionLost)):
+                failure = await proxy.failure()
+            proxy.stop()
+            if failure is not None:
+                raise failure from exc
+            raise
+        return conn
 
     async def connect(self) -> None:
         """Connect (through any jump hosts) and authenticate once; raise a
