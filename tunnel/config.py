@@ -361,9 +361,10 @@ def expand_proxy_command(
     template: str, *, host: str, original_host: str, port: int, user: str
 ) -> str:
     """ProxyCommand's tokens as ssh expands them: %h the host name to connect to, %n the
-    name as given, %k the same (no HostKeyAlias here), %p the port, %r the remote user,
-    %% a literal %. Any other token is an error, as in ssh."""
-    values = {"h": host, "n": original_host, "k": original_host, "p": str(port), "r": user}
+    name as given, %p the port, %r the remote user, %% a literal %. Any other token is
+    an error, as in ssh (which also takes %k, the host key alias: asyncssh, reading the
+    same line, cannot)."""
+    values = {"h": host, "n": original_host, "p": str(port), "r": user}
     parts: list[str] = []
     rest = template
     while "%" in rest:
@@ -384,7 +385,7 @@ def expand_proxy_command(
             what = f"unknown token %{token}" if token else "a lone % at the end"
             raise ConfigError(
                 f"bad ProxyCommand {template!r}: {what}",
-                hint="ProxyCommand takes %h, %n, %p, %r, %k, and %% for a literal %",
+                hint="ProxyCommand takes %h, %n, %p, %r, and %% for a literal %",
             )
     parts.append(rest)
     return "".join(parts)

@@ -1032,6 +1032,10 @@ class Session:
                     f"{what}: cannot connect to {dest.host} port {port}: {reason}",
                     hint="is sshd running there? check the host and the port (-p)",
                 ) from exc
+            except asyncssh.ConfigParseError as exc:
+                # asyncssh reads ssh_config again for each connection, and some lines
+                # ssh takes (${VAR} unset here, in a ProxyCommand) it cannot.
+                raise ConfigError(f"in ssh_config, for {dest.host}: {exc}") from exc
             except (asyncssh.KeyImportError, asyncssh.KeyEncryptionError, ValueError) as exc:
                 raise AuthenticationFailed(f"{what}: cannot use key: {exc}") from exc
             else:

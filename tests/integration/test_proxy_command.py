@@ -235,3 +235,18 @@ def test_refused_proxycommand_is_one_line_and_exit_2(args: list[str]) -> None:
     assert result.returncode == 2, result.describe()
     assert "ProxyCommand" in error_line(result)
     assert len(result.stderr_lines) == 1, result.describe()
+
+
+def test_a_line_asyncssh_cannot_read_is_a_usage_error(
+    sshd: SshdServer, tmp_path: Path, closed_port: int
+) -> None:
+    # ssh leaves ${VAR} to the shell; asyncssh, reading the file again for each
+    # connection, insists on the variable: a clear line, not a complaint about keys.
+    command = "sh -c 'exec nc %h ${PYTUNNEL_TEST_UNSET_VARIABLE}'"
+    known = known_hosts_at(tmp_path, sshd, closed_port)
+    path = config_file(tmp_path, sshd, closed_port, known, f"    ProxyCommand {command}\n")
+    result = run_pytunnel(["-F", str(path), "-D", "127.0.0.1:0", "viaproxy"])
+    assert result.returncode == 2, result.describe()
+    line = error_line(result)
+    assert "in ssh_config" in line
+    assert "PYTUNNEL_TEST_UNSET_VARIABLE" in line
