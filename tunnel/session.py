@@ -875,12 +875,17 @@ class Session:
             dataclasses.replace(config, destination=hop, jump_hosts=None, proxy_run=None)
             for hop in config.jump_hosts or ()
         )
-        self._hop_sessions = [Session(hop, emit, prompter) for hop in hops]
         self._proxies: list[_ProxyCommand] = []
         self._decrypted: dict[str, asyncssh.SSHKey] = {}
         self._missing: set[str] = set()
         # Encrypted keys no passphrase was had for (no terminal, BatchMode, given up).
         self._locked: set[str] = set()
+        self._hop_sessions = [Session(hop, emit, prompter) for hop in hops]
+        for hop_session in self._hop_sessions:
+            # A key file used for several hops is decrypted (and reported missing) once.
+            hop_session._decrypted = self._decrypted
+            hop_session._missing = self._missing
+            hop_session._locked = self._locked
         self._accepted_host_keys: set[asyncssh.SSHKey] = set()
         # Channels open now, for the pool's "least loaded first".
         self.channels = 0
