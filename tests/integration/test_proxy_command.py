@@ -250,3 +250,15 @@ def test_a_line_asyncssh_cannot_read_is_a_usage_error(
     line = error_line(result)
     assert "in ssh_config" in line
     assert "PYTUNNEL_TEST_UNSET_VARIABLE" in line
+
+
+def test_control_characters_from_the_command_never_reach_the_terminal(
+    sshd: SshdServer,
+) -> None:
+    # An escape sequence (here: clear the screen) is shown, not obeyed.
+    command = "ProxyCommand=sh -c \"printf '\\033[2Jgone\\n' >&2; exit 1\""
+    result = run_pytunnel(["-D", "127.0.0.1:0", "-o", command, *server_args(sshd)])
+    assert result.returncode == 255, result.describe()
+    assert "\x1b" not in result.stderr
+    assert "ProxyCommand: ?[2Jgone" in result.stderr
+    assert "exited 1: ?[2Jgone" in error_line(result)
