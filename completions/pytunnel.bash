@@ -159,7 +159,7 @@ __pytunnel_option()
 {
     local word=$1 key item
     if [[ $word != *=* ]]; then
-        for item in StrictHostKeyChecking UserKnownHostsFile GlobalKnownHostsFile ConnectTimeout Port User IdentityFile DynamicForward RemoteForward ServerAliveInterval ServerAliveCountMax HostName IdentitiesOnly ProxyJump BatchMode PubkeyAuthentication PasswordAuthentication KbdInteractiveAuthentication PreferredAuthentications Compression Ciphers KexAlgorithms HostKeyAlgorithms MACs AddressFamily GatewayPorts ExitOnForwardFailure LogLevel; do
+        for item in StrictHostKeyChecking UserKnownHostsFile GlobalKnownHostsFile ConnectTimeout Port User IdentityFile DynamicForward RemoteForward ServerAliveInterval ServerAliveCountMax HostName IdentitiesOnly ProxyJump ProxyCommand BatchMode PubkeyAuthentication PasswordAuthentication KbdInteractiveAuthentication PreferredAuthentications Compression Ciphers KexAlgorithms HostKeyAlgorithms MACs AddressFamily GatewayPorts ExitOnForwardFailure LogLevel; do
             [[ ${item,,} == "${word,,}"* ]] && found+=("$item=")
         done
         compopt -o nospace 2>/dev/null

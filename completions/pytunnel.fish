@@ -135,6 +135,7 @@ function __pytunnel_option
         printf '%s\t%s\n' 'HostName=' 'real host name to connect to'
         printf '%s\t%s\n' 'IdentitiesOnly=' 'use only the identity files given, not every key the agent holds'
         printf '%s\t%s\n' 'ProxyJump=' '[user@]host[:port][,...] jump hosts to reach the server through, as -J'
+        printf '%s\t%s\n' 'ProxyCommand=' 'shell command whose stdin and stdout reach the server (%h host, %p port, %r user, %n name as given, %% a %); ProxyJump and ProxyCommand: the first given wins'
         printf '%s\t%s\n' 'BatchMode=' 'never ask for a password, passphrase or host-key confirmation'
         printf '%s\t%s\n' 'PubkeyAuthentication=' 'allow publickey authentication'
         printf '%s\t%s\n' 'PasswordAuthentication=' 'allow password authentication'

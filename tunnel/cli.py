@@ -90,7 +90,10 @@ def build_config(
         opts.pop(derived, None)
     opts.pop("log_level", None)
     if jump is not None:
+        # -J is a flag: it wins over -o ProxyJump and -o ProxyCommand, as in ssh when it
+        # comes first.
         opts["jump_hosts"] = parse_jump_hosts(jump)
+        opts.pop("proxy_command", None)
     if family is not None:
         opts["address_family"] = family
     if compression:

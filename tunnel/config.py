@@ -111,7 +111,15 @@ class Config:
     batch_mode: bool | None = None
     address_family: AddressFamily = AddressFamily.ANY
     gateway_ports: bool | None = None
-    jump_hosts: tuple[Destination, ...] = ()
+    # -J / ProxyJump and ProxyCommand as given (None: not given, so ssh_config decides;
+    # () and "none": none, which also keeps ssh_config's from applying).
+    jump_hosts: tuple[Destination, ...] | None = None
+    proxy_command: str | None = None
+    # How the connection is reached, as apply_ssh_config resolves it: the jump hosts in
+    # the order they are connected, each with its own settings, and the ProxyCommand to
+    # run (tokens expanded) for the first connection of the chain.
+    hops: tuple[Config, ...] = ()
+    proxy_run: str | None = None
     rules: Rules = field(default_factory=Rules)
     # --proxy-auth: clients of the listeners must log in (SOCKS5 RFC 1929, HTTP Basic).
     proxy_credentials: tuple[bytes, bytes] | None = field(default=None, repr=False)
@@ -331,6 +339,58 @@ def parse_jump_hosts(value: str) -> tuple[Destination, ...]:
     return tuple(parse_destination(hop) for hop in value.split(","))
 
 
+def parse_proxy_command(value: str) -> str:
+    """ProxyCommand: a shell command (kept as given, tokens and all), or ``none``."""
+    command = value.strip()
+    if not command:
+        raise ConfigError("bad value '' for ProxyCommand: expected a command, or none")
+    if command.lower() == "none":
+        return "none"
+    # Its tokens are filled in once the host is known; a bad one is refused now.
+    expand_proxy_command(command, host="host", original_host="host", port=22, user="user")
+    return command
+
+
+# What ProxyCommand's %-tokens may put into a shell command line: ssh (since 9.6) refuses
+# user and host names with shell metacharacters there, and so do we; nor may a value
+# start with "-", where a command would take it for an option.
+_SHELL_SAFE = re.compile(r"(?!-)[A-Za-z0-9_.:@%+-]*")
+
+
+def expand_proxy_command(
+    template: str, *, host: str, original_host: str, port: int, user: str
+) -> str:
+    """ProxyCommand's tokens as ssh expands them: %h the host name to connect to, %n the
+    name as given, %p the port, %r the remote user, %% a literal %. Any other token is
+    an error, as in ssh (which also takes %k, the host key alias: asyncssh, reading the
+    same line, cannot)."""
+    values = {"h": host, "n": original_host, "p": str(port), "r": user}
+    parts: list[str] = []
+    rest = template
+    while "%" in rest:
+        before, _, rest = rest.partition("%")
+        parts.append(before)
+        token, rest = rest[:1], rest[1:]
+        if token == "%":
+            parts.append("%")
+        elif token in values:
+            value = values[token]
+            if not _SHELL_SAFE.fullmatch(value):
+                raise ConfigError(
+                    f"ProxyCommand {template!r}: %{token} would put {value!r} into a shell "
+                    "command, and it has characters that are not safe there"
+                )
+            parts.append(value)
+        else:
+            what = f"unknown token %{token}" if token else "a lone % at the end"
+            raise ConfigError(
+                f"bad ProxyCommand {template!r}: {what}",
+                hint="ProxyCommand takes %h, %n, %p, %r, and %% for a literal %",
+            )
+    parts.append(rest)
+    return "".join(parts)
+
+
 def split_paths(value: str) -> tuple[str, ...]:
     return tuple(value.split())
 
@@ -444,6 +504,18 @@ def parse_log_level(value: str) -> int:
         ) from None
 
 
+def _set_proxy(field: str, parse: Callable[[str], object]) -> _OptionSetter:
+    """ProxyJump and ProxyCommand compete: whichever is given first wins, and a later
+    value of either is only checked (ssh_config(5))."""
+
+    def setter(values: dict[str, Any], value: str) -> None:
+        parsed = parse(value)
+        if "jump_hosts" not in values and "proxy_command" not in values:
+            values[field] = parsed
+
+    return setter
+
+
 def _add_forward(values: dict[str, Any], value: str) -> None:
     values.setdefault("forwards", []).append(parse_forward(value))
 
@@ -547,9 +619,17 @@ OPTION_KEYS: dict[str, OptionKey] = {
         ),
         OptionKey(
             "ProxyJump",
-            _set("jump_hosts", parse_jump_hosts),
+            _set_proxy("jump_hosts", parse_jump_hosts),
             "none",
             "[user@]host[:port][,...] jump hosts to reach the server through, as -J",
+        ),
+        OptionKey(
+            "ProxyCommand",
+            _set_proxy("proxy_command", parse_proxy_command),
+            "none",
+            "shell command whose stdin and stdout reach the server (%h host, %p port, "
+            "%r user, %n name as given, %% a %); ProxyJump and ProxyCommand: the first "
+            "given wins",
         ),
         OptionKey(
             "BatchMode",

@@ -163,14 +163,17 @@ async def connect(
         _say_stock_once()
         return await asyncssh.connect(host, **kwargs)
     loop = asyncio.get_running_loop()
-    # What asyncssh.connect does, with our class in its connection factory.
+    # What asyncssh.connect does, with our class in its connection factory: a socket
+    # (a ProxyCommand's) and flags go to _connect, not into the options.
+    sock = kwargs.pop("sock", None)
+    flags = kwargs.pop("flags", 0)
     options = await asyncssh.SSHClientConnectionOptions.construct(None, host=host, **kwargs)
 
     def factory() -> HoldingConnection:
         return HoldingConnection(loop, options, on_refused)
 
     opening: Awaitable[HoldingConnection] = _connect(
-        options, kwargs.get("config", ()), loop, 0, None, factory, "Opening SSH connection to"
+        options, kwargs.get("config", ()), loop, flags, sock, factory, "Opening SSH connection to"
     )
     return await asyncio.wait_for(opening, timeout=options.connect_timeout)
 

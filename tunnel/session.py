@@ -18,7 +18,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import asyncssh
 from asyncssh.config import SSHClientConfig, SSHConfig
@@ -28,13 +28,17 @@ from . import events, fastpath, hostkeys
 from .channels import Channel, ChannelSink, IncomingHandler, IncomingSink, ReportsToSink
 from .config import (
     DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_SSH_PORT,
     AddressFamily,
     Config,
     Destination,
     HostKeyPolicy,
+    expand_proxy_command,
     merge_forwards,
     parse_forward,
     parse_host_key_policy,
+    parse_jump_hosts,
+    parse_proxy_command,
     parse_reverse_forward,
 )
 from .errors import (
@@ -113,6 +117,17 @@ def _append_whole_line(config: SSHConfig, option: str, args: list[str]) -> None:
         values.append(value)
 
 
+def _proxy_line(config: SSHConfig, option: str, args: list[str]) -> None:
+    """ProxyJump and ProxyCommand compete for one slot: the first line of either wins,
+    ``none`` included (ssh_config(5)). The value is kept as written: ProxyCommand's
+    tokens are expanded later, ssh's way, not with asyncssh's wider set."""
+    # asyncssh hands ProxyCommand over as the rest of the line, "=" included if used.
+    value = " ".join(args).strip().removeprefix("=").strip()
+    args.clear()
+    if "Proxy" not in config._options:
+        config._options["Proxy"] = (option, value)
+
+
 class _FileConfig(SSHClientConfig):
     """asyncssh's ssh_config reader (Host and Match matching, Include, first value wins)
     that also keeps the keys asyncssh has no use for but a tunnel does."""
@@ -128,6 +143,8 @@ class _FileConfig(SSHClientConfig):
                 ("BatchMode", SSHConfig._set_bool),
                 ("GatewayPorts", SSHConfig._set_bool),
                 ("ExitOnForwardFailure", SSHConfig._set_bool),
+                ("ProxyJump", _proxy_line),
+                ("ProxyCommand", _proxy_line),
             )
         },
     }
@@ -166,13 +183,16 @@ def _host_key_alias(config: Config, dest: Destination) -> str | None:
 
 def apply_ssh_config(config: Config) -> Config:
     """Fill what the command line left open from ssh_config, for the destination host.
-    The command line wins; ``DynamicForward`` lines add listeners, as in ssh."""
-    paths = _config_paths(config)
-    if not paths:
-        return config
+    The command line wins; ``DynamicForward`` lines add listeners, as in ssh. The route
+    is resolved too: the jump hosts (each one's own ssh_config applied to it) and the
+    ProxyCommand to run."""
+    return _resolve(config, _config_paths(config), ())
+
+
+def _load(config: Config, paths: list[str]) -> SSHConfig:
     dest = config.destination
     try:
-        loaded = _FileConfig.load(
+        return _FileConfig.load(
             None,
             paths,
             False,
@@ -188,6 +208,69 @@ def apply_ssh_config(config: Config) -> Config:
         raise ConfigError(f"cannot read ssh_config {name}: {exc.strerror or exc}") from exc
     except asyncssh.ConfigParseError as exc:
         raise ConfigError(f"in ssh_config: {exc}") from exc
+
+
+def _resolve(config: Config, paths: list[str], chain: tuple[str, ...]) -> Config:
+    """``config`` (the command line's) with ssh_config merged in for its destination, and
+    its route. ``chain``: the hosts whose ProxyJump led here, to refuse a loop."""
+    dest = config.destination
+    if str(dest) in chain:
+        raise ConfigError(f"in ssh_config: ProxyJump loop: {' -> '.join((*chain, str(dest)))}")
+    loaded = _load(config, paths) if paths else None
+    merged = _merge(config, loaded) if loaded is not None else config
+    # The route: the command line first (-J, -o ProxyJump or -o ProxyCommand), then the
+    # first ProxyJump or ProxyCommand line of the file.
+    jumps: tuple[Destination, ...] = ()
+    command: str | None = None
+    # Only the file's ProxyJump lines can lead back to a host already on the way.
+    here = chain
+    if config.jump_hosts is not None:
+        jumps = config.jump_hosts
+    elif config.proxy_command is not None:
+        command = config.proxy_command
+    elif loaded is not None and loaded.get("Proxy") is not None:
+        option, value = cast(tuple[str, str], loaded.get("Proxy"))
+        try:
+            if option == "ProxyJump":
+                jumps = parse_jump_hosts(value)
+                here = (*chain, str(dest))
+            else:
+                command = parse_proxy_command(value)
+        except ConfigError as exc:
+            what = "" if option in exc.message else f"{option} {value!r}: "
+            raise ConfigError(f"in ssh_config: {what}{exc.message}", hint=exc.hint) from exc
+    if jumps:
+        # As ssh runs `ssh -J j1,...,jn-1 jn`: the first jump host's own ssh_config
+        # route applies to it, the later ones go through the earlier ones. Only the
+        # command line's options (not the destination's file settings) go with them.
+        base = dataclasses.replace(
+            config, jump_hosts=None, proxy_command=None, forwards=(), reverse_forwards=()
+        )
+        first = _resolve(dataclasses.replace(base, destination=jumps[0]), paths, here)
+        later = [
+            _resolve(dataclasses.replace(base, destination=hop, jump_hosts=()), paths, here)
+            for hop in jumps[1:]
+        ]
+        hops = (*first.hops, dataclasses.replace(first, hops=()), *later)
+        return dataclasses.replace(merged, hops=hops, proxy_run=None)
+    if command is None or command == "none":
+        return merged
+
+    def get(option: str) -> Any:
+        return loaded.get(option) if loaded is not None else None
+
+    run = expand_proxy_command(
+        command,
+        host=str(get("Hostname") or dest.host),
+        original_host=dest.host,
+        port=int(dest.port or get("Port") or DEFAULT_SSH_PORT),
+        user=str(dest.user or get("User") or getpass.getuser()),
+    )
+    return dataclasses.replace(merged, proxy_command=command, proxy_run=run)
+
+
+def _merge(config: Config, loaded: SSHConfig) -> Config:
+    """The settings of the file that the command line left open."""
 
     def get(option: str) -> Any:
         return loaded.get(option)
@@ -666,6 +749,121 @@ class _Client(asyncssh.SSHClient):
         return self._host_keys is not None and self._host_keys.decide(host, addr, port, key)
 
 
+# -- ProxyCommand -------------------------------------------------------------------
+
+# How long a ProxyCommand gets to exit, or to finish its stderr, once the connection
+# through it failed: long enough on a loaded machine, short enough not to hang a retry.
+_PROXY_EXIT_WAIT = 5.0
+# The longest stderr line kept whole (a command writing without newlines is cut here).
+_PROXY_LINE_MAX = 4096
+
+
+def _printable(text: str) -> str:
+    """A line of someone else's output, safe to put on a terminal."""
+    return "".join(ch if ch.isprintable() or ch == "\t" else "?" for ch in text)
+
+
+class _ProxyCommand:
+    """A running ProxyCommand. The SSH connection speaks over its stdin and stdout (one
+    end of a socket pair; the other end is handed to asyncssh). Its stderr is passed on
+    line by line as notices, as ssh lets it through to the terminal, and the last line
+    is kept to say why the command failed."""
+
+    def __init__(
+        self,
+        template: str,
+        process: asyncio.subprocess.Process,
+        sock: socket.socket,
+        emit: events.Sink,
+    ) -> None:
+        self.template = template
+        self.process = process
+        self.sock = sock
+        self.emit = emit
+        self.last_line = ""
+        assert process.stderr is not None
+        self._pump = asyncio.get_running_loop().create_task(self._read_stderr(process.stderr))
+
+    @classmethod
+    async def start(cls, template: str, command: str, emit: events.Sink) -> _ProxyCommand:
+        ours, theirs = socket.socketpair()
+        # As ssh: the user's shell runs "exec COMMAND", so no shell lingers in between.
+        shell = os.environ.get("SHELL") or "/bin/sh"
+        log.info("running ProxyCommand: %s", command)
+        try:
+            process = await asyncio.create_subprocess_exec(
+                shell,
+                "-c",
+                f"exec {command}",
+                stdin=theirs.fileno(),
+                stdout=theirs.fileno(),
+                stderr=asyncio.subprocess.PIPE,
+                # Its own session: Ctrl-C on the terminal is ours to handle, not its.
+                start_new_session=True,
+            )
+        except OSError as exc:
+            ours.close()
+            raise ConnectFailed(
+                f"cannot run ProxyCommand `{template}` with {shell}: {exc.strerror or exc}"
+            ) from exc
+        finally:
+            theirs.close()
+        return cls(template, process, ours, emit)
+
+    async def _read_stderr(self, stream: asyncio.StreamReader) -> None:
+        pending = b""
+        while chunk := await stream.read(_PROXY_LINE_MAX):
+            *lines, pending = (pending + chunk).split(b"\n")
+            if len(pending) >= _PROXY_LINE_MAX:
+                lines.append(pending)
+                pending = b""
+            for line in lines:
+                self._line(line)
+        self._line(pending)
+
+    def _line(self, raw: bytes) -> None:
+        text = _printable(raw.decode("utf-8", "replace").rstrip("\r")).rstrip()
+        if text.strip():
+            self.last_line = text.strip()
+            self.emit(events.Notice(f"ProxyCommand: {text}", key="proxy-command"))
+
+    async def failure(self) -> ConnectFailed | None:
+        """Why the connection through this command failed, if the command ended (waiting
+        a bounded time for it to): its exit status and the last line it wrote to stderr.
+        None while it still runs: then the failure was the SSH connection's own."""
+        try:
+            status = await asyncio.wait_for(self.process.wait(), _PROXY_EXIT_WAIT)
+        except TimeoutError:
+            return None
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._pump), _PROXY_EXIT_WAIT)
+        how = f"exited {status}" if status >= 0 else f"was killed by signal {-status}"
+        if status == 0:
+            how += " before the SSH connection was set up"
+        said = f": {self.last_line}" if self.last_line else " (it wrote nothing to stderr)"
+        return ConnectFailed(
+            f"ProxyCommand `{self.template}` {how}{said}",
+            hint="check the command: it must connect its stdin and stdout to the SSH "
+            "server (as `nc %h %p` does)",
+        )
+
+    def stop(self) -> None:
+        """End the command (as ssh does when the connection is over) and its reader."""
+        if self.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.terminate()
+        self._pump.cancel()
+
+    async def wait_stopped(self) -> None:
+        self.stop()
+        try:
+            await asyncio.wait_for(self.process.wait(), _PROXY_EXIT_WAIT)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.kill()
+            await self.process.wait()
+
+
 # -- the session --------------------------------------------------------------------
 
 
@@ -684,10 +882,24 @@ class Session:
         self._lost: asyncio.Future[SessionError] | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._hops: list[asyncssh.SSHClientConnection] = []
+        # A Session per jump host, kept across reconnects: each hop has its own settings
+        # (its ssh_config block), keys and accepted host keys. A Config made without
+        # apply_ssh_config has jump hosts but no hops: each gets the same settings then.
+        hops = config.hops or tuple(
+            dataclasses.replace(config, destination=hop, jump_hosts=None, proxy_run=None)
+            for hop in config.jump_hosts or ()
+        )
+        self._proxies: list[_ProxyCommand] = []
         self._decrypted: dict[str, asyncssh.SSHKey] = {}
         self._missing: set[str] = set()
         # Encrypted keys no passphrase was had for (no terminal, BatchMode, given up).
         self._locked: set[str] = set()
+        self._hop_sessions = [Session(hop, emit, prompter) for hop in hops]
+        for hop_session in self._hop_sessions:
+            # A key file used for several hops is decrypted (and reported missing) once.
+            hop_session._decrypted = self._decrypted
+            hop_session._missing = self._missing
+            hop_session._locked = self._locked
         self._accepted_host_keys: set[asyncssh.SSHKey] = set()
         # Channels open now, for the pool's "least loaded first".
         self.channels = 0
@@ -747,9 +959,14 @@ class Session:
         return kwargs
 
     async def _open_connection(
-        self, dest: Destination, tunnel: asyncssh.SSHClientConnection | None, what: str
+        self,
+        dest: Destination,
+        tunnel: asyncssh.SSHClientConnection | None,
+        what: str,
+        proxies: list[_ProxyCommand],
     ) -> tuple[asyncssh.SSHClientConnection, _Client]:
-        """One SSH connection (to a jump host or the server), errors translated."""
+        """One SSH connection (to a jump host or the server), errors translated. The
+        first connection of a chain runs the ProxyCommand, if any (added to proxies)."""
         cfg = self.config
         host_keys = self._host_keys(dest)
         kwargs = self._connect_kwargs(host_keys)
@@ -757,8 +974,11 @@ class Session:
             kwargs["username"] = dest.user
         if dest.port:
             kwargs["port"] = dest.port
-        if tunnel is not None:
-            kwargs["tunnel"] = tunnel
+        # Explicit, so that asyncssh never follows ssh_config's ProxyJump or ProxyCommand
+        # on its own (without our host-key checks, keys and errors): the route is ours.
+        kwargs["tunnel"] = tunnel
+        kwargs["proxy_command"] = None
+        use_proxy = tunnel is None and cfg.proxy_run is not None
         if host_keys is not None and "host_key_algorithms" not in cfg.algorithms:
             preferred = host_keys.preferred_algorithms(dest.host, dest.port)
             if preferred is not None:
@@ -772,7 +992,9 @@ class Session:
             "connecting to %s port %s%s as %s; keys: %s",
             dest.host,
             kwargs.get("port", "from ssh_config or 22"),
-            " through the jump connection" if tunnel is not None else "",
+            " through the jump connection"
+            if tunnel is not None
+            else (" through ProxyCommand" if use_proxy else ""),
             dest.user or "the configured or local user",
             ", ".join(str(k) if isinstance(k, str) else "a decrypted key" for k in keys)
             if keys is not None
@@ -780,13 +1002,14 @@ class Session:
         )
         while True:
             client = _Client(host_keys, prompter, str(dest))
+            proxy: _ProxyCommand | None = None
+            if use_proxy:
+                assert cfg.proxy_run is not None
+                proxy = await _ProxyCommand.start(cfg.proxy_command or "", cfg.proxy_run, self.emit)
+                proxies.append(proxy)
+                kwargs["sock"] = proxy.sock
             try:
-                conn = await fastpath.connect(
-                    dest.host,
-                    self._refused,
-                    client_factory=functools.partial(_same, client),
-                    **kwargs,
-                )
+                conn = await self._connect_once(dest.host, client, kwargs, proxy)
             except asyncssh.HostKeyNotVerifiable as exc:
                 if (
                     host_keys is not None
@@ -827,6 +1050,10 @@ class Session:
                     f"{what}: cannot connect to {dest.host} port {port}: {reason}",
                     hint="is sshd running there? check the host and the port (-p)",
                 ) from exc
+            except asyncssh.ConfigParseError as exc:
+                # asyncssh reads ssh_config again for each connection, and some lines
+                # ssh takes (${VAR} unset here, in a ProxyCommand) it cannot.
+                raise ConfigError(f"in ssh_config, for {dest.host}: {exc}") from exc
             except (asyncssh.KeyImportError, asyncssh.KeyEncryptionError, ValueError) as exc:
                 raise AuthenticationFailed(f"{what}: cannot use key: {exc}") from exc
             else:
@@ -839,6 +1066,29 @@ class Session:
                 )
                 return conn, client
 
+    async def _connect_once(
+        self, host: str, client: _Client, kwargs: dict[str, Any], proxy: _ProxyCommand | None
+    ) -> asyncssh.SSHClientConnection:
+        """asyncssh.connect, through the fast path's connection class. Through a
+        ProxyCommand, a failed attempt stops the command, and a lost connection or a
+        broken pipe is told as the command's own failure when the command ended (with
+        what it said), not as a puzzling "Broken pipe"."""
+        try:
+            conn = await fastpath.connect(
+                host, self._refused, client_factory=functools.partial(_same, client), **kwargs
+            )
+        except BaseException as exc:
+            if proxy is None:
+                raise
+            failure = None
+            if isinstance(exc, (OSError, asyncssh.ConnectionLost)):
+                failure = await proxy.failure()
+            proxy.stop()
+            if failure is not None:
+                raise failure from exc
+            raise
+        return conn
+
     async def connect(self) -> None:
         """Connect (through any jump hosts) and authenticate once; raise a
         :class:`SessionError` if that fails."""
@@ -849,13 +1099,19 @@ class Session:
         hops: list[asyncssh.SSHClientConnection] = []
         try:
             tunnel: asyncssh.SSHClientConnection | None = None
-            for hop in cfg.jump_hosts:
-                tunnel, _ = await self._open_connection(hop, tunnel, f"jump host {hop}")
+            for hop_session in self._hop_sessions:
+                hop = hop_session.config.destination
+                tunnel, _ = await hop_session._open_connection(
+                    hop, tunnel, f"jump host {hop}", self._proxies
+                )
                 hops.append(tunnel)
-            conn, client = await self._open_connection(cfg.destination, tunnel, self.server)
+            conn, client = await self._open_connection(
+                cfg.destination, tunnel, self.server, self._proxies
+            )
         except BaseException:
             for hop_conn in reversed(hops):
                 hop_conn.abort()
+            self._stop_proxies()
             raise
         lost: asyncio.Future[SessionError] = loop.create_future()
         self._conn = conn
@@ -946,8 +1202,14 @@ class Session:
                 for hop in reversed(self._hops):
                     hop.close()
                 self._hops = []
+                self._stop_proxies()
             if not lost.done():
                 lost.set_result(SessionClosed(self.server, client.lost_reason))
+
+    def _stop_proxies(self) -> None:
+        proxies, self._proxies = self._proxies, []
+        for proxy in proxies:
+            proxy.stop()
 
     async def wait_lost(self) -> SessionError:
         """Wait until the live connection ends; return why."""
@@ -1128,6 +1390,9 @@ class Session:
             each.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(each.wait_closed(), 5.0)
+        proxies, self._proxies = self._proxies, []
+        for proxy in proxies:
+            await proxy.wait_stopped()
 
 
 class SessionPool:

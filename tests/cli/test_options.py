@@ -240,6 +240,45 @@ def test_proxyjump_none(recorded: Recorded) -> None:
     assert accepted(recorded, "-D", "1080", "-J", "none", "host").jump_hosts == ()
 
 
+@pytest.mark.parametrize(
+    ("options", "jumps", "command"),
+    [
+        (["ProxyJump=j1", "ProxyCommand=nc %h %p"], (Destination("j1"),), None),
+        (["ProxyCommand=nc %h %p", "ProxyJump=j1"], None, "nc %h %p"),
+        (["ProxyJump=none", "ProxyCommand=nc %h %p"], (), None),
+        (["ProxyCommand=none", "ProxyJump=j1"], None, "none"),
+    ],
+    ids=["jump-first", "command-first", "jump-none-first", "command-none-first"],
+)
+def test_proxyjump_and_proxycommand_first_given_wins(
+    recorded: Recorded, options: list[str], jumps: object, command: object
+) -> None:
+    args = [arg for option in options for arg in ("-o", option)]
+    config = accepted(recorded, "-D", "1080", *args, "host")
+    assert (config.jump_hosts, config.proxy_command) == (jumps, command)
+
+
+def test_jump_flag_beats_proxycommand_option(recorded: Recorded) -> None:
+    config = accepted(recorded, "-D", "1080", "-o", "ProxyCommand=nc %h %p", "-J", "y", "host")
+    assert (config.jump_hosts, config.proxy_command) == ((Destination("y"),), None)
+
+
+def test_no_route_given_leaves_it_to_ssh_config(recorded: Recorded) -> None:
+    config = accepted(recorded, "-D", "1080", "host")
+    assert (config.jump_hosts, config.proxy_command) == (None, None)
+
+
+@pytest.mark.parametrize("value", ["nc %h %p %", "nc %u %p", "nc %C", "nc %%% %p"])
+def test_bad_proxycommand_token_is_one_line(usage_error: UsageError, value: str) -> None:
+    line = usage_error("-D", "1080", "-o", f"ProxyCommand={value}", "host")
+    assert "ProxyCommand" in line
+    assert "token" in line or "lone %" in line
+
+
+def test_a_later_bad_proxycommand_is_still_refused(usage_error: UsageError) -> None:
+    usage_error("-D", "1080", "-o", "ProxyJump=j1", "-o", "ProxyCommand=nc %x", "host")
+
+
 def test_bad_jump_host(usage_error: UsageError) -> None:
     usage_error("-D", "1080", "-J", "a,,b", "host")
 
@@ -339,6 +378,7 @@ VALID: dict[str, tuple[str, Getter, object]] = {
     "ProxyJump": (
         "j1,u@j2:2200", lambda c: c.jump_hosts, (Destination("j1"), Destination("j2", "u", 2200))
     ),
+    "ProxyCommand": ("nc %h %p", lambda c: c.proxy_command, "nc %h %p"),
     "BatchMode": ("yes", lambda c: c.batch_mode, True),
     "PubkeyAuthentication": ("no", lambda c: dict(c.auth_methods), {"publickey": False}),
     "PasswordAuthentication": ("no", lambda c: dict(c.auth_methods), {"password": False}),
@@ -382,6 +422,7 @@ BAD: dict[str, str] = {
     "HostName": "bad host!",
     "IdentitiesOnly": "maybe",
     "ProxyJump": "a,,b",
+    "ProxyCommand": "nc %x %p",
     "BatchMode": "2",
     "PubkeyAuthentication": "maybe",
     "PasswordAuthentication": "maybe",
@@ -471,6 +512,8 @@ def test_unknown_key(usage_error: UsageError) -> None:
         ("Ciphers=aes128-ctr", "Ciphers=aes256-ctr", lambda c: dict(c.algorithms),
          {"ciphers": "aes128-ctr"}),
         ("ProxyJump=j1", "ProxyJump=j2", lambda c: c.jump_hosts, (Destination("j1"),)),
+        ("ProxyCommand=nc %h %p", "ProxyCommand=false", lambda c: c.proxy_command,
+         "nc %h %p"),
         ("PubkeyAuthentication=no", "PubkeyAuthentication=yes", lambda c: dict(c.auth_methods),
          {"publickey": False}),
         ("UserKnownHostsFile=/a", "UserKnownHostsFile=/b", lambda c: c.known_hosts, ("/a",)),

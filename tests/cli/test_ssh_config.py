@@ -9,6 +9,7 @@ taken from the config file.
 
 from __future__ import annotations
 
+import getpass
 from collections.abc import Callable
 from pathlib import Path
 
@@ -202,6 +203,158 @@ def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         merged(tmp_path / "nope")
     assert "ssh_config" in str(caught.value)
+
+
+# == the route: ProxyJump and ProxyCommand ===============================================
+
+ROUTES = """\
+Host behind
+    HostName 10.0.0.9
+    User dest-user
+    IdentityFile /keys/behind
+    StrictHostKeyChecking accept-new
+    ProxyJump inner
+Host inner
+    HostName 10.0.0.2
+    Port 2202
+    IdentityFile /keys/inner
+    ProxyJump outer
+Host outer
+    HostName 10.0.0.1
+    IdentityFile /keys/outer
+    ProxyCommand nc -X connect -x proxy.test:3128 %h %p
+Host direct
+    ProxyCommand=ssh -W %h:%p %r@gateway
+Host two-hops
+    ProxyJump outer,u@inner:2200
+Host first-jump
+    ProxyJump outer
+    ProxyCommand never used
+Host first-command
+    ProxyCommand nc %h %p
+    ProxyJump never-used
+Host jump-none
+    ProxyJump none
+    ProxyCommand never used
+Host loop-a
+    ProxyJump loop-b
+Host loop-b
+    ProxyJump loop-a
+"""
+
+
+def test_proxyjump_chain_each_hop_with_its_own_block(write_config: WriteConfig) -> None:
+    config = merged(write_config(ROUTES), host="behind", identities=("/keys/cli",))
+    assert [hop.destination for hop in config.hops] == [Destination("outer"), Destination("inner")]
+    outer, inner = config.hops
+    # The first hop of the chain runs its own ProxyCommand, tokens expanded for it.
+    assert outer.proxy_run == "nc -X connect -x proxy.test:3128 10.0.0.1 22"
+    assert outer.proxy_command == "nc -X connect -x proxy.test:3128 %h %p"
+    assert inner.proxy_run is None
+    assert config.proxy_run is None
+    # Each hop: the command line's -i, then its own IdentityFile, never the others'.
+    assert outer.identities == ("/keys/cli", "/keys/outer")
+    assert inner.identities == ("/keys/cli", "/keys/inner")
+    assert config.identities == ("/keys/cli", "/keys/behind")
+    # A setting of the destination's block is not the jump hosts'.
+    assert config.host_key_policy is HostKeyPolicy.ACCEPT_NEW
+    assert outer.host_key_policy is None
+    assert inner.host_key_policy is None
+
+
+def test_proxycommand_tokens_from_the_file(write_config: WriteConfig) -> None:
+    config = merged(write_config(ROUTES), host="direct")
+    assert config.hops == ()
+    assert config.proxy_command == "ssh -W %h:%p %r@gateway"
+    user = getpass.getuser()
+    assert config.proxy_run == f"ssh -W direct:22 {user}@gateway"
+
+
+def test_later_jump_hosts_follow_the_earlier_ones_not_their_own_proxyjump(
+    write_config: WriteConfig,
+) -> None:
+    config = merged(write_config(ROUTES), host="two-hops")
+    assert [hop.destination for hop in config.hops] == [
+        Destination("outer"),
+        Destination("inner", "u", 2200),
+    ]
+    # inner's own "ProxyJump outer" is not followed a second time.
+    assert config.hops[1].hops == ()
+
+
+@pytest.mark.parametrize(
+    ("host", "jumps", "command"),
+    [
+        ("first-jump", [Destination("outer")], None),
+        ("first-command", [], "nc first-command 22"),
+        ("jump-none", [], None),
+    ],
+)
+def test_whichever_comes_first_in_the_file(
+    write_config: WriteConfig, host: str, jumps: list[Destination], command: str | None
+) -> None:
+    config = merged(write_config(ROUTES), host=host)
+    assert [hop.destination for hop in config.hops][:1] == jumps
+    assert config.proxy_run == command
+
+
+@pytest.mark.parametrize(
+    ("fields", "jumps", "command"),
+    [
+        ({"jump_hosts": (Destination("cli-jump"),)}, [Destination("cli-jump")], None),
+        ({"jump_hosts": ()}, [], None),
+        ({"proxy_command": "nc %h 22"}, [], "nc 10.0.0.9 22"),
+        ({"proxy_command": "none"}, [], None),
+    ],
+    ids=["-J", "-J none", "-o ProxyCommand", "-o ProxyCommand=none"],
+)
+def test_the_command_line_route_comes_first(
+    write_config: WriteConfig, fields: dict[str, object], jumps: list[Destination], command: str
+) -> None:
+    config = merged(write_config(ROUTES), host="behind", **fields)
+    assert [hop.destination for hop in config.hops] == jumps
+    assert config.proxy_run == command
+
+
+def test_without_a_file_the_command_line_route_still_resolves() -> None:
+    config = apply_ssh_config(
+        Config(Destination("h", "u", 2022), ssh_config=(), proxy_command="nc %h %p # %r")
+    )
+    assert config.proxy_run == "nc h 2022 # u"
+    jumped = apply_ssh_config(
+        Config(Destination("h"), ssh_config=(), jump_hosts=(Destination("j1"), Destination("j2")))
+    )
+    assert [hop.destination for hop in jumped.hops] == [Destination("j1"), Destination("j2")]
+
+
+def test_a_proxyjump_loop_is_refused(write_config: WriteConfig) -> None:
+    with pytest.raises(ConfigError) as caught:
+        merged(write_config(ROUTES), host="loop-a")
+    assert "loop" in caught.value.message
+    assert "loop-a -> loop-b -> loop-a" in caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("line", "words"),
+    [
+        ("ProxyJump a,,b", ["ssh_config", "a,,b"]),
+        ("ProxyCommand nc %x", ["ssh_config", "ProxyCommand", "%x"]),
+        ("ProxyCommand nc %h %", ["ssh_config", "ProxyCommand"]),
+    ],
+)
+def test_bad_route_in_the_file(write_config: WriteConfig, line: str, words: list[str]) -> None:
+    with pytest.raises(ConfigError) as caught:
+        merged(write_config(f"Host alias\n    {line}\n"))
+    for word in words:
+        assert word in str(caught.value)
+    assert caught.value.exit_status == 2
+
+
+def test_unsafe_user_is_never_put_into_the_proxycommand(write_config: WriteConfig) -> None:
+    path = write_config("Host alias\n    ProxyCommand ssh -W %h:%p %r@gateway\n")
+    with pytest.raises(ConfigError) as caught:
+        apply_ssh_config(Config(Destination("alias", "x;touch owned"), ssh_config=(str(path),)))
+    assert "not safe" in caught.value.message
 
 
 # == the real console script against the real sshd =========================================

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from fixtures.keys import generate_ed25519, public_key_line
 from fixtures.pytunnel_proc import PytunnelFactory, Running, run_pytunnel, server_args
 from fixtures.pytunnel_proc import curl_hello as fetch
 from fixtures.sshd import SshdServer
@@ -134,3 +135,156 @@ def test_unknown_jump_host_key_is_refused(
     assert f"[{jump.host}]:{jump.port}" in line
     assert "not known" in line
     assert "Accepted publickey" not in sshd.log_text(mark)
+
+
+# == ProxyJump in ssh_config (-F) ==========================================================
+
+
+def own_key(tmp_path: Path, server: SshdServer, name: str) -> Path:
+    """A key of its own for ``server``, the only one its authorized_keys accepts: a login
+    there proves that this key, and so that host's own IdentityFile, was used."""
+    path = tmp_path / name
+    generate_ed25519(path, name)
+    server.authorized_keys.write_text(public_key_line(path.with_suffix(".pub")) + "\n")
+    return path
+
+
+def alias_block(name: str, server: SshdServer, key: str | Path, extra: str = "") -> str:
+    return (
+        f"Host {name}\n"
+        f"    HostName {server.host}\n"
+        f"    Port {server.port}\n"
+        f"    User {server.user}\n"
+        f"    IdentityFile {key}\n"
+        f"{extra}"
+    )
+
+
+def strict_args(path: Path, known: Path) -> list[str]:
+    """The config file, and host-key checking on the command line: pytunnel applies its
+    command line to every hop (ssh would leave the jump hosts to ~/.ssh/known_hosts)."""
+    return [
+        "-F", str(path),
+        "-o", f"UserKnownHostsFile={known}",
+        "-o", "GlobalKnownHostsFile=/dev/null",
+        "-o", "StrictHostKeyChecking=yes",
+        "-o", "ConnectTimeout=10",
+        "-D", "127.0.0.1:0",
+    ]  # fmt: skip
+
+
+def test_proxyjump_in_ssh_config_goes_through_the_jump_alias(
+    sshd: SshdServer,
+    make_sshd: MakeSshd,
+    tmp_path: Path,
+    pytunnel_factory: PytunnelFactory,
+    http_target: HttpTarget,
+) -> None:
+    jump = make_sshd()
+    jump_key = own_key(tmp_path, jump, "jump_key")
+    known = known_hosts_for(tmp_path, jump, sshd)
+    path = tmp_path / "ssh_config"
+    path.write_text(
+        alias_block("behind", sshd, sshd.client_key, "    ProxyJump jumpbox\n")
+        + alias_block("jumpbox", jump, jump_key)
+    )
+    jump_mark, target_mark = jump.log_mark(), sshd.log_mark()
+    running = pytunnel_factory([*strict_args(path, known), "behind"])
+    assert curl_hello(running, http_target) == http_target.hello_body.decode()
+    assert jump.wait_log(f"Accepted publickey for {jump.user}", since=jump_mark)
+    assert jump.wait_log("server_request_direct_tcpip", since=jump_mark)
+    assert direct_tcpip_targets(jump.log_text(jump_mark)) == [(sshd.host, sshd.port)]
+    assert sshd.wait_log(f"target 127.0.0.1 port {http_target.port}", since=target_mark)
+
+
+def test_proxyjump_chains_through_the_jump_hosts_own_proxyjump(
+    sshd: SshdServer,
+    make_sshd: MakeSshd,
+    tmp_path: Path,
+    pytunnel_factory: PytunnelFactory,
+    http_target: HttpTarget,
+) -> None:
+    outer, inner = make_sshd(), make_sshd()
+    outer_key = own_key(tmp_path, outer, "outer_key")
+    known = known_hosts_for(tmp_path, outer, inner, sshd)
+    path = tmp_path / "ssh_config"
+    path.write_text(
+        alias_block("behind", sshd, sshd.client_key, "    ProxyJump inner\n")
+        + alias_block("inner", inner, sshd.client_key, "    ProxyJump outer\n")
+        + alias_block("outer", outer, outer_key)
+    )
+    marks = [server.log_mark() for server in (outer, inner)]
+    running = pytunnel_factory([*strict_args(path, known), "behind"])
+    assert curl_hello(running, http_target) == http_target.hello_body.decode()
+    assert outer.wait_log("server_request_direct_tcpip", since=marks[0])
+    assert inner.wait_log("server_request_direct_tcpip", since=marks[1])
+    assert direct_tcpip_targets(outer.log_text(marks[0])) == [(inner.host, inner.port)]
+    assert direct_tcpip_targets(inner.log_text(marks[1])) == [(sshd.host, sshd.port)]
+
+
+def test_command_line_jump_beats_and_none_cancels_proxyjump_in_ssh_config(
+    sshd: SshdServer,
+    make_sshd: MakeSshd,
+    tmp_path: Path,
+    pytunnel_factory: PytunnelFactory,
+    closed_port: int,
+) -> None:
+    jump = make_sshd()
+    known = known_hosts_for(tmp_path, jump, sshd)
+    path = tmp_path / "ssh_config"
+    # The configured jump host cannot be reached: any run that used it would fail.
+    path.write_text(
+        alias_block("behind", sshd, sshd.client_key, "    ProxyJump nowhere\n")
+        + f"Host nowhere\n    HostName 127.0.0.1\n    Port {closed_port}\n"
+    )
+    failed = run_pytunnel([*strict_args(path, known), "behind"])
+    assert failed.returncode == 255, failed.describe()
+    assert "jump host nowhere" in failed.stderr
+    assert "refused" in failed.stderr
+
+    jump_mark = jump.log_mark()
+    base = strict_args(path, known)
+    # The destination's IdentityFile is not the jump host's: -i gives it one.
+    pytunnel_factory([*base, "-i", sshd.client_key, "-J", hop(jump), "behind"])
+    assert jump.wait_log("server_request_direct_tcpip", since=jump_mark)
+    assert direct_tcpip_targets(jump.log_text(jump_mark)) == [(sshd.host, sshd.port)]
+
+    # Reaching the server at all shows the unreachable jump host was not used.
+    for none in (["-J", "none"], ["-o", "ProxyJump=none"], ["-o", "ProxyCommand=none"]):
+        mark = sshd.log_mark()
+        assert pytunnel_factory([*base, *none, "behind"]).ready["event"] == "ready"
+        assert sshd.wait_log(f"Accepted publickey for {sshd.user}", since=mark)
+
+
+@pytest.mark.parametrize("first", ["ProxyJump", "ProxyCommand"])
+def test_proxyjump_and_proxycommand_whichever_comes_first(
+    sshd: SshdServer,
+    make_sshd: MakeSshd,
+    tmp_path: Path,
+    pytunnel_factory: PytunnelFactory,
+    closed_port: int,
+    first: str,
+) -> None:
+    jump = make_sshd()
+    known = known_hosts_for(tmp_path, jump, sshd)
+    lines = {
+        "ProxyJump": "    ProxyJump jumpbox\n",
+        # A command that could only fail: used, it would stop the run.
+        "ProxyCommand": f"    ProxyCommand nc 127.0.0.1 {closed_port}\n",
+    }
+    second = "ProxyCommand" if first == "ProxyJump" else "ProxyJump"
+    path = tmp_path / "ssh_config"
+    path.write_text(
+        alias_block("behind", sshd, sshd.client_key, lines[first] + lines[second])
+        + alias_block("jumpbox", jump, sshd.client_key)
+    )
+    args = [*strict_args(path, known), "behind"]
+    jump_mark = jump.log_mark()
+    if first == "ProxyJump":
+        pytunnel_factory(args)
+        assert jump.wait_log("server_request_direct_tcpip", since=jump_mark)
+    else:
+        result = run_pytunnel(args)
+        assert result.returncode == 255, result.describe()
+        assert "ProxyCommand" in result.stderr
+        assert "server_request_direct_tcpip" not in jump.log_text(jump_mark)
