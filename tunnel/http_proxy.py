@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from http import HTTPStatus
 from typing import Any, Protocol
 
@@ -49,11 +49,13 @@ class HttpClient(ChannelSink, Protocol):
     channel, which it splices)."""
 
     info: events.ConnectionInfo
+    user: str | None
 
     @property
     def transport(self) -> asyncio.Transport: ...
     @property
     def credentials(self) -> tuple[bytes, bytes] | None: ...
+    def spawn(self, work: Coroutine[Any, Any, None]) -> None: ...
     async def drained(self) -> None: ...
     def parsed(
         self, protocol: str, command: str, host: str, port: int, sent_name: bool
@@ -177,7 +179,19 @@ class HttpSession(_Fed):
         self.client = client
         self.upstream: _Upstream | None = None
         self.relaying = False
-        self.task = asyncio.get_running_loop().create_task(self.run())
+
+    # -- the client connection's handler (tunnel.handlers.base.Handler) ---------------
+
+    def start(self) -> None:
+        # The client owns the task: it cancels it on close, and the proxy awaits it.
+        self.client.spawn(self.run())
+
+    def data_received(self, data: bytes) -> None:
+        self.feed(data)
+
+    def eof_received(self) -> bool:
+        self.feed(b"")
+        return True
 
     def pause_source(self) -> None:
         self.client.transport.pause_reading()
@@ -288,6 +302,8 @@ class HttpSession(_Fed):
                     extra=[(b"Proxy-Authenticate", f'Basic realm="{REALM}"'.encode())],
                 )
                 return False
+            # One user name per proxy today: the one the password was checked against.
+            self.client.user = credentials[0].decode("utf-8", "replace")
         if target.kind is Kind.CONNECT:
             await self.connect(target)
             return False
@@ -424,8 +440,7 @@ class HttpSession(_Fed):
                 return False
 
     def close(self) -> None:
-        if not self.task.done():
-            self.task.cancel()
+        """Close the origin side; the task is the client's, which cancels it."""
         if self.upstream is not None:
             self.upstream.close()
 

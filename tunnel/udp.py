@@ -30,7 +30,7 @@ from importlib import resources
 from typing import Final
 
 from . import events
-from .channels import Channel, Opener, Runner
+from .channels import Channel, Runner
 from .datagrams import (
     DNS_PORT,
     HELPER_HELLO,
@@ -45,6 +45,7 @@ from .errors import ChannelOpenFailed, RemoteProtocolError
 from .names import BadName, normalize_host
 from .rules import Rules, same_host
 from .socks import build_datagram, parse_datagram
+from .upstreams import Request, Upstream
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ class UdpSettings:
     """What every association shares: where channels come from, the policy, and what is
     known about the helper (it failed once: say so once, and retry only later)."""
 
-    opener: Opener
+    upstream: Upstream
     runner: Runner | None
     rules: Rules
     emit: events.Sink
@@ -149,9 +150,12 @@ class UdpAssociation(asyncio.DatagramProtocol):
         settings: UdpSettings,
         info: events.ConnectionInfo,
         client: tuple[str, int],
+        *,
+        user: str | None = None,
     ) -> None:
         self.settings = settings
         self.info = info
+        self.user = user  # the proxy user of the control connection
         # Datagrams are taken only from the control connection's address; the port from
         # the request, or else the first datagram's.
         self.client_host, self.client_port = client
@@ -425,9 +429,15 @@ class _DnsLink(_Stream):
         host, port = self.target
         association = self.association
         try:
-            channel = await association.settings.opener.open_tcp(
-                host, port, (association.client_host, association.client_port), self
+            request = Request(
+                host=host,
+                port=port,
+                origin=(association.client_host, association.client_port),
+                protocol="socks5-udp",
+                user=association.user,
+                listener=association.info.listener,
             )
+            channel = await association.settings.upstream.open(request, self)
         except ChannelOpenFailed as exc:
             log.info("DNS over TCP to %s:%s failed: %s", host, port, exc.message)
             self.opening = None

@@ -11,10 +11,12 @@ from contextlib import asynccontextmanager
 
 import pytest
 
-from tunnel import events, proxy
+from tunnel import events
 from tunnel.channels import Channel, ChannelSink, IncomingHandler
 from tunnel.errors import ChannelOpenFailed, ReplyReason
+from tunnel.handlers import bind
 from tunnel.proxy import ProxyServer
+from tunnel.upstreams import Request
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -78,10 +80,10 @@ class RecordingChannel:
         self.closed = True
 
 
-class NoOpener:
-    async def open_tcp(
-        self, host: str, port: int, origin: tuple[str, int], sink: ChannelSink
-    ) -> Channel:
+class NoUpstream:
+    name = "none"
+
+    async def open(self, request: Request, sink: ChannelSink) -> Channel:
         raise AssertionError("BIND must not open a direct-tcpip channel")
 
 
@@ -89,7 +91,7 @@ class NoOpener:
 async def bind_proxy(
     binder: ScriptedBinder, seen: list[events.Event]
 ) -> AsyncIterator[tuple[str, int]]:
-    server = ProxyServer(NoOpener(), seen.append, binder=binder)
+    server = ProxyServer(NoUpstream(), seen.append, binder=binder)
     [listener] = await server.listen([("127.0.0.1", 0)])
     try:
         yield listener.host, listener.port
@@ -153,7 +155,7 @@ async def test_two_replies_and_only_the_named_peer(monkeypatch: pytest.MonkeyPat
 
 
 async def test_no_peer_within_the_limit_is_ttl_expired(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(proxy, "BIND_TIMEOUT", 0.2)
+    monkeypatch.setattr(bind, "BIND_TIMEOUT", 0.2)
     seen: list[events.Event] = []
     binder = ScriptedBinder()
     async with bind_proxy(binder, seen) as address:

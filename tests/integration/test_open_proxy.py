@@ -34,7 +34,7 @@ from fixtures.targets import EchoTarget
 
 from tunnel.errors import ConfigError
 from tunnel.proxy import ProxyServer
-from tunnel.reverse import LocalOpener
+from tunnel.upstreams import Direct
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -300,7 +300,7 @@ async def test_a_check_after_binding_sees_every_address_and_can_refuse_them_all(
         offered.append(bound)
         raise ConfigError("refused")
 
-    proxy = ProxyServer(LocalOpener(GUARD_TIMEOUT), seen.append)
+    proxy = ProxyServer(Direct(GUARD_TIMEOUT), seen.append)
     with pytest.raises(ConfigError):
         await proxy.listen([("127.0.0.1", 0), ("127.0.0.2", 0)], check=refuse)
     [[(first, port), (second, _)]] = offered
