@@ -639,6 +639,16 @@ def _bind_group(addresses: tuple[str, ...], port: int, spec: str | None) -> list
                     continue
                 bound.append(sock)
                 chosen = sock.getsockname()[1]
+        except socket.gaierror as exc:
+            # The address is the problem, not the port: no other port would do better.
+            for sock in bound:
+                sock.close()
+            raise ListenError(
+                f"cannot listen on {_describe((failed,), port)}: cannot resolve {failed} "
+                f"({exc.strerror or exc})",
+                hint="give an address of this machine, such as 127.0.0.1 or ::1, or a name "
+                "that resolves to one",
+            ) from exc
         except OSError as exc:
             for sock in bound:
                 sock.close()
