@@ -22,6 +22,7 @@ from fixtures.pytunnel_proc import (
     server_args,
     socks5_open,
 )
+from fixtures.replies import SOCKS5_OK
 from fixtures.sshd import SshdServer
 from fixtures.targets import EchoTarget
 
@@ -32,7 +33,6 @@ from tunnel.upstreams import Direct
 pytestmark = pytest.mark.timeout(60)
 
 Start = Callable[..., Running]
-SOCKS5_OK = b"\x05\x00\x00\x01\x00\x00\x00\x00\x00\x00"
 TCP_LISTEN = "0A"
 PORT_ATTEMPTS = 5
 

@@ -29,6 +29,7 @@ from fixtures.pytunnel_proc import (
     socks5_greeting,
     socks5_open,
 )
+from fixtures.replies import SOCKS5_OK
 from fixtures.sshd import SshdServer
 from fixtures.targets import EchoTarget
 
@@ -40,7 +41,6 @@ pytestmark = pytest.mark.timeout(60)
 
 GUARD_TIMEOUT = 20.0
 PASSWORD_ENV = {"PYTUNNEL_PROXY_PASSWORD": "guard-test-pw"}
-SOCKS5_OK = b"\x05\x00\x00\x01\x00\x00\x00\x00\x00\x00"
 
 
 def unreachable_ssh(port: int) -> list[str]:

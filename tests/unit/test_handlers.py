@@ -122,11 +122,11 @@ async def test_socks5_connect_replies_after_the_channel_opens_and_relays() -> No
     assert h.upstream.requests == [expected_request("socks5", "example.com", 80)]
     [channel] = h.upstream.channels
     # The pipelined bytes follow the reply; the channel reads once the reply is out.
-    assert channel.written == [b"early"]
+    assert channel.written == b"early"
     assert channel.reading
     assert h.transport.reading
     h.send(b"more")
-    assert channel.written == [b"early", b"more"]
+    assert channel.written == b"earlymore"
     h.client.remote_data(b"answer")
     assert h.transport.written.endswith(b"answer")
     [opened] = h.of(events.ChannelOpened)
@@ -292,7 +292,7 @@ async def test_http_connect_200_then_relay() -> None:
     assert await h.written(len(head)) == head
     assert h.upstream.requests == [expected_request("http-connect", "example.com", 443)]
     [channel] = h.upstream.channels
-    assert channel.written == [b"hello"]
+    assert channel.written == b"hello"
     assert channel.reading
 
 
@@ -324,8 +324,8 @@ async def test_http_forward_builds_an_http_request() -> None:
     await h.until(lambda: bool(h.upstream.channels))
     assert h.upstream.requests == [expected_request("http", "example.com", 80)]
     [channel] = h.upstream.channels
-    await h.until(lambda: b"".join(channel.written).endswith(b"\r\n\r\n"))
-    assert b"".join(channel.written).startswith(b"GET /x HTTP/1.1\r\n")
+    await h.until(lambda: channel.written.endswith(b"\r\n\r\n"))
+    assert channel.written.startswith(b"GET /x HTTP/1.1\r\n")
     await h.server.close()
 
 
