@@ -189,13 +189,14 @@ class ProxyClient(asyncio.Protocol):
     def closed(self) -> bool:
         return self._closed
 
-    def spawn(self, work: Coroutine[Any, Any, None]) -> None:
+    def spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """Run a handler's work as a task this connection owns: cancelled when it
         closes, and awaited by the server's close."""
         task = self._loop.create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         self._server.own(task)
+        return task
 
     def hand_over(self, handler: Handler) -> None:
         """The next handler takes the connection (the SOCKS handshake hands over to the

@@ -24,10 +24,10 @@ import logging
 import shlex
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from importlib import resources
-from typing import Final
+from typing import Any, Final
 
 from . import events
 from .channels import Channel, Runner
@@ -79,6 +79,10 @@ class Drop(enum.StrEnum):
     BACKLOG = "too many datagrams waiting"
     LINKS = f"DNS to more than {MAX_DNS_LINKS} servers at once from one association"
     LIMIT = "the connection limit is reached (DNS channels count toward it)"
+
+
+# How an association starts a task (see UdpAssociation).
+Spawn = Callable[[Coroutine[Any, Any, None]], "asyncio.Task[None]"]
 
 
 @dataclass(slots=True)
@@ -152,10 +156,14 @@ class UdpAssociation(asyncio.DatagramProtocol):
         client: tuple[str, int],
         *,
         user: str | None = None,
+        spawn: Spawn | None = None,
     ) -> None:
         self.settings = settings
         self.info = info
         self.user = user  # the proxy user of the control connection
+        # Starts the links' channel opens as tasks of the control connection, which
+        # cancels them when it closes and whose proxy awaits them.
+        self.spawn: Spawn = spawn or asyncio.get_running_loop().create_task
         # Datagrams are taken only from the control connection's address; the port from
         # the request, or else the first datagram's.
         self.client_host, self.client_port = client
@@ -313,7 +321,7 @@ class _Stream(abc.ABC):
             return False
         self.queued.append(frame)
         if self.opening is None and self.channel is None:
-            self.opening = asyncio.get_running_loop().create_task(self._open())
+            self.opening = self.association.spawn(self._open())
         return True
 
     @abc.abstractmethod

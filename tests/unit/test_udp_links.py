@@ -4,6 +4,8 @@ how many there may be, what counts toward the connection limit, and when one goe
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Coroutine
+from typing import Any
 
 from fixtures.fake_upstream import FakeUpstream
 from fixtures.udp_targets import build_query
@@ -81,4 +83,32 @@ async def test_a_link_that_cannot_open_gives_its_place_back() -> None:
     assert len(opener.opened) == 2 * cap
     assert settings.links == 0
     assert {e.reason for e in seen if isinstance(e, events.DatagramsDropped)} == {Drop.DNS_FAILED}
+    association.close()
+
+
+async def test_link_opens_are_tasks_of_the_owner_it_was_given() -> None:
+    opener, seen = FakeUpstream(), []
+    settings = UdpSettings(upstream=opener, runner=None, rules=Rules(), emit=seen.append)
+    info = events.ConnectionInfo(id=1, client="127.0.0.1:40000", started=0.0)
+    owned: list[asyncio.Task[None]] = []
+
+    def spawn(work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(work)
+        owned.append(task)
+        return task
+
+    association = UdpAssociation(settings, info, CLIENT, user="carol", spawn=spawn)
+    query_to(association, "127.0.1.1")
+    await settle()
+    [task] = owned
+    assert task.done()
+    # The DNS channel's request carries the association's user and protocol.
+    [request] = opener.requests
+    assert (request.host, request.port, request.protocol, request.user, request.origin) == (
+        "127.0.1.1",
+        53,
+        "socks5-udp",
+        "carol",
+        CLIENT,
+    )
     association.close()

@@ -31,7 +31,11 @@ class AssociateHandler:
         peer = client.transport.get_extra_info("peername") or ("127.0.0.1", 0)
         local = client.transport.get_extra_info("sockname") or ("127.0.0.1", 0)
         association = UdpAssociation(
-            self.settings, client.info, (str(peer[0]), self.request.port), user=client.user
+            self.settings,
+            client.info,
+            (str(peer[0]), self.request.port),
+            user=client.user,
+            spawn=client.spawn,
         )
         try:
             client.check_limit()
