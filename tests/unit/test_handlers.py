@@ -264,6 +264,15 @@ async def test_bind_where_not_offered_is_command_not_supported() -> None:
     assert failed.reason == "BIND is not available on this listener"
 
 
+async def test_bind_to_a_denied_peer_is_refused_before_the_server_listens() -> None:
+    binder = FakeBinder()
+    h = Harness(binder=binder, rules=parse_rules([(Action.DENY, "127.0.0.2")]))
+    h.send(GREETING + b"\x05\x02\x00\x01" + bytes([127, 0, 0, 2]) + b"\x00\x00")
+    await h.transport.gone.wait()
+    assert bytes(h.transport.written) == b"\x05\x00" + socks5_failure(0x02)
+    assert binder.handler is None
+
+
 # -- UDP ASSOCIATE ------------------------------------------------------------------
 
 
@@ -305,6 +314,22 @@ async def test_http_connect_failure_status(reason: ReplyReason, status: bytes) -
     h.send(b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n")
     await h.transport.gone.wait()
     assert bytes(h.transport.written).startswith(b"HTTP/1.1 " + status + b" ")
+
+
+async def test_http_connect_to_a_denied_host_is_403_without_an_upstream() -> None:
+    h = Harness(rules=parse_rules([(Action.DENY, "example.com")]))
+    h.send(b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n")
+    await h.transport.gone.wait()
+    assert bytes(h.transport.written).startswith(b"HTTP/1.1 403 ")
+    assert h.upstream.requests == []
+
+
+async def test_over_the_connection_limit_is_a_general_failure() -> None:
+    h = Harness(max_clients=0)
+    h.send(GREETING + CONNECT_EXAMPLE)
+    await h.transport.gone.wait()
+    assert bytes(h.transport.written) == b"\x05\x00" + socks5_failure(0x01)
+    assert h.upstream.requests == []
 
 
 async def test_http_basic_login_names_the_user_in_the_request() -> None:
