@@ -15,6 +15,7 @@ from typing import Any, NoReturn
 from urllib.parse import quote
 
 from . import events
+from .channels import Channel, ChannelSink
 from .config import (
     Config,
     Destination,
@@ -28,14 +29,28 @@ from .config import (
 from .errors import CommandFailed, ConfigError, ExitStatus, SessionClosed, SessionError
 from .proxy import ProxyServer
 from .retry import backoff, is_retryable
-from .reverse import LocalOpener, ReverseForwards
+from .reverse import ReverseForwards
 from .session import Session, SessionPool, apply_ssh_config
 from .udp import UdpSettings
+from .upstreams import Direct, Request
 
 log = logging.getLogger(__name__)
 
 # How long a command gets to exit after SIGTERM before it is killed.
 _COMMAND_GRACE = 5.0
+
+
+class SshUpstream:
+    """The SSH session (or pool) as the proxy's upstream: a request becomes a
+    ``direct-tcpip`` channel to its destination."""
+
+    name = "ssh"
+
+    def __init__(self, session: Session | SessionPool) -> None:
+        self.session = session
+
+    async def open(self, request: Request, sink: ChannelSink) -> Channel:
+        return await self.session.open_tcp(request.host, request.port, request.origin, sink)
 
 
 class _Stop:
@@ -253,8 +268,9 @@ async def serve(
             if config.ssh_connections > 1:
                 opener = pool = SessionPool(session, config.ssh_connections)
                 stack.push_async_callback(pool.close)
+            upstream = SshUpstream(opener)
             udp = UdpSettings(
-                opener=opener,
+                upstream=upstream,
                 runner=session,
                 rules=config.rules,
                 emit=emit,
@@ -262,7 +278,7 @@ async def serve(
                 helper=config.udp_helper,
             )
             proxy = ProxyServer(
-                opener,
+                upstream,
                 emit,
                 handshake_timeout=config.handshake_timeout,
                 max_clients=config.max_connections,
@@ -278,7 +294,7 @@ async def serve(
                 # -R: the server's side connects through us to this machine's network,
                 # with the same limits, rules and password as -D.
                 reverse_proxy = ProxyServer(
-                    LocalOpener(config.open_timeout),
+                    Direct(config.open_timeout),
                     emit,
                     handshake_timeout=config.handshake_timeout,
                     max_clients=config.max_connections,

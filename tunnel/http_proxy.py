@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from http import HTTPStatus
 from typing import Any, Protocol
 
@@ -49,11 +49,13 @@ class HttpClient(ChannelSink, Protocol):
     channel, which it splices)."""
 
     info: events.ConnectionInfo
+    user: str | None
 
     @property
     def transport(self) -> asyncio.Transport: ...
     @property
     def credentials(self) -> tuple[bytes, bytes] | None: ...
+    def spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]: ...
     async def drained(self) -> None: ...
     def parsed(
         self, protocol: str, command: str, host: str, port: int, sent_name: bool
@@ -102,7 +104,7 @@ class _Fed:
             await self.wakeup.wait()
 
 
-class _Upstream(_Fed):
+class _Origin(_Fed):
     """The origin side of an absolute-form HTTP request: a channel whose bytes feed an
     h11 client connection."""
 
@@ -175,9 +177,21 @@ class HttpSession(_Fed):
     def __init__(self, client: HttpClient) -> None:
         super().__init__(h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD))
         self.client = client
-        self.upstream: _Upstream | None = None
+        self.origin: _Origin | None = None
         self.relaying = False
-        self.task = asyncio.get_running_loop().create_task(self.run())
+
+    # -- the client connection's handler (tunnel.handlers.base.Handler) ---------------
+
+    def start(self) -> None:
+        # The client owns the task: it cancels it on close, and the proxy awaits it.
+        self.client.spawn(self.run())
+
+    def data_received(self, data: bytes) -> None:
+        self.feed(data)
+
+    def eof_received(self) -> bool:
+        self.feed(b"")
+        return True
 
     def pause_source(self) -> None:
         self.client.transport.pause_reading()
@@ -226,8 +240,8 @@ class HttpSession(_Fed):
         except ConnectionError as exc:
             log.debug("HTTP client #%s: %s", self.client.info.id, exc)
         finally:
-            if self.upstream is not None:
-                self.upstream.close()
+            if self.origin is not None:
+                self.origin.close()
             if not self.relaying and not self.client.transport.is_closing():
                 self.client.transport.close()
 
@@ -288,6 +302,8 @@ class HttpSession(_Fed):
                     extra=[(b"Proxy-Authenticate", f'Basic realm="{REALM}"'.encode())],
                 )
                 return False
+            # One user name per proxy today: the one the password was checked against.
+            self.client.user = credentials[0].decode("utf-8", "replace")
         if target.kind is Kind.CONNECT:
             await self.connect(target)
             return False
@@ -323,21 +339,21 @@ class HttpSession(_Fed):
             "http", request.method.decode(), target.host, target.port, _is_name(target.host)
         )
         key = (target.host, target.port)
-        upstream = self.upstream
-        if upstream is None or not upstream.reusable_for(key):
-            if upstream is not None:
-                upstream.close()
-            self.upstream = upstream = _Upstream(client, key)
+        origin = self.origin
+        if origin is None or not origin.reusable_for(key):
+            if origin is not None:
+                origin.close()
+            self.origin = origin = _Origin(client, key)
             try:
-                upstream.channel = await client.open_channel(target.host, target.port, upstream)
+                origin.channel = await client.open_channel(target.host, target.port, origin)
             except ChannelOpenFailed as exc:
-                self.upstream = None
+                self.origin = None
                 client.failed(exc)
                 await self.respond(status_for(exc.reason), f"{exc.reason.label}: {exc.message}")
                 return False
-            upstream.channel.resume_reading()
+            origin.channel.resume_reading()
         else:
-            upstream.conn.start_next_cycle()
+            origin.conn.start_next_cycle()
         # Host is the URL's (RFC 9112 section 3.2.2), whatever the client sent: the rules
         # checked the URL's host, and a server picks its site by this header.
         headers = [(b"Host", _host_header(target))] + [
@@ -345,13 +361,13 @@ class HttpSession(_Fed):
             for name, value in forward_headers(list(request.headers))
             if name.lower() != b"host"
         ]
-        await upstream.send(h11.Request(method=request.method, target=target.path, headers=headers))
+        await origin.send(h11.Request(method=request.method, target=target.path, headers=headers))
         if self.conn.they_are_waiting_for_100_continue:
             # The client holds its body until "100 Continue": relay the origin's answer
             # (a proxy must pass 1xx on). An origin that says nothing in a second gets
             # the body anyway, as clients themselves do.
             try:
-                early = await asyncio.wait_for(upstream.next_event(), _CONTINUE_WAIT)
+                early = await asyncio.wait_for(origin.next_event(), _CONTINUE_WAIT)
             except TimeoutError:
                 early = None
             if isinstance(early, h11.InformationalResponse):
@@ -364,7 +380,7 @@ class HttpSession(_Fed):
                 )
             elif early is not None:
                 # A final answer without the body: pass it on, then this connection ends.
-                await self._relay_response(upstream, target, early)
+                await self._relay_response(origin, target, early)
                 return False
         while True:
             # The handshake deadline ended with the head; the body gets the same bound
@@ -376,13 +392,13 @@ class HttpSession(_Fed):
                 await self._body_stalled()
                 return False
             if isinstance(event, h11.Data):
-                await upstream.send(h11.Data(data=event.data))
+                await origin.send(h11.Data(data=event.data))
             elif isinstance(event, h11.EndOfMessage):
-                await upstream.send(h11.EndOfMessage())
+                await origin.send(h11.EndOfMessage())
                 break
             else:
                 return False
-        return await self._relay_response(upstream, target, None)
+        return await self._relay_response(origin, target, None)
 
     async def _body_stalled(self) -> None:
         """408 for a request body that stopped arriving; the caller then closes the
@@ -392,11 +408,11 @@ class HttpSession(_Fed):
         if self.conn.our_state is h11.SEND_RESPONSE:
             await self.respond(408, f"the request body stalled for {seconds}")
 
-    async def _relay_response(self, upstream: _Upstream, target: Target, first: Any) -> bool:
+    async def _relay_response(self, origin: _Origin, target: Target, first: Any) -> bool:
         """Pass the origin's response on; True if both sides may keep the connection."""
         while True:
             try:
-                answer = first if first is not None else await upstream.next_event()
+                answer = first if first is not None else await origin.next_event()
                 first = None
             except h11.RemoteProtocolError as exc:
                 if self.conn.our_state is h11.SEND_RESPONSE:
@@ -424,10 +440,9 @@ class HttpSession(_Fed):
                 return False
 
     def close(self) -> None:
-        if not self.task.done():
-            self.task.cancel()
-        if self.upstream is not None:
-            self.upstream.close()
+        """Close the origin side; the task is the client's, which cancels it."""
+        if self.origin is not None:
+            self.origin.close()
 
 
 _STATUSES = frozenset(HTTPStatus)

@@ -1,13 +1,15 @@
-"""Listeners and the per-client relay.
+"""Listeners and the per-client connection.
 
-Each client is one :class:`asyncio.Protocol`; its first byte says SOCKS or HTTP (the
-HTTP side is :mod:`tunnel.http_proxy`). For SOCKS it feeds the sans-I/O codec until a
-request is complete, asks the injected :class:`Opener` for a channel, replies only once
-the channel is open (or with the reply that says why it is not), then splices at the
-protocol level: client ``data_received`` goes straight to ``channel.write`` and the
-channel's data straight to ``transport.write``, with no task, await or copy per chunk.
+Each client is one :class:`ProxyClient`, a thin :class:`asyncio.Protocol`: its first
+byte says SOCKS or HTTP, and it hands the connection to a handler (the SOCKS handshake,
+which hands a complete request to the handler of its command, or the HTTP session of
+:mod:`tunnel.http_proxy`). It keeps the handshake deadline, and once a handler has a
+channel it splices at the protocol level: client ``data_received`` goes straight to
+``channel.write`` and the channel's data straight to ``transport.write``, with no task,
+await or copy per chunk. Channels are opened only through the :class:`Router`, which
+chooses an upstream for each :class:`~tunnel.upstreams.Request`.
 
-Flow control: when the channel's send buffer passes its high-water mark the opener
+Flow control: when the channel's send buffer passes its high-water mark the upstream
 calls :meth:`ProxyClient.remote_pause` and we stop reading from the client; when the
 client's socket buffer fills up, asyncio calls :meth:`ProxyClient.pause_writing` and we
 pause the channel, so at most about one SSH window is buffered per connection.
@@ -20,54 +22,46 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import errno
 import hmac
-import ipaddress
 import itertools
 import logging
 import socket
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Coroutine, Iterable, Iterator
 from typing import Any, cast
 
 from . import events
-from .channels import Binder, Channel, ChannelSink, IncomingSink, Opener, RemoteListener
-from .errors import ChannelOpenFailed, ListenError, RemoteProtocolError, ReplyReason
+from .channels import Binder, Channel, ChannelSink
+from .errors import ChannelOpenFailed, ListenError, ReplyReason
+from .handlers.associate import AssociateHandler
+from .handlers.base import Handler, normal_host
+from .handlers.bind import BindHandler
+from .handlers.connect import ConnectHandler
+from .handlers.socks import CommandHandler, SocksHandshake, SocksSettings
 from .http_proxy import HttpSession
-from .names import BadName, normalize_host, printable
-from .rules import Rules, bind_peer_allowed, is_loopback
-from .socks import (
-    NEED_DATA,
-    Command,
-    Credentials,
-    Request,
-    ServerConnection,
-    SocksVersion,
-    State,
-)
+from .router import Router
+from .rules import Rules
+from .socks import Command
 from .throttle import LoginThrottle
-from .udp import UdpAssociation, UdpSettings
+from .udp import UdpSettings
+from .upstreams import Request, Upstream
 
 log = logging.getLogger(__name__)
-
-# How long a SOCKS BIND waits for its peer to connect (SOCKS4 asks for a time limit).
-BIND_TIMEOUT = 120.0
-# What a client may send while its BIND waits for the peer, held until the splice.
-_BIND_BUFFER = 256 * 1024
 
 
 class ProxyClient(asyncio.Protocol):
     """One client connection, from its first byte to its close. The first byte decides
-    the protocol: 0x04 or 0x05 SOCKS, an ASCII letter HTTP/1.1, anything else a close."""
+    the protocol: 0x04 or 0x05 SOCKS, an ASCII letter HTTP/1.1, anything else a close.
+    Until the relay starts, the connection belongs to one handler at a time."""
 
     def __init__(self, server: ProxyServer) -> None:
         self._server = server
-        self._codec = ServerConnection(require_auth=server.credentials is not None)
         self._transport: asyncio.Transport | None = None
+        # Relaying once set; before that the handler (if the first byte came) owns it.
         self._channel: Channel | None = None
-        self._open_task: asyncio.Task[None] | None = None
-        self._http: HttpSession | None = None
+        self._handler: Handler | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
         self._deadline: asyncio.TimerHandle | None = None
         self._writable = asyncio.Event()
         self._writable.set()
@@ -76,11 +70,8 @@ class ProxyClient(asyncio.Protocol):
         self._over_limit = False
         self._remote_paused = False
         self._pending: list[bytes] | None = None
-        self._udp: UdpAssociation | None = None
-        self._bind: _BindWait | None = None
-        # A failure answer held back by the login throttle.
-        self._held: asyncio.TimerHandle | None = None
         self._loop = asyncio.get_running_loop()
+        self.user: str | None = None
         self.info = events.ConnectionInfo(id=0, client="", started=0.0)
 
     # -- client side (asyncio.Protocol) ---------------------------------------------
@@ -106,47 +97,21 @@ class ProxyClient(asyncio.Protocol):
             self.info.bytes_up += len(data)
             channel.write(data)
             return
-        if self._http is not None:
-            self._http.feed(data)
-            return
-        if self._udp is not None:
-            return  # the control connection of a UDP association carries nothing
-        if self._open_task is not None:
-            # Pipelined after the request: the codec keeps it as trailing data.
-            self._codec.receive_data(data)
-            if self._bind is not None and self._codec.buffered > _BIND_BUFFER:
-                self.transport.pause_reading()
-            return
-        if self._codec.state is State.START and data[:1].isalpha():
-            self._http = HttpSession(self)
-            self._http.feed(data)
-            return
-        if self._held is not None:
-            return  # a failed login waits for its answer; what it sends meanwhile is moot
-        self._codec.receive_data(data)
-        self._socks_events()
+        handler = self._handler
+        if handler is None:
+            if self._closed:
+                return
+            handler = self._handler = self._server.sniff(self, data)
+            handler.start()
+        handler.data_received(data)
 
     def eof_received(self) -> bool:
         self._client_eof = True
         if self._channel is not None:
             self._channel.write_eof()
             return True
-        if self._http is not None:
-            self._http.feed(b"")
-            return True
-        if self._udp is not None:
-            return False  # closing the control connection ends the association
-        if self._bind is not None:
-            # Before its second reply a BIND client has nothing to send: EOF means it
-            # gave up (or closed), so the server stops listening for the peer.
-            self._bind.close()
-            self._bind = None
-            return False
-        if self._open_task is not None:
-            # The whole request (and maybe data) came before EOF: pass it on later.
-            return True
-        if self._held is not None:
-            return False  # it gave up waiting for the answer to a wrong password
+        if self._handler is not None:
+            return self._handler.eof_received()
         self.reject_client("client closed its side during the handshake")
         return False
 
@@ -209,7 +174,7 @@ class ProxyClient(asyncio.Protocol):
             # close() flushes what is still buffered towards the client first.
             self._transport.close()
 
-    # -- shared by SOCKS and HTTP ----------------------------------------------------
+    # -- for the handlers (tunnel.handlers.base.Client) -------------------------------
 
     @property
     def credentials(self) -> tuple[bytes, bytes] | None:
@@ -219,6 +184,24 @@ class ProxyClient(asyncio.Protocol):
     def transport(self) -> asyncio.Transport:
         assert self._transport is not None
         return self._transport
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run a handler's work as a task this connection owns: cancelled when it
+        closes, and awaited by the server's close."""
+        task = self._loop.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        self._server.own(task)
+        return task
+
+    def hand_over(self, handler: Handler) -> None:
+        """The next handler takes the connection (the SOCKS handshake hands over to the
+        handler of the command)."""
+        self._handler = handler
 
     async def drained(self) -> None:
         """Wait while the client's socket buffer is full."""
@@ -236,30 +219,43 @@ class ProxyClient(asyncio.Protocol):
         self.info.port = port
         self._server.emit(events.RequestParsed(self.info, protocol, command, host, port, sent_name))
 
-    async def open_channel(self, host: str, port: int, sink: ChannelSink) -> Channel:
-        """Ask the opener for a channel, after the limits and the rules; raise
-        ChannelOpenFailed with the reason. The channel arrives paused. The host goes to
-        the opener in the normal form the rules checked."""
-        host = self.check_policy(host, port)
+    def request(self, host: str, port: int) -> Request:
+        """What the router sees of a request of this client."""
         origin = self.transport.get_extra_info("peername") or ("", 0)
+        return Request(
+            host=host,
+            port=port,
+            origin=(str(origin[0]), int(origin[1])),
+            protocol=self.info.protocol,
+            user=self.user,
+            listener=self.info.listener,
+        )
+
+    async def open_channel(self, host: str, port: int, sink: ChannelSink) -> Channel:
+        """Ask the router for a channel, after the connection limit; raise
+        ChannelOpenFailed with the reason. The channel arrives paused. The host goes to
+        the router in its normal form."""
+        self.check_limit()
+        request = self.request(normal_host(host), port)
         started = time.monotonic()
         try:
-            channel = await self._server.opener.open_tcp(
-                host, port, (str(origin[0]), int(origin[1])), sink
-            )
+            channel = await self._server.router.open(request, sink)
         except ChannelOpenFailed:
             raise
         except Exception as exc:  # a bug or an unexpected failure: answer, never hang
-            log.debug("opening %s:%s failed", host, port, exc_info=True)
+            log.debug("opening %s:%s failed", request.host, port, exc_info=True)
             raise ChannelOpenFailed(
                 ReplyReason.GENERAL_FAILURE, f"internal error: {exc!r}"
             ) from exc
         if self._closed:
             channel.close()
             raise ChannelOpenFailed(ReplyReason.GENERAL_FAILURE, "the client went away")
-        self.info.open = True
-        self._server.emit(events.ChannelOpened(self.info, time.monotonic() - started))
+        self.opened(time.monotonic() - started)
         return channel
+
+    def opened(self, seconds: float) -> None:
+        self.info.open = True
+        self._server.emit(events.ChannelOpened(self.info, seconds))
 
     def failed(self, exc: ChannelOpenFailed) -> None:
         self._server.emit(
@@ -269,7 +265,7 @@ class ProxyClient(asyncio.Protocol):
     def start_relay(self, channel: Channel, pipelined: bytes) -> None:
         """Splice from here on: the reply is written, the channel may deliver."""
         self._channel = channel
-        self._http = None
+        self._handler = None
         channel.resume_reading()
         if pipelined:
             self.info.bytes_up += len(pipelined)
@@ -280,84 +276,6 @@ class ProxyClient(asyncio.Protocol):
             # (If the pipelined bytes filled the channel, remote_resume will do it.)
             self.transport.resume_reading()
 
-    # -- SOCKS -------------------------------------------------------------------
-
-    def _socks_events(self) -> None:
-        while True:
-            try:
-                event = self._codec.next_event()
-            except RemoteProtocolError as exc:
-                self._protocol_error(exc)
-                return
-            out = self._codec.data_to_send()
-            if out:
-                self.transport.write(out)
-            if event is NEED_DATA:
-                return
-            if isinstance(event, Credentials):
-                if not self._server.check_credentials(event.username, event.password):
-                    self.reject_client("wrong proxy credentials (SOCKS5)", auth=True, close=False)
-                    self._answer_later(self.login_failed(), self._codec.reject_auth())
-                    return
-                self.transport.write(self._codec.accept_auth())
-                continue
-            assert isinstance(event, Request)
-            self._socks_request(event)
-            return
-
-    def _socks_request(self, request: Request) -> None:
-        protocol = f"socks{request.version}"
-        if request.version is SocksVersion.SOCKS4 and request.sent_name:
-            protocol = "socks4a"
-        if request.command is Command.BIND:
-            protocol = f"socks{request.version}-bind"
-        elif request.command is Command.UDP_ASSOCIATE:
-            protocol = "socks5-udp"
-        try:
-            # One form for the rules, the events and the server alike (tunnel.names).
-            request = dataclasses.replace(request, host=_normal_host(request.host))
-        except ChannelOpenFailed as exc:
-            # The name stays out of the event as sent: it may hold control characters.
-            host = printable(request.host)
-            self.parsed(protocol, request.command.name, host, request.port, request.sent_name)
-            self._socks_fail(exc)
-            return
-        self.parsed(protocol, request.command.name, request.host, request.port, request.sent_name)
-        if request.version is SocksVersion.SOCKS4 and self._server.credentials is not None:
-            self._socks_fail(
-                ChannelOpenFailed(
-                    ReplyReason.CONNECTION_NOT_ALLOWED,
-                    "SOCKS4 has no password and this proxy requires one: use SOCKS5 or HTTP",
-                )
-            )
-            return
-        if request.command is Command.CONNECT:
-            # Stop reading until the channel is open: what was pipelined stays bounded.
-            self.transport.pause_reading()
-            opening = self._socks_open(request)
-        elif request.command is Command.BIND and self._server.binder is not None:
-            self.transport.pause_reading()
-            opening = self._socks_bind(request, self._server.binder)
-        elif request.command is Command.UDP_ASSOCIATE and self._server.udp is not None:
-            opening = self._socks_udp(request, self._server.udp)
-        else:
-            where = "on this listener" if self._server.reverse else "here"
-            reason = ReplyReason.COMMAND_NOT_SUPPORTED
-            message = f"{request.command.name} is not available {where}"
-            self._socks_fail(ChannelOpenFailed(reason, message))
-            return
-        self._open_task = asyncio.get_running_loop().create_task(opening)
-
-    async def _socks_open(self, request: Request) -> None:
-        try:
-            channel = await self.open_channel(request.host, request.port, self)
-        except ChannelOpenFailed as exc:
-            self._socks_fail(exc)
-            return
-        self.transport.write(self._codec.accept())
-        # Channels arrive paused so that nothing can overtake the reply; now it is out.
-        self.start_relay(channel, self._codec.trailing_data)
-
     def check_limit(self) -> None:
         if self._over_limit:
             raise ChannelOpenFailed(
@@ -366,103 +284,13 @@ class ProxyClient(asyncio.Protocol):
             )
 
     def check_policy(self, host: str, port: int) -> str:
-        """The connection limit and the allow/deny rules; ChannelOpenFailed if refused.
-        Returns the host in its normal form, which is what was checked."""
+        """The connection limit and the router's refusal, for a command that opens no
+        channel through it; ChannelOpenFailed if refused. Returns the host in its
+        normal form, which is what was checked."""
         self.check_limit()
-        host = _normal_host(host)
-        rule = self._server.rules.denies(host, port)
-        if rule is not None:
-            raise ChannelOpenFailed(ReplyReason.CONNECTION_NOT_ALLOWED, f"denied by {rule}")
-        return host
-
-    # -- SOCKS BIND -------------------------------------------------------------------
-
-    async def _socks_bind(self, request: Request, binder: Binder) -> None:
-        """Ask the SSH server to listen; first reply with where, second with the peer
-        that connected (only the request's DST.ADDR may)."""
-        # A peer on the server itself needs only its loopback, asked for by address
-        # (sshd honours 127.0.0.1 and ::1 whatever its GatewayPorts, and the reply must
-        # name an address it really listens on); any other peer needs the server to
-        # listen on every interface, which its GatewayPorts decides.
-        listen_host = ""
-        if is_loopback(request.host):
-            listen_host = "::1" if ":" in request.host else "127.0.0.1"
-        wait = _BindWait(self, request, time.monotonic())
-        try:
-            # (The host is already in its normal form: _socks_request saw to it.)
-            self.check_policy(request.host, request.port)
-            listener = await binder.listen_tcp(listen_host, 0, wait.incoming)
-        except ChannelOpenFailed as exc:
-            self._socks_fail(exc)
-            return
-        except Exception as exc:  # a bug or an unexpected failure: answer, never hang
-            log.debug("BIND failed", exc_info=True)
-            self._socks_fail(
-                ChannelOpenFailed(ReplyReason.GENERAL_FAILURE, f"internal error: {exc!r}")
-            )
-            return
-        if self._closed:
-            listener.close()
-            return
-        wait.listening(listener)
-        self._bind = wait
-        self.transport.write(self._codec.accept(_reply_host(listener.host), listener.port))
-        # Read again, to notice a client that gives up; what it sends waits in the codec.
-        self.transport.resume_reading()
-
-    def bind_connected(self, wait: _BindWait, channel: Channel, peer: tuple[str, int]) -> None:
-        self._bind = None
-        if self._closed:
-            channel.close()
-            return
-        self.info.open = True
-        self._server.emit(events.ChannelOpened(self.info, time.monotonic() - wait.started))
-        self.transport.write(self._codec.accept(_reply_host(peer[0]), peer[1]))
-        self.start_relay(channel, self._codec.trailing_data)
-
-    def bind_failed(self, exc: ChannelOpenFailed) -> None:
-        self._bind = None
-        self._socks_fail(exc)
-
-    # -- SOCKS5 UDP ASSOCIATE ---------------------------------------------------------
-
-    async def _socks_udp(self, request: Request, settings: UdpSettings) -> None:
-        started = time.monotonic()
-        peer = self.transport.get_extra_info("peername") or ("127.0.0.1", 0)
-        local = self.transport.get_extra_info("sockname") or ("127.0.0.1", 0)
-        association = UdpAssociation(settings, self.info, (str(peer[0]), request.port))
-        try:
-            self.check_limit()
-            host, port = await association.start(str(local[0]))
-        except (ChannelOpenFailed, OSError) as exc:
-            association.close()
-            if isinstance(exc, OSError):
-                reason = f"cannot open a UDP relay: {exc.strerror or exc}"
-                exc = ChannelOpenFailed(ReplyReason.GENERAL_FAILURE, reason)
-            self._socks_fail(exc)
-            return
-        if self._closed:
-            association.close()
-            return
-        self._udp = association
-        self.info.host, self.info.port = host, port
-        self.info.open = True
-        self._server.emit(events.ChannelOpened(self.info, time.monotonic() - started))
-        self.transport.write(self._codec.accept(host, port))
-
-    def _socks_fail(self, exc: ChannelOpenFailed) -> None:
-        self.failed(exc)
-        self.transport.write(self._codec.reject(exc.reason))
-        # RFC 1928 section 6: close soon after a failure reply. close() flushes it first.
-        self.transport.close()
-
-    def _protocol_error(self, exc: RemoteProtocolError) -> None:
-        out = self._codec.data_to_send()
-        if out:
-            self.transport.write(out)
-        if exc.reply:
-            self.transport.write(exc.reply)
-        self.reject_client(exc.message)
+        request = self.request(normal_host(host), port)
+        self._server.router.check(request)
+        return request.host
 
     def login_failed(self) -> float:
         """Count a wrong proxy password from this client's address; how long to hold the
@@ -473,20 +301,6 @@ class ProxyClient(asyncio.Protocol):
         if hold > 0:
             self._cancel_deadline()
         return hold
-
-    def _answer_later(self, hold: float, answer: bytes) -> None:
-        """Send a failure answer and close, after ``hold`` seconds (at once for 0).
-        Reading goes on meanwhile, only so that a client that hangs up is seen."""
-        if hold <= 0:
-            self._send_and_close(answer)
-            return
-        self._held = self._loop.call_later(hold, self._send_and_close, answer)
-
-    def _send_and_close(self, answer: bytes) -> None:
-        self._held = None
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.write(answer)
-            self._transport.close()
 
     def reject_client(self, reason: str, *, auth: bool = False, close: bool = True) -> None:
         """Report a client we will not serve; close it unless the caller still answers."""
@@ -499,13 +313,13 @@ class ProxyClient(asyncio.Protocol):
     def arm_deadline(self) -> None:
         """The handshake bound; for HTTP keep-alive also the idle bound between requests."""
         self._cancel_deadline()
-        self._deadline = asyncio.get_running_loop().call_later(
+        self._deadline = self._loop.call_later(
             self._server.handshake_timeout, self._handshake_timed_out
         )
 
     def _handshake_timed_out(self) -> None:
         self._deadline = None
-        if self._channel is None and self._open_task is None:
+        if self._channel is None:
             self.reject_client(f"no complete request within {self._server.handshake_timeout:g} s")
 
     def _cancel_deadline(self) -> None:
@@ -527,17 +341,11 @@ class ProxyClient(asyncio.Protocol):
             return
         self._closed = True
         self._cancel_deadline()
-        if self._held is not None:
-            self._held.cancel()
-            self._held = None
-        if self._open_task is not None and not self._open_task.done():
-            self._open_task.cancel()
-        if self._http is not None:
-            self._http.close()
-        if self._udp is not None:
-            self._udp.close()
-        if self._bind is not None:
-            self._bind.close()
+        handler, self._handler = self._handler, None
+        if handler is not None:
+            handler.close()
+        for task in self._tasks:
+            task.cancel()
         channel, self._channel = self._channel, None
         if channel is not None:
             channel.close()
@@ -550,106 +358,6 @@ class ProxyClient(asyncio.Protocol):
                     info, info.bytes_up, info.bytes_down, time.monotonic() - info.started
                 )
             )
-
-
-class _BindWait:
-    """A SOCKS BIND between its two replies: the server listens, we wait for the one
-    peer the request named, within :data:`BIND_TIMEOUT`."""
-
-    def __init__(self, client: ProxyClient, request: Request, started: float) -> None:
-        self.client = client
-        self.request = request
-        self.started = started
-        self.listener: RemoteListener | None = None
-        self.timer: asyncio.TimerHandle | None = None
-        self.peer: tuple[str, int] | None = None
-
-    def listening(self, listener: RemoteListener) -> None:
-        self.listener = listener
-        self.timer = asyncio.get_running_loop().call_later(BIND_TIMEOUT, self._timed_out)
-
-    def incoming(self, origin: tuple[str, int]) -> IncomingSink | None:
-        """The server reports a connection: take the first one from the right peer."""
-        if self.peer is not None or self.listener is None:
-            return None
-        if not bind_peer_allowed(self.request.host, origin[0]):
-            log.info(
-                "BIND #%s: refused a connection from %s (expected %s)",
-                self.client.info.id,
-                origin[0],
-                self.request.host,
-            )
-            return None
-        self.peer = origin
-        return _BoundPeer(self, origin)
-
-    def connected(self, channel: Channel, peer: tuple[str, int]) -> None:
-        self.close()
-        self.client.bind_connected(self, channel, peer)
-
-    def _timed_out(self) -> None:
-        self.timer = None
-        self.close()
-        self.client.bind_failed(
-            ChannelOpenFailed(
-                ReplyReason.TTL_EXPIRED,
-                f"no connection from {self.request.host} within {BIND_TIMEOUT:g} s",
-            )
-        )
-
-    def close(self) -> None:
-        """Stop listening on the server (one peer per BIND) and stop the clock."""
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        listener, self.listener = self.listener, None
-        if listener is not None:
-            listener.close()
-
-
-class _BoundPeer:
-    """The sink of a BIND's peer channel until the client takes it over: the channel
-    arrives paused, so nothing reaches these before the second reply is written."""
-
-    def __init__(self, wait: _BindWait, peer: tuple[str, int]) -> None:
-        self.wait = wait
-        self.peer = peer
-
-    def channel_opened(self, channel: Channel) -> None:
-        self.wait.connected(channel, self.peer)
-
-    def remote_data(self, data: bytes) -> None:
-        self.wait.client.remote_data(data)
-
-    def remote_eof(self) -> None:
-        self.wait.client.remote_eof()
-
-    def remote_pause(self) -> None:
-        self.wait.client.remote_pause()
-
-    def remote_resume(self) -> None:
-        self.wait.client.remote_resume()
-
-    def remote_closed(self, exc: BaseException | None) -> None:
-        self.wait.client.remote_closed(exc)
-
-
-def _normal_host(host: str) -> str:
-    """A destination in its normal form, or the refusal of one that has none. RFC 1928
-    has no code for "that is no host name"; 0x04 (host unreachable) is the nearest, and
-    what the same name gets when the server's resolver cannot find it."""
-    try:
-        return normalize_host(host)
-    except BadName as exc:
-        raise ChannelOpenFailed(ReplyReason.HOST_UNREACHABLE, f"refused: {exc}") from None
-
-
-def _reply_host(host: str) -> str:
-    """An address a SOCKS reply can carry (a name cannot be: zeros then)."""
-    try:
-        return str(ipaddress.ip_address(host.partition("%")[0]))
-    except ValueError:
-        return "0.0.0.0"
 
 
 def _format_address(address: object) -> str:
@@ -735,7 +443,7 @@ class ProxyServer:
 
     def __init__(
         self,
-        opener: Opener,
+        upstream: Upstream,
         emit: events.Sink,
         *,
         handshake_timeout: float = 30.0,
@@ -749,20 +457,30 @@ class ProxyServer:
         throttle: LoginThrottle | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        # upstream: where the listeners' requests go unless a rule refuses them.
         # binder: SOCKS BIND through the SSH server; udp: UDP ASSOCIATE. Without them
         # those commands get 0x07. ``reverse`` marks the proxy behind -R listeners.
-        self.binder = binder
         self.udp = udp
         if udp is not None:
             # DNS channels of UDP associations count toward the connection limit.
             udp.room = self.has_room
-        self.reverse = reverse
-        self.opener = opener
         self.emit = emit
         self.handshake_timeout = handshake_timeout
         self.max_clients = max_clients
         self.rules = rules or Rules()
+        self.router = Router(self.rules, upstream)
         self.credentials = credentials
+        # The handler of each SOCKS command this proxy offers (the others get 0x07).
+        commands: dict[Command, CommandHandler] = {Command.CONNECT: ConnectHandler}
+        if binder is not None:
+            commands[Command.BIND] = lambda c, k, r: BindHandler(c, k, r, binder)
+        if udp is not None:
+            commands[Command.UDP_ASSOCIATE] = lambda c, k, r: AssociateHandler(c, k, r, udp)
+        self.socks = SocksSettings(
+            commands,
+            check_credentials=self.check_credentials if credentials is not None else None,
+            where="on this listener" if reverse else "here",
+        )
         # Slows down password guessing, per client address; see tunnel.throttle.
         self.throttle = LoginThrottle() if throttle is None else throttle
         self.clock = clock
@@ -772,8 +490,20 @@ class ProxyServer:
         self.starved = False
         self._bound: list[socket.socket] = []  # bound, not yet listening
         self._acceptors: list[_Acceptor] = []
-        self._tasks: set[asyncio.Task[Any]] = set()
+        # Every task of this proxy and its clients: close() cancels and awaits them.
+        self._tasks: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()
+
+    def sniff(self, client: ProxyClient, first: bytes) -> Handler:
+        """The handler for a client, by its first byte: a letter starts an HTTP request,
+        anything else is SOCKS (whose codec refuses what is not)."""
+        if first[:1].isalpha():
+            return HttpSession(client)
+        return SocksHandshake(client, self.socks)
+
+    def own(self, task: asyncio.Task[None]) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def listen(
         self,
@@ -848,9 +578,7 @@ class ProxyServer:
         if conn.family in (socket.AF_INET, socket.AF_INET6):
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         loop = asyncio.get_running_loop()
-        task = loop.create_task(self._connect(loop, conn))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self.own(loop.create_task(self._connect(loop, conn)))
 
     async def _connect(self, loop: asyncio.AbstractEventLoop, conn: socket.socket) -> None:
         try:
@@ -888,8 +616,11 @@ class ProxyServer:
     async def close(self) -> None:
         self.stop_accepting()
         self.close_clients()
-        for task in list(self._tasks):
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
+        # Awaited, so nothing of this proxy outlives it (and no task is left pending).
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _bind_group(addresses: tuple[str, ...], port: int, spec: str | None) -> list[socket.socket]:
@@ -909,6 +640,16 @@ def _bind_group(addresses: tuple[str, ...], port: int, spec: str | None) -> list
                     continue
                 bound.append(sock)
                 chosen = sock.getsockname()[1]
+        except socket.gaierror as exc:
+            # The address is the problem, not the port: no other port would do better.
+            for sock in bound:
+                sock.close()
+            raise ListenError(
+                f"cannot listen on {_describe((failed,), port)}: cannot resolve {failed} "
+                f"({exc.strerror or exc})",
+                hint="give an address of this machine, such as 127.0.0.1 or ::1, or a name "
+                "that resolves to one",
+            ) from exc
         except OSError as exc:
             for sock in bound:
                 sock.close()

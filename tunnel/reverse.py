@@ -4,31 +4,27 @@ The SSH server listens; each connection to that port comes back to us as a
 ``forwarded-tcpip`` channel and speaks SOCKS (or HTTP). The same :class:`ProxyClient`
 that serves ``-D`` serves it, through :class:`ChannelTransport`, which dresses the
 channel as an asyncio transport; its requests are opened from this machine by
-:class:`LocalOpener`. So the server's side reaches the client's network, with the same
+:class:`tunnel.upstreams.Direct`. So the server's side reaches the client's network, with the same
 replies, rules and events as ``-D``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import random
-import socket
 from collections.abc import Sequence
-from typing import NoReturn, Protocol, cast
+from typing import NoReturn, Protocol
 
 from . import events
 from .channels import (
     Binder,
     Channel,
-    ChannelSink,
     IncomingSink,
     RemoteListener,
-    ReportsToSink,
 )
 from .config import Forward
-from .errors import ChannelOpenFailed, ListenError, ReplyReason, SessionError
+from .errors import ChannelOpenFailed, ListenError, SessionError
 from .proxy import ProxyClient, ProxyServer
 from .retry import backoff
 
@@ -119,67 +115,6 @@ class ChannelTransport(asyncio.Transport):
 
     def get_write_buffer_size(self) -> int:
         return 0
-
-
-class _LocalPeer(ReportsToSink, asyncio.Protocol):
-    """A TCP connection from this machine, reporting to the proxy's sink."""
-
-    def __init__(self, sink: ChannelSink) -> None:
-        self._sink = sink
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # Paused, like an SSH channel, until the proxy has written its reply.
-        cast(asyncio.Transport, transport).pause_reading()
-
-    def data_received(self, data: bytes) -> None:
-        self._sink.remote_data(data)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._sink.remote_closed(exc)
-
-
-_ERRNO_REPLIES = {
-    errno.ECONNREFUSED: ReplyReason.CONNECTION_REFUSED,
-    errno.ENETUNREACH: ReplyReason.NETWORK_UNREACHABLE,
-    errno.EHOSTUNREACH: ReplyReason.HOST_UNREACHABLE,
-    errno.ETIMEDOUT: ReplyReason.TTL_EXPIRED,
-    errno.EACCES: ReplyReason.CONNECTION_NOT_ALLOWED,
-    errno.EPERM: ReplyReason.CONNECTION_NOT_ALLOWED,
-}
-
-
-class LocalOpener:
-    """Opens connections from this machine: the far end of ``-R``."""
-
-    def __init__(self, timeout: float) -> None:
-        self.timeout = timeout
-
-    async def open_tcp(
-        self, host: str, port: int, origin: tuple[str, int], sink: ChannelSink
-    ) -> Channel:
-        loop = asyncio.get_running_loop()
-        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        try:
-            transport, _ = await asyncio.wait_for(
-                loop.create_connection(lambda: _LocalPeer(sink), host, port), self.timeout
-            )
-        except TimeoutError:
-            raise ChannelOpenFailed(
-                ReplyReason.TTL_EXPIRED, f"connecting to {where} timed out"
-            ) from None
-        except socket.gaierror as exc:
-            raise ChannelOpenFailed(
-                ReplyReason.HOST_UNREACHABLE, f"cannot resolve {host}: {exc.strerror}"
-            ) from exc
-        except OSError as exc:
-            reason = _ERRNO_REPLIES.get(exc.errno or 0, ReplyReason.GENERAL_FAILURE)
-            if exc.errno is None and "refused" in str(exc).lower():
-                reason = ReplyReason.CONNECTION_REFUSED  # every address refused
-            raise ChannelOpenFailed(reason, exc.strerror or str(exc)) from exc
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return cast(Channel, transport)
 
 
 class _Server(Binder, Protocol):

@@ -24,13 +24,13 @@ import logging
 import shlex
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from importlib import resources
-from typing import Final
+from typing import Any, Final
 
 from . import events
-from .channels import Channel, Opener, Runner
+from .channels import Channel, Runner
 from .datagrams import (
     DNS_PORT,
     HELPER_HELLO,
@@ -45,6 +45,7 @@ from .errors import ChannelOpenFailed, RemoteProtocolError
 from .names import BadName, normalize_host
 from .rules import Rules, same_host
 from .socks import build_datagram, parse_datagram
+from .upstreams import Request, Upstream
 
 log = logging.getLogger(__name__)
 
@@ -80,12 +81,16 @@ class Drop(enum.StrEnum):
     LIMIT = "the connection limit is reached (DNS channels count toward it)"
 
 
+# How an association starts a task (see UdpAssociation).
+Spawn = Callable[[Coroutine[Any, Any, None]], "asyncio.Task[None]"]
+
+
 @dataclass(slots=True)
 class UdpSettings:
     """What every association shares: where channels come from, the policy, and what is
     known about the helper (it failed once: say so once, and retry only later)."""
 
-    opener: Opener
+    upstream: Upstream
     runner: Runner | None
     rules: Rules
     emit: events.Sink
@@ -149,9 +154,16 @@ class UdpAssociation(asyncio.DatagramProtocol):
         settings: UdpSettings,
         info: events.ConnectionInfo,
         client: tuple[str, int],
+        *,
+        user: str | None = None,
+        spawn: Spawn | None = None,
     ) -> None:
         self.settings = settings
         self.info = info
+        self.user = user  # the proxy user of the control connection
+        # Starts the links' channel opens as tasks of the control connection, which
+        # cancels them when it closes and whose proxy awaits them.
+        self.spawn: Spawn = spawn or asyncio.get_running_loop().create_task
         # Datagrams are taken only from the control connection's address; the port from
         # the request, or else the first datagram's.
         self.client_host, self.client_port = client
@@ -309,7 +321,7 @@ class _Stream(abc.ABC):
             return False
         self.queued.append(frame)
         if self.opening is None and self.channel is None:
-            self.opening = asyncio.get_running_loop().create_task(self._open())
+            self.opening = self.association.spawn(self._open())
         return True
 
     @abc.abstractmethod
@@ -425,9 +437,15 @@ class _DnsLink(_Stream):
         host, port = self.target
         association = self.association
         try:
-            channel = await association.settings.opener.open_tcp(
-                host, port, (association.client_host, association.client_port), self
+            request = Request(
+                host=host,
+                port=port,
+                origin=(association.client_host, association.client_port),
+                protocol="socks5-udp",
+                user=association.user,
+                listener=association.info.listener,
             )
+            channel = await association.settings.upstream.open(request, self)
         except ChannelOpenFailed as exc:
             log.info("DNS over TCP to %s:%s failed: %s", host, port, exc.message)
             self.opening = None

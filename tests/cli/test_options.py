@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
-from fixtures.pytunnel_proc import PytunnelFactory, run_pytunnel, server_args
+from fixtures.pytunnel_proc import PytunnelFactory, error_lines, run_pytunnel, server_args
 from fixtures.sshd import SshdServer
 
 from tunnel import __version__, cli
@@ -105,10 +105,6 @@ def usage_error(capsys: pytest.CaptureFixture[str]) -> UsageError:
         return lines[0]
 
     return run
-
-
-def error_lines(text: str) -> list[str]:
-    return [line for line in text.splitlines() if line.startswith("pytunnel: ")]
 
 
 # == -D =====================================================================================

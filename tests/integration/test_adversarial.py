@@ -29,19 +29,12 @@ from fixtures.pytunnel_proc import (
     socks5_open,
     socks5_request,
 )
+from fixtures.replies import SOCKS4_FAILED, SOCKS4_OK, SOCKS5_OK, socks5_failure
 from fixtures.sshd import SshdServer
 
 pytestmark = pytest.mark.timeout(60)
 
-SOCKS5_ZERO_BIND = b"\x00\x01\x00\x00\x00\x00\x00\x00"
-SOCKS5_OK = b"\x05\x00" + SOCKS5_ZERO_BIND
-SOCKS4_OK = b"\x00\x5a"
-SOCKS4_FAILED = b"\x00\x5b"
 IO_TIMEOUT = 10.0
-
-
-def socks5_failure(code: int) -> bytes:
-    return bytes((5, code)) + SOCKS5_ZERO_BIND
 
 
 class ScriptedTarget:

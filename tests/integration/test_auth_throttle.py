@@ -22,8 +22,8 @@ from python_socks.async_.asyncio import Proxy as AsyncProxy
 
 from tunnel import events
 from tunnel.proxy import ProxyServer
-from tunnel.reverse import LocalOpener
 from tunnel.throttle import LoginThrottle
+from tunnel.upstreams import Direct
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -71,7 +71,7 @@ class Tunnel:
 async def tunnel() -> AsyncIterator[Tunnel]:
     log = EventLog()
     throttle = LoginThrottle(free=FREE, first=HOLD, cap=HOLD)
-    proxy = ProxyServer(LocalOpener(DEADLINE), log, credentials=(USER, PASSWORD), throttle=throttle)
+    proxy = ProxyServer(Direct(DEADLINE), log, credentials=(USER, PASSWORD), throttle=throttle)
     try:
         [listener] = await proxy.listen([(LOOPBACK4, 0)])
         yield Tunnel(proxy, log, listener.host, listener.port)

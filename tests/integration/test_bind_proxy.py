@@ -10,11 +10,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import pytest
+from fixtures.fake_upstream import FakeChannel
 
-from tunnel import events, proxy
+from tunnel import events
 from tunnel.channels import Channel, ChannelSink, IncomingHandler
 from tunnel.errors import ChannelOpenFailed, ReplyReason
+from tunnel.handlers import bind
 from tunnel.proxy import ProxyServer
+from tunnel.upstreams import Request
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -53,35 +56,10 @@ class ScriptedBinder:
         return self.listener
 
 
-class RecordingChannel:
-    """The peer's channel: what the client sent, and whether it was resumed or closed."""
+class NoUpstream:
+    name = "none"
 
-    def __init__(self) -> None:
-        self.written = bytearray()
-        self.eof = False
-        self.reading = False
-        self.closed = False
-
-    def write(self, data: bytes) -> None:
-        self.written += data
-
-    def write_eof(self) -> None:
-        self.eof = True
-
-    def pause_reading(self) -> None:
-        self.reading = False
-
-    def resume_reading(self) -> None:
-        self.reading = True
-
-    def close(self) -> None:
-        self.closed = True
-
-
-class NoOpener:
-    async def open_tcp(
-        self, host: str, port: int, origin: tuple[str, int], sink: ChannelSink
-    ) -> Channel:
+    async def open(self, request: Request, sink: ChannelSink) -> Channel:
         raise AssertionError("BIND must not open a direct-tcpip channel")
 
 
@@ -89,7 +67,7 @@ class NoOpener:
 async def bind_proxy(
     binder: ScriptedBinder, seen: list[events.Event]
 ) -> AsyncIterator[tuple[str, int]]:
-    server = ProxyServer(NoOpener(), seen.append, binder=binder)
+    server = ProxyServer(NoUpstream(), seen.append, binder=binder)
     [listener] = await server.listen([("127.0.0.1", 0)])
     try:
         yield listener.host, listener.port
@@ -124,7 +102,7 @@ async def test_two_replies_and_only_the_named_peer(monkeypatch: pytest.MonkeyPat
         sink = binder.handler(("127.0.0.2", 5001))
         assert sink is not None
         assert binder.handler(("127.0.0.2", 5002)) is None  # one peer per BIND
-        channel = RecordingChannel()
+        channel = FakeChannel()
         sink.channel_opened(channel)
         second = await reader.readexactly(10)
         assert second == b"\x05\x00\x00\x01\x7f\x00\x00\x02" + (5001).to_bytes(2)
@@ -153,7 +131,7 @@ async def test_two_replies_and_only_the_named_peer(monkeypatch: pytest.MonkeyPat
 
 
 async def test_no_peer_within_the_limit_is_ttl_expired(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(proxy, "BIND_TIMEOUT", 0.2)
+    monkeypatch.setattr(bind, "BIND_TIMEOUT", 0.2)
     seen: list[events.Event] = []
     binder = ScriptedBinder()
     async with bind_proxy(binder, seen) as address:
@@ -206,7 +184,7 @@ async def test_socks4_bind_replies_and_a_name_takes_any_peer() -> None:
         assert binder.handler is not None
         sink = binder.handler(("192.0.2.7", 20))
         assert sink is not None
-        sink.channel_opened(RecordingChannel())
+        sink.channel_opened(FakeChannel())
         second = await reader.readexactly(8)
         assert second == b"\x00\x5a" + (20).to_bytes(2) + socket.inet_aton("192.0.2.7")
         writer.close()

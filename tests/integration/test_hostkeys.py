@@ -20,17 +20,17 @@ from fixtures.pytunnel_proc import (
     Finished,
     PytunnelFactory,
     PytunnelStartError,
+    error_lines,
     recv_all,
     run_pytunnel,
     server_args,
     socks5_open,
 )
+from fixtures.replies import SOCKS5_OK
 from fixtures.sshd import SshdServer
 from fixtures.targets import EchoTarget
 
 pytestmark = pytest.mark.timeout(60)
-
-SOCKS5_OK = b"\x05\x00\x00\x01\x00\x00\x00\x00\x00\x00"
 
 
 def fingerprint(public_line: str) -> str:
@@ -44,12 +44,6 @@ def other_host_key_line() -> str:
 
 def host_pattern(sshd: SshdServer) -> str:
     return f"[127.0.0.1]:{sshd.port}"
-
-
-def error_lines(result: Finished) -> list[str]:
-    assert "Traceback" not in result.stderr, result.describe()
-    assert "Traceback" not in result.stdout, result.describe()
-    return [line for line in result.stderr_lines if line.startswith("pytunnel: ")]
 
 
 def run_against(

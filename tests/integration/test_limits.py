@@ -36,12 +36,12 @@ from fixtures.pytunnel_proc import (
     socks5_greeting,
     socks5_open,
 )
+from fixtures.replies import SOCKS5_OK
 from fixtures.sshd import SshdServer
 from fixtures.targets import EchoTarget, HttpTarget
 
 pytestmark = pytest.mark.timeout(60)
 
-SOCKS5_OK = b"\x05\x00\x00\x01\x00\x00\x00\x00\x00\x00"
 SOCKS5_GENERAL_FAILURE = b"\x05\x01\x00\x01\x00\x00\x00\x00\x00\x00"
 SOCKS5_TTL_EXPIRED = b"\x05\x06\x00\x01\x00\x00\x00\x00\x00\x00"
 SOCKS4_REJECTED = b"\x00\x5b"

@@ -6,6 +6,8 @@ and nowhere else"; a SOCKS request through each reported listener proves it is o
 
 from __future__ import annotations
 
+import os
+import shutil
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -13,19 +15,24 @@ from pathlib import Path
 import pytest
 from fixtures.net import ipv6_loopback_available
 from fixtures.pytunnel_proc import (
+    PYTUNNEL,
     Running,
     recv_all,
     run_pytunnel,
     server_args,
     socks5_open,
 )
+from fixtures.replies import SOCKS5_OK
 from fixtures.sshd import SshdServer
 from fixtures.targets import EchoTarget
+
+from tunnel.errors import ListenError
+from tunnel.proxy import ProxyServer
+from tunnel.upstreams import Direct
 
 pytestmark = pytest.mark.timeout(60)
 
 Start = Callable[..., Running]
-SOCKS5_OK = b"\x05\x00\x00\x01\x00\x00\x00\x00\x00\x00"
 TCP_LISTEN = "0A"
 PORT_ATTEMPTS = 5
 
@@ -216,3 +223,44 @@ def test_failed_listen_prints_only_the_error_line(sshd: SshdServer) -> None:
         result = run_pytunnel(["-D", "127.0.0.1:0", "-D", f"127.0.0.1:{port}", *server_args(sshd)])
     assert result.returncode == 3, result.describe()
     assert len(result.stderr_lines) == 1, result.stderr
+
+
+# ---- a bind address that does not resolve -----------------------------------------------
+
+
+async def test_unresolvable_bind_address_says_so_not_pick_another_port(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Answered in process: the name never reaches the machine's resolver.
+    def no_such_name(host: object, *args: object, **kwargs: object) -> object:
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_such_name)
+    proxy = ProxyServer(Direct(1.0), lambda event: None)
+    with pytest.raises(ListenError) as caught:
+        proxy.bind([("foo.invalid", 1080)])
+    error = caught.value
+    assert error.message == (
+        "cannot listen on foo.invalid:1080: cannot resolve foo.invalid (Name or service not known)"
+    )
+    assert error.hint is not None
+    assert "port" not in error.hint
+    assert error.exit_status == 3
+
+
+def test_unresolvable_bind_address_exits_3_with_one_line() -> None:
+    # In a private network namespace no resolver is reachable: the lookup fails here,
+    # whatever the machine's DNS would say.
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare for a private network namespace")
+    result = run_pytunnel(
+        ["-D", "foo.invalid:1080", "--allow-open-proxy", "nobody@127.0.0.1"],
+        executable=["unshare", "--net", str(PYTUNNEL)],
+    )
+    assert result.returncode == 3, result.describe()
+    assert "Traceback" not in result.stderr
+    [line] = result.stderr_lines
+    assert line.startswith(
+        "pytunnel: cannot listen on foo.invalid:1080: cannot resolve foo.invalid"
+    )
+    assert "pick another port" not in line

@@ -29,18 +29,18 @@ from fixtures.pytunnel_proc import (
     socks5_greeting,
     socks5_open,
 )
+from fixtures.replies import SOCKS5_OK
 from fixtures.sshd import SshdServer
 from fixtures.targets import EchoTarget
 
 from tunnel.errors import ConfigError
 from tunnel.proxy import ProxyServer
-from tunnel.reverse import LocalOpener
+from tunnel.upstreams import Direct
 
 pytestmark = pytest.mark.timeout(60)
 
 GUARD_TIMEOUT = 20.0
 PASSWORD_ENV = {"PYTUNNEL_PROXY_PASSWORD": "guard-test-pw"}
-SOCKS5_OK = b"\x05\x00\x00\x01\x00\x00\x00\x00\x00\x00"
 
 
 def unreachable_ssh(port: int) -> list[str]:
@@ -300,7 +300,7 @@ async def test_a_check_after_binding_sees_every_address_and_can_refuse_them_all(
         offered.append(bound)
         raise ConfigError("refused")
 
-    proxy = ProxyServer(LocalOpener(GUARD_TIMEOUT), seen.append)
+    proxy = ProxyServer(Direct(GUARD_TIMEOUT), seen.append)
     with pytest.raises(ConfigError):
         await proxy.listen([("127.0.0.1", 0), ("127.0.0.2", 0)], check=refuse)
     [[(first, port), (second, _)]] = offered

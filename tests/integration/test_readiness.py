@@ -38,6 +38,7 @@ from fixtures.pytunnel_proc import (
     socks5_open,
     spawn,
 )
+from fixtures.replies import SOCKS5_OK
 from fixtures.sshd import SshdServer
 from fixtures.targets import EchoTarget
 
@@ -48,7 +49,6 @@ from fixtures.pty_driver import PtyTunnel  # noqa: E402 (needs pexpect)
 pytestmark = pytest.mark.timeout(90)
 
 LOOPBACK = "127.0.0.1"
-SOCKS5_OK = b"\x05\x00\x00\x01\x00\x00\x00\x00\x00\x00"
 SOCKS5_GENERAL_FAILURE = b"\x05\x01\x00\x01\x00\x00\x00\x00\x00\x00"
 PORT_ATTEMPTS = 5
 HOLD_TIMEOUT = 30.0  # generous: pytunnel starts Python first, on a loaded machine

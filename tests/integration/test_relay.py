@@ -30,12 +30,12 @@ from fixtures.pytunnel_proc import (
     socks5_open,
     socks5_request,
 )
+from fixtures.replies import SOCKS5_OK
 from fixtures.sshd import SshdServer
 from fixtures.targets import EchoTarget, TalkerTarget
 
 pytestmark = pytest.mark.timeout(90)
 
-SOCKS5_OK = b"\x05\x00\x00\x01\x00\x00\x00\x00\x00\x00"
 MiB = 1024 * 1024
 STREAM_SIZE = 64 * MiB  # far more than every buffer on the path put together
 BLOCK = random.Random(1928).randbytes(MiB)  # incompressible, so ssh compression cannot hide it

@@ -35,15 +35,12 @@ from fixtures.pytunnel_proc import (
     socks5_open,
     socks5_request,
 )
+from fixtures.replies import SOCKS4_FAILED, SOCKS4_OK, SOCKS5_OK, socks5_failure
 from fixtures.sshd import SshdServer
 from fixtures.targets import EchoTarget, TalkerTarget
 
 pytestmark = pytest.mark.timeout(60)
 
-SOCKS5_ZERO_BIND = b"\x00\x01\x00\x00\x00\x00\x00\x00"  # RSV ATYP=IPv4 0.0.0.0:0
-SOCKS5_OK = b"\x05\x00" + SOCKS5_ZERO_BIND
-SOCKS4_OK = b"\x00\x5a"
-SOCKS4_FAILED = b"\x00\x5b"
 # A name getaddrinfo rejects without asking any DNS server (the empty label cannot be
 # encoded in a query), so the test stays on loopback; sshd answers "Name or service not
 # known", exactly as for a name that does not exist.
@@ -52,10 +49,6 @@ OPEN_TIMEOUT = 1  # --open-timeout for the asyncssh tunnel (the never-answer por
 UNUSED_PORT = 65001  # never opened by the asyncssh fixture unless pytunnel asks for it
 QUIET_WINDOW = 1.0  # how long we listen for a premature reply (none may ever come)
 SOCKS_WAIT = 20.0  # SYN retransmission backs off (1 s, 2 s, 4 s ...)
-
-
-def socks5_failure(code: int) -> bytes:
-    return bytes((5, code)) + SOCKS5_ZERO_BIND
 
 
 @pytest.fixture(scope="module")

@@ -37,6 +37,7 @@ from fixtures.pytunnel_proc import (
     client_name,
     closed_by_peer,
     connect_proxy,
+    error_lines,
     recv_all,
     recv_exact,
     run_pytunnel,
@@ -46,12 +47,12 @@ from fixtures.pytunnel_proc import (
     socks5_open,
     socks5_request,
 )
+from fixtures.replies import SOCKS5_OK
 from fixtures.sshd import SshdServer, _descendants_of
 from fixtures.targets import EchoTarget, HttpTarget
 
 pytestmark = pytest.mark.timeout(60)
 
-SOCKS5_OK = b"\x05\x00\x00\x01\x00\x00\x00\x00\x00\x00"
 SOCKS5_GENERAL_FAILURE = b"\x05\x01\x00\x01\x00\x00\x00\x00\x00\x00"
 SOCKS4_REJECTED = b"\x00\x5b"
 RECONNECT_DEADLINE = 20.0  # generous: backoff may have reached its 4 s step
@@ -173,11 +174,6 @@ def frozen(pids: list[int]) -> Iterator[None]:
 def connection_pids(server: SshdServer) -> list[int]:
     children = server.children()
     return [pid for child in children for pid in (child, *_descendants_of(child))]
-
-
-def error_lines(stderr: str) -> list[str]:
-    assert "Traceback" not in stderr, stderr
-    return [line for line in stderr.splitlines() if line.startswith("pytunnel: ")]
 
 
 def connect_lines(stderr: str) -> list[str]:

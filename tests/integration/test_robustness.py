@@ -31,12 +31,12 @@ from fixtures.pytunnel_proc import (
     socks5_open,
     socks5_request,
 )
+from fixtures.replies import SOCKS5_OK
 from fixtures.sshd import SshdServer
 from fixtures.targets import EchoTarget, HttpTarget
 
 pytestmark = pytest.mark.timeout(90)
 
-SOCKS5_OK = b"\x05\x00\x00\x01\x00\x00\x00\x00\x00\x00"
 HANDSHAKE_TIMEOUT = 1
 CURL_TIMEOUT = 60.0
 

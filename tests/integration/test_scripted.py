@@ -27,17 +27,18 @@ from fixtures.net import ipv6_loopback_available, wait_until
 from fixtures.pytunnel_proc import (
     Finished,
     PytunnelFactory,
+    error_lines,
     recv_all,
     run_pytunnel,
     server_args,
     socks5_open,
 )
+from fixtures.replies import SOCKS5_OK
 from fixtures.sshd import SshdServer, _pid_alive
 from fixtures.targets import EchoTarget, HttpTarget
 
 pytestmark = pytest.mark.timeout(60)
 
-SOCKS5_OK = b"\x05\x00\x00\x01\x00\x00\x00\x00\x00\x00"
 NOTIFY_TIMEOUT = 10.0
 
 
@@ -56,11 +57,6 @@ def assert_relays(address: tuple[str, int], echo_target: EchoTarget, data: bytes
         sock.sendall(data)
         sock.shutdown(socket.SHUT_WR)
         assert recv_all(sock) == EchoTarget.expected_reply(data)
-
-
-def error_lines(result: Finished) -> list[str]:
-    assert "Traceback" not in result.stderr, result.describe()
-    return [line for line in result.stderr_lines if line.startswith("pytunnel: ")]
 
 
 @pytest.fixture

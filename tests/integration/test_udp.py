@@ -56,6 +56,7 @@ from fixtures.udp_targets import (
 
 import tunnel.udp as udp_module
 from tunnel import events
+from tunnel.app import SshUpstream
 from tunnel.config import Config, Destination, HostKeyPolicy
 from tunnel.proxy import ProxyServer
 from tunnel.rules import Rules
@@ -911,9 +912,13 @@ async def test_in_process_late_dns_answer_is_still_passed_on(
         dns_address = await held.start()
         await asyncio.wait_for(session.connect(), RECV_TIMEOUT)
         settings = udp_module.UdpSettings(
-            opener=session, runner=session, rules=Rules(), emit=log, dns_server=dns_address
+            upstream=SshUpstream(session),
+            runner=session,
+            rules=Rules(),
+            emit=log,
+            dns_server=dns_address,
         )
-        proxy = ProxyServer(session, log, udp=settings)
+        proxy = ProxyServer(SshUpstream(session), log, udp=settings)
         listener = (await proxy.listen([(LOOPBACK4, 0)]))[0]
         association = await asyncio.to_thread(Socks5Udp.open, listener.host, listener.port)
         try:
@@ -1000,9 +1005,13 @@ async def test_in_process_idle_dns_link_is_closed_and_opened_again_when_needed(
         dns_address = await server.start()
         await asyncio.wait_for(session.connect(), RECV_TIMEOUT)
         settings = udp_module.UdpSettings(
-            opener=session, runner=session, rules=Rules(), emit=log, dns_server=dns_address
+            upstream=SshUpstream(session),
+            runner=session,
+            rules=Rules(),
+            emit=log,
+            dns_server=dns_address,
         )
-        proxy = ProxyServer(session, log, udp=settings)
+        proxy = ProxyServer(SshUpstream(session), log, udp=settings)
         listener = (await proxy.listen([(LOOPBACK4, 0)]))[0]
         association = await asyncio.to_thread(Socks5Udp.open, listener.host, listener.port)
         try:

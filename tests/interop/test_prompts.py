@@ -26,7 +26,7 @@ from pathlib import Path
 import asyncssh
 import pytest
 from fixtures.asyncssh_server import ALICE, OTP_CODE, OTP_INSTRUCTIONS, OTP_USER, AsyncsshServer
-from fixtures.pytunnel_proc import PYTUNNEL, Finished, run_pytunnel, server_args
+from fixtures.pytunnel_proc import PYTUNNEL, Finished, error_lines, run_pytunnel, server_args
 from fixtures.sshd import SshdServer
 
 from tunnel import events
@@ -83,11 +83,6 @@ def fingerprint(public_line: str) -> str:
 
 def host_name(server: SshdServer | AsyncsshServer) -> str:
     return f"[{server.host}]:{server.port}"
-
-
-def error_lines(text: str) -> list[str]:
-    assert "Traceback" not in text, text
-    return [line for line in text.splitlines() if line.startswith("pytunnel: ")]
 
 
 def assert_secret_nowhere(running: PtyTunnel, secret: str) -> None:

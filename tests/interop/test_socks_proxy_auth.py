@@ -31,6 +31,7 @@ from fixtures.pytunnel_proc import (
     socks5_greeting,
     socks5_request,
 )
+from fixtures.replies import SOCKS5_OK
 from fixtures.sshd import SshdServer
 from fixtures.targets import HttpTarget
 from python_socks import ProxyError
@@ -51,7 +52,6 @@ METHOD_USERPASS = b"\x05\x02"
 METHOD_NONE = b"\x05\xff"
 AUTH_OK = b"\x01\x00"
 AUTH_FAIL = b"\x01\x01"
-SOCKS5_OK = b"\x05\x00\x00\x01\x00\x00\x00\x00\x00\x00"
 
 
 def rfc1929(username: str, password: str) -> bytes:

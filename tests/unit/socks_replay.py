@@ -13,7 +13,23 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from tunnel.errors import RemoteProtocolError
-from tunnel.socks import NEED_DATA, Request, ServerConnection, State
+from tunnel.socks import NEED_DATA, AddressType, Request, ServerConnection, SocksVersion, State
+
+# Short names for the codec tables and properties.
+V4 = SocksVersion.SOCKS4
+V5 = SocksVersion.SOCKS5
+IPV4 = AddressType.IPV4
+IPV6 = AddressType.IPV6
+NAME = AddressType.DOMAINNAME
+
+GREETING = "05 01 00"  # VER NMETHODS=1 METHODS=[NO AUTH]
+METHOD_NO_AUTH = bytes.fromhex("05 00")
+S4_FAIL = bytes.fromhex("00 5b 0000 00000000")
+
+
+def h(*parts: str) -> bytes:
+    """Bytes from hex words, so a vector reads like the RFC's field table."""
+    return bytes.fromhex(" ".join(parts))
 
 
 @dataclass(frozen=True)

@@ -10,14 +10,27 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pytest
-from unit.socks_replay import Outcome, bytewise, replay, two_way_splits
+from unit.socks_replay import (
+    GREETING,
+    IPV4,
+    IPV6,
+    METHOD_NO_AUTH,
+    NAME,
+    S4_FAIL,
+    V4,
+    V5,
+    Outcome,
+    bytewise,
+    h,
+    replay,
+    two_way_splits,
+)
 
 from tunnel.errors import LocalProtocolError, RemoteProtocolError, ReplyReason
 from tunnel.socks import (
     MAX_HOST_NAME,
     MAX_USER_ID,
     NEED_DATA,
-    AddressType,
     Command,
     Request,
     ServerConnection,
@@ -27,23 +40,10 @@ from tunnel.socks import (
     socks5_reply,
 )
 
-V4 = SocksVersion.SOCKS4
-V5 = SocksVersion.SOCKS5
-IPV4 = AddressType.IPV4
-IPV6 = AddressType.IPV6
-NAME = AddressType.DOMAINNAME
-
-GREETING = "05 01 00"  # VER NMETHODS=1 METHODS=[NO AUTH]
-METHOD_NO_AUTH = bytes.fromhex("05 00")
 METHOD_NONE_ACCEPTABLE = bytes.fromhex("05 ff")
 S5_FAIL = bytes.fromhex("05 01 00 01 00000000 0000")
 S5_CMD_NOT_SUPPORTED = bytes.fromhex("05 07 00 01 00000000 0000")
 S5_ATYP_NOT_SUPPORTED = bytes.fromhex("05 08 00 01 00000000 0000")
-S4_FAIL = bytes.fromhex("00 5b 0000 00000000")
-
-
-def h(*parts: str) -> bytes:
-    return bytes.fromhex(" ".join(parts))
 
 
 @dataclass(frozen=True)

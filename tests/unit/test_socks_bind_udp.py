@@ -17,18 +17,30 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from socksio import socks4, socks5
-from unit.socks_replay import bytewise, replay, split_at, two_way_splits
+from unit.socks_replay import (
+    GREETING,
+    IPV4,
+    IPV6,
+    METHOD_NO_AUTH,
+    NAME,
+    S4_FAIL,
+    V4,
+    V5,
+    bytewise,
+    h,
+    replay,
+    split_at,
+    two_way_splits,
+)
 
 from tunnel.errors import LocalProtocolError, RemoteProtocolError, ReplyReason
 from tunnel.socks import (
     MAX_HOST_NAME,
     NEED_DATA,
-    AddressType,
     Command,
     Datagram,
     Request,
     ServerConnection,
-    SocksVersion,
     State,
     build_datagram,
     decode_address,
@@ -39,20 +51,6 @@ from tunnel.socks import (
 )
 
 PROPERTY = settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-
-V4 = SocksVersion.SOCKS4
-V5 = SocksVersion.SOCKS5
-IPV4 = AddressType.IPV4
-IPV6 = AddressType.IPV6
-NAME = AddressType.DOMAINNAME
-
-GREETING = "05 01 00"  # VER NMETHODS=1 METHODS=[NO AUTH]
-METHOD_NO_AUTH = bytes.fromhex("05 00")
-S4_FAIL = bytes.fromhex("00 5b 0000 00000000")
-
-
-def h(*parts: str) -> bytes:
-    return bytes.fromhex(" ".join(parts))
 
 
 # == the codec driven like the proxy drives it ============================================

@@ -1,16 +1,17 @@
-"""The DNS links of one UDP association (tunnel.udp), with a fake opener and no sockets:
+"""The DNS links of one UDP association (tunnel.udp), with a fake upstream and no sockets:
 how many there may be, what counts toward the connection limit, and when one goes."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Coroutine
+from typing import Any
 
+from fixtures.fake_upstream import FakeUpstream
 from fixtures.udp_targets import build_query
 
 import tunnel.udp as udp_module
 from tunnel import events
-from tunnel.channels import ChannelSink
-from tunnel.errors import ChannelOpenFailed, ReplyReason
 from tunnel.rules import Rules
 from tunnel.socks import build_datagram
 from tunnel.udp import Drop, UdpAssociation, UdpSettings
@@ -18,50 +19,10 @@ from tunnel.udp import Drop, UdpAssociation, UdpSettings
 CLIENT = ("127.0.0.1", 40000)
 
 
-class FakeChannel:
-    def __init__(self) -> None:
-        self.written: list[bytes] = []
-        self.closed = False
-
-    def write(self, data: bytes) -> None:
-        self.written.append(data)
-
-    def write_eof(self) -> None:
-        pass
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
-
-    def close(self) -> None:
-        self.closed = True
-
-
-class FakeOpener:
-    """Opens a channel to anything, or refuses every open when ``refuse`` is set."""
-
-    def __init__(self, refuse: bool = False) -> None:
-        self.refuse = refuse
-        self.opened: list[tuple[str, int]] = []
-        self.channels: list[FakeChannel] = []
-
-    async def open_tcp(
-        self, host: str, port: int, origin: tuple[str, int], sink: ChannelSink
-    ) -> FakeChannel:
-        self.opened.append((host, port))
-        if self.refuse:
-            raise ChannelOpenFailed(ReplyReason.CONNECTION_REFUSED, "Connection refused")
-        channel = FakeChannel()
-        self.channels.append(channel)
-        return channel
-
-
 def association_with(
-    opener: FakeOpener, seen: list[events.Event], room: bool = True
+    opener: FakeUpstream, seen: list[events.Event], room: bool = True
 ) -> tuple[UdpAssociation, UdpSettings]:
-    settings = UdpSettings(opener=opener, runner=None, rules=Rules(), emit=seen.append)
+    settings = UdpSettings(upstream=opener, runner=None, rules=Rules(), emit=seen.append)
     settings.room = lambda: room
     info = events.ConnectionInfo(id=1, client="127.0.0.1:40000", started=0.0)
     return UdpAssociation(settings, info, CLIENT), settings
@@ -79,7 +40,7 @@ async def settle() -> None:
 
 
 async def test_links_per_association_are_capped_and_the_rest_dropped() -> None:
-    opener, seen = FakeOpener(), []
+    opener, seen = FakeUpstream(), []
     association, settings = association_with(opener, seen)
     cap = udp_module.MAX_DNS_LINKS
     for number in range(cap + 12):
@@ -99,7 +60,7 @@ async def test_links_per_association_are_capped_and_the_rest_dropped() -> None:
 
 
 async def test_no_link_without_room_under_the_connection_limit() -> None:
-    opener, seen = FakeOpener(), []
+    opener, seen = FakeUpstream(), []
     association, settings = association_with(opener, seen, room=False)
     query_to(association, "127.0.1.1")
     await settle()
@@ -112,7 +73,7 @@ async def test_no_link_without_room_under_the_connection_limit() -> None:
 
 
 async def test_a_link_that_cannot_open_gives_its_place_back() -> None:
-    opener, seen = FakeOpener(refuse=True), []
+    opener, seen = FakeUpstream.refusing(), []
     association, settings = association_with(opener, seen)
     cap = udp_module.MAX_DNS_LINKS
     # Twice as many refusing resolvers as places, one after the other: none is kept.
@@ -122,4 +83,32 @@ async def test_a_link_that_cannot_open_gives_its_place_back() -> None:
     assert len(opener.opened) == 2 * cap
     assert settings.links == 0
     assert {e.reason for e in seen if isinstance(e, events.DatagramsDropped)} == {Drop.DNS_FAILED}
+    association.close()
+
+
+async def test_link_opens_are_tasks_of_the_owner_it_was_given() -> None:
+    opener, seen = FakeUpstream(), []
+    settings = UdpSettings(upstream=opener, runner=None, rules=Rules(), emit=seen.append)
+    info = events.ConnectionInfo(id=1, client="127.0.0.1:40000", started=0.0)
+    owned: list[asyncio.Task[None]] = []
+
+    def spawn(work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(work)
+        owned.append(task)
+        return task
+
+    association = UdpAssociation(settings, info, CLIENT, user="carol", spawn=spawn)
+    query_to(association, "127.0.1.1")
+    await settle()
+    [task] = owned
+    assert task.done()
+    # The DNS channel's request carries the association's user and protocol.
+    [request] = opener.requests
+    assert (request.host, request.port, request.protocol, request.user, request.origin) == (
+        "127.0.1.1",
+        53,
+        "socks5-udp",
+        "carol",
+        CLIENT,
+    )
     association.close()
