@@ -147,7 +147,11 @@ class ProxyClient(asyncio.Protocol):
             return True
         if self._held is not None:
             return False  # it gave up waiting for the answer to a wrong password
-        self.reject_client("client closed its side during the handshake")
+        if self._codec.state is State.START and not self._codec.buffered:
+            # Not a byte came: a port probe or a preconnect the browser did not need.
+            self.reject_client("client closed without sending a request", empty=True)
+        else:
+            self.reject_client("client closed its side during the handshake")
         return False
 
     def pause_writing(self) -> None:
@@ -488,9 +492,11 @@ class ProxyClient(asyncio.Protocol):
             self._transport.write(answer)
             self._transport.close()
 
-    def reject_client(self, reason: str, *, auth: bool = False, close: bool = True) -> None:
+    def reject_client(
+        self, reason: str, *, auth: bool = False, close: bool = True, empty: bool = False
+    ) -> None:
         """Report a client we will not serve; close it unless the caller still answers."""
-        self._server.emit(events.ClientRejected(self.info, reason, auth=auth))
+        self._server.emit(events.ClientRejected(self.info, reason, auth=auth, empty=empty))
         if close and self._transport is not None:
             self._transport.close()
 
