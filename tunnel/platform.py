@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
+import os
 import signal
 from collections.abc import Callable, Iterable
 from types import ModuleType, TracebackType
@@ -71,8 +72,9 @@ def _fallback(
 class RawKeys:
     """The terminal ``fd`` without echo and line editing, for as long as the context
     lasts: typed keys reach the reader one by one instead of being drawn into the live
-    view. Signals stay on (Ctrl-C is still SIGINT). Where there is no ``termios`` or
-    ``fd`` is not a terminal, it changes nothing and ``active`` is False."""
+    view. Signals stay on (Ctrl-C is still SIGINT). Where there is no ``termios``, ``fd``
+    is not a terminal, or we are not its foreground job, it changes nothing and
+    ``active`` is False."""
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
@@ -82,6 +84,10 @@ class RawKeys:
     def __enter__(self) -> RawKeys:
         termios = posix_module("termios")
         if termios is None:
+            return self
+        if not _in_foreground(self.fd):
+            # A background job (``pytunnel ... &``): changing the terminal's modes, or
+            # reading it, would stop us with SIGTTOU or SIGTTIN.
             return self
         try:
             saved = termios.tcgetattr(self.fd)
@@ -114,3 +120,12 @@ class RawKeys:
         with contextlib.suppress(OSError, termios.error):
             # TCSANOW, not TCSADRAIN: the view's last frame must not hold it back.
             termios.tcsetattr(self.fd, termios.TCSANOW, saved)
+
+
+def _in_foreground(fd: int) -> bool:
+    """False when ``fd`` is our controlling terminal and another job has it. A terminal
+    that is not our controlling one (ENOTTY here) has no job control over us."""
+    try:
+        return os.tcgetpgrp(fd) == os.getpgrp()
+    except OSError:
+        return True

@@ -80,6 +80,18 @@ def test_raw_keys_turn_echo_off_and_back(pty: tuple[int, int]) -> None:
     assert echo_is_on(slave)
 
 
+def test_raw_keys_leave_the_terminal_alone_in_the_background(
+    pty: tuple[int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, slave = pty
+    # Another process group owns the terminal (we were started with "&"): touching
+    # its modes would stop us with SIGTTOU.
+    monkeypatch.setattr(os, "tcgetpgrp", lambda fd: os.getpgrp() + 1)
+    with RawKeys(slave) as raw:
+        assert not raw.active
+        assert echo_is_on(slave)
+
+
 def test_raw_keys_on_something_not_a_terminal() -> None:
     read_end, write_end = os.pipe()
     try:
