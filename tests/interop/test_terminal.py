@@ -164,14 +164,14 @@ class LiveTunnel:
                 os.kill(pid, signal.SIGKILL)
 
 
-@pytest.fixture
-def live_tunnel(
-    tmux: Tmux, sshd: SshdServer, http_target: HttpTarget, tmp_path: Path
-) -> Iterator[LiveTunnel]:
+def start_live(
+    tmux: Tmux, server: SshdServer, target: HttpTarget, workdir: Path, *extra: str
+) -> LiveTunnel:
+    """pytunnel with its live view in the pane, the session up."""
     port = free_port()
-    pidfile = tmp_path / "pytunnel.pid"
+    pidfile = workdir / "pytunnel.pid"
     command = [str(PYTUNNEL), "-D", f"127.0.0.1:{port}", "--pidfile", str(pidfile),
-               *server_args(sshd)]  # fmt: skip
+               *extra, *server_args(server)]  # fmt: skip
     # "trap true INT": the shell survives Ctrl-C to report the status; a trap with a
     # command (unlike an ignored signal) is reset to the default in pytunnel.
     # "stty -a" afterwards: the terminal's modes as pytunnel left them (echo back on).
@@ -182,9 +182,21 @@ def live_tunnel(
         "stty -a; exec sleep 300"
     )
     tmux.start(f"sh -c {shlex.quote(script)}")
-    live = LiveTunnel(tmux, port, pidfile, f"{sshd.user}@{sshd.host}:{sshd.port}", http_target)
+    live = LiveTunnel(tmux, port, pidfile, f"{server.user}@{server.host}:{server.port}", target)
     try:
         tmux.wait_screen(lambda s: pidfile.exists() and "● up" in s, "the session up")
+    except BaseException:
+        live.close()
+        raise
+    return live
+
+
+@pytest.fixture
+def live_tunnel(
+    tmux: Tmux, sshd: SshdServer, http_target: HttpTarget, tmp_path: Path
+) -> Iterator[LiveTunnel]:
+    live = start_live(tmux, sshd, http_target, tmp_path)
+    try:
         yield live
     finally:
         live.close()
@@ -313,3 +325,25 @@ def test_connection_age_is_since_it_opened(live_tunnel: LiveTunnel) -> None:
     row = live_tunnel.row(live_tunnel.wait_row_with_bytes())
     age = row.split("SOCKS5", 1)[1].split()[:2]
     assert re.fullmatch(r"\d+ ms|\d+\.\d s", " ".join(age)), row
+
+
+def test_a_fatal_error_gives_the_terminal_back(
+    tmux: Tmux, make_sshd: Callable[..., SshdServer], http_target: HttpTarget, tmp_path: Path
+) -> None:
+    server = make_sshd()
+    live = start_live(tmux, server, http_target, tmp_path, "--no-reconnect")
+    try:
+        server.stop(kill_sessions=True)
+        screen = tmux.wait_screen(lambda s: "EXIT=" in s, "pytunnel's exit status")
+        print(screen)
+        assert "EXIT=255" in screen, screen
+        before_exit = [
+            line
+            for line in _view_lines(screen.split("EXIT=", 1)[0])
+            if not line.startswith(EARLIER)
+        ]
+        assert not any(line.startswith(("listening:", "served ")) for line in before_exit)
+        assert any(line.startswith("pytunnel: ") for line in before_exit), screen
+        assert_echo_is_back(tmux)
+    finally:
+        live.close()
