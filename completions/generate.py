@@ -964,7 +964,8 @@ DESCRIPTION = [
     "when it needs them (never with `BatchMode=yes`), and checks the server's host key "
     "against the known_hosts files (see SECURITY).",
     "On a terminal, pytunnel shows a live view of the session, the listeners and every "
-    "connection on standard error. Otherwise, and with `-f`, `-q`, `-E` or a command to "
+    "connection on standard error; `q` quits (exit status 0, as SIGTERM) and Ctrl-C "
+    "interrupts (130), both with a summary. Otherwise, and with `-f`, `-q`, `-E` or a command to "
     "run, it writes a line per event there (with `-q`, problems only). With `--json`, it "
     "writes one JSON object per event on standard output, the first one `ready` with "
     "every listener's port.",

@@ -36,7 +36,7 @@ from .errors import ConfigError, ExitStatus, TunnelError
 from .names import printable
 from .notify import OnReady, SystemdNotifier
 from .rules import Action, parse_rules
-from .ui import JsonRenderer, PlainRenderer, Tee, TerminalPrompter
+from .ui import JsonRenderer, PlainRenderer, Tee, TerminalPrompter, error_record
 
 PROG = "pytunnel"
 
@@ -170,7 +170,7 @@ def proxy_credentials(user: str | None, password_file: str | None) -> tuple[byte
 
 def _fail(message: str, status: int, *, json_out: bool) -> NoReturn:
     if json_out:
-        JsonRenderer().write({"event": "error", "message": message, "exit_status": status})
+        JsonRenderer().write(error_record(message, status, time.time()))
     # The message may quote the server (a disconnect reason): show it, not its controls.
     click.echo(f"{PROG}: {printable(message)}", err=True)
     sys.exit(status)
@@ -467,6 +467,8 @@ def command(ctx: click.Context, /, **params: Any) -> None:
         _fail("-4 and -6 do not go together", ExitStatus.USAGE, json_out=json_out)
     if params["background"] and run_command:
         _fail("-f and -- COMMAND do not go together", ExitStatus.USAGE, json_out=json_out)
+    if params["background"] and not hasattr(os, "fork"):
+        _fail("-f needs fork(), which this system lacks", ExitStatus.USAGE, json_out=json_out)
     try:
         log_level = apply_options(params["options"]).get("log_level")
         config = build_config(
@@ -528,8 +530,15 @@ def command(ctx: click.Context, /, **params: Any) -> None:
 
         from .live import LiveRenderer
 
-        # Monotonic, like the start times the proxy records for each connection.
-        view = LiveRenderer(Console(stderr=True), str(config.destination), clock=time.monotonic)
+        # Monotonic, like the start times the proxy records for each connection. "q" is
+        # a normal quit, as SIGTERM is (exit 0, --drain applies); Ctrl-C stays 130.
+        view = LiveRenderer(
+            Console(stderr=True),
+            str(config.destination),
+            clock=time.monotonic,
+            on_quit=lambda: signal.raise_signal(signal.SIGTERM),
+            keys=_terminal_input(),
+        )
         sinks.append(view)
         if prompter is not None:
             prompter.before_prompt, prompter.after_prompt = view.pause, view.resume
@@ -547,13 +556,19 @@ def command(ctx: click.Context, /, **params: Any) -> None:
             with contextlib.suppress(OSError):
                 os.unlink(pidfile)
 
+    def force_exit() -> None:
+        # A second Ctrl-C ends the process at once: give the terminal back first.
+        if view is not None:
+            view.stop(summary=False)
+        remove_pidfile()
+
     if pidfile:
         sinks.append(OnReady(lambda _: _write_pidfile(pidfile)))
     if params["background"]:
         sinks.append(OnReady(_background()))
     emit = Tee(*sinks)
     try:
-        status = app.run(config, emit, run_command, prompter, remove_pidfile)
+        status = app.run(config, emit, run_command, prompter, force_exit)
     except TunnelError as exc:
         if view is not None:
             view.stop(summary=False)  # the error line goes below a restored terminal
@@ -563,9 +578,21 @@ def command(ctx: click.Context, /, **params: Any) -> None:
     except KeyboardInterrupt:
         sys.exit(ExitStatus.INTERRUPTED)
     finally:
+        if view is not None:
+            # Whatever ended the run (a bug, an interrupt during start-up), the terminal
+            # gets its echo back; after a normal stop this does nothing.
+            view.stop(summary=False)
         emit.flush()
         remove_pidfile()
     sys.exit(status)
+
+
+def _terminal_input() -> int | None:
+    """The descriptor the live view reads keys from: stdin when it is a terminal."""
+    try:
+        return sys.stdin.fileno() if sys.stdin is not None and sys.stdin.isatty() else None
+    except (OSError, ValueError):
+        return None
 
 
 def _open_log(path: str | None, *, json_out: bool) -> TextIO:

@@ -101,11 +101,13 @@ class ClientAccepted:
 @dataclass(frozen=True, slots=True)
 class ClientRejected:
     """The client broke the protocol, timed out before a complete request, or (``auth``)
-    gave wrong proxy credentials."""
+    gave wrong proxy credentials; or (``empty``) closed before sending a byte, as port
+    probes and browsers' preconnects do: counted, but not a problem."""
 
     connection: ConnectionInfo
     reason: str
     auth: bool = False
+    empty: bool = False
 
 
 @dataclass(frozen=True, slots=True)

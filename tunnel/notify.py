@@ -27,12 +27,15 @@ class SystemdNotifier:
 
     def __init__(self, address: str) -> None:
         self.address = notify_address(address)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        # Python's sockets are close-on-exec already; SOCK_CLOEXEC is Linux-only (macOS
+        # lacks the constant).
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
 
     @classmethod
     def from_environment(cls) -> SystemdNotifier | None:
         address = os.environ.get("NOTIFY_SOCKET")
-        return cls(address) if address else None
+        # No AF_UNIX (older Windows): no supervisor could be listening there anyway.
+        return cls(address) if address and hasattr(socket, "AF_UNIX") else None
 
     def send(self, message: str) -> None:
         # If the supervisor went away, the tunnel itself is still fine.

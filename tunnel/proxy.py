@@ -112,7 +112,8 @@ class ProxyClient(asyncio.Protocol):
             return True
         if self._handler is not None:
             return self._handler.eof_received()
-        self.reject_client("client closed its side during the handshake")
+        # Not a byte came: a port probe or a preconnect the browser did not need.
+        self.reject_client("client closed without sending a request", empty=True)
         return False
 
     def pause_writing(self) -> None:
@@ -302,9 +303,11 @@ class ProxyClient(asyncio.Protocol):
             self._cancel_deadline()
         return hold
 
-    def reject_client(self, reason: str, *, auth: bool = False, close: bool = True) -> None:
+    def reject_client(
+        self, reason: str, *, auth: bool = False, close: bool = True, empty: bool = False
+    ) -> None:
         """Report a client we will not serve; close it unless the caller still answers."""
-        self._server.emit(events.ClientRejected(self.info, reason, auth=auth))
+        self._server.emit(events.ClientRejected(self.info, reason, auth=auth, empty=empty))
         if close and self._transport is not None:
             self._transport.close()
 

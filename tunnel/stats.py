@@ -39,6 +39,8 @@ class Stats:
     served: int = 0
     failed: int = 0
     rejected: int = 0
+    # Clients that closed without sending a byte (port probes, preconnects).
+    unused: int = 0
     auth_failures: int = 0
     closed_bytes_up: int = 0
     closed_bytes_down: int = 0
@@ -86,6 +88,8 @@ class Stats:
             case events.ChannelFailed(connection=info, reply=reply, reply_label=label, reason=why):
                 self.failed += 1
                 self.failures.append(Failure(_destination(info), reply, label, why))
+            case events.ClientRejected(empty=True):
+                self.unused += 1
             case events.ClientRejected(auth=auth):
                 self.rejected += 1
                 self.auth_failures += auth

@@ -15,13 +15,13 @@ import dataclasses
 import io
 import json
 import sys
-import termios
 import time
 from collections.abc import Callable
 from typing import Any, TextIO
 
 from . import events
 from .names import printable
+from .platform import posix_module
 from .stats import is_public_address
 
 
@@ -97,6 +97,9 @@ def _describe(event: events.Event) -> tuple[str, bool] | None:
             return f"lost {server}: {reason}", True
         case events.ReconnectScheduled(delay=delay, attempt=attempt, reason=reason):
             return f"reconnecting in {delay:.1f} s (attempt {attempt}): {reason}", True
+        case events.ClientRejected(connection=info, empty=True):
+            # A port probe or a browser's spare preconnect: worth a line, not a warning.
+            return f"#{info.id} {info.client} closed without sending a request", False
         case events.ClientRejected(connection=info, reason=reason):
             return f"#{info.id} {info.client} rejected: {reason}", True
         case events.ChannelOpened(connection=info, latency=latency):
@@ -214,13 +217,20 @@ def _snake(name: str) -> str:
 
 def event_record(event: events.Event, now: float) -> dict[str, Any]:
     """The JSON object for one event: ``event`` and ``time`` first, then its fields,
-    with a connection flattened to ``id``, ``client``, ``host``, ``port``."""
+    with a connection flattened to ``id``, ``client``, and ``host``, ``port`` once a
+    request named them (a field not known yet is left out, never sent empty). The
+    README's ``--json`` table is the schema; the unit tests hold this to it."""
     record: dict[str, Any] = {"event": _snake(type(event).__name__), "time": round(now, 6)}
     for field in dataclasses.fields(event):
         value = getattr(event, field.name)
         if isinstance(value, events.ConnectionInfo):
-            record.update(id=value.id, client=value.client, host=value.host, port=value.port)
-            if value.dropped:
+            record.update(id=value.id, client=value.client)
+            if value.protocol:  # set with host and port when the request is read
+                record.update(host=value.host, port=value.port)
+            # Only where it means something: the association's own count.
+            if isinstance(event, events.DatagramsDropped) or (
+                isinstance(event, events.ConnectionClosed) and value.dropped
+            ):
                 record["dropped"] = value.dropped
         elif isinstance(value, events.Listener):
             record.update(host=value.host, port=value.port, url=value.url, remote=value.remote)
@@ -232,6 +242,11 @@ def event_record(event: events.Event, now: float) -> dict[str, Any]:
         else:
             record[field.name] = value
     return record
+
+
+def error_record(message: str, exit_status: int, now: float) -> dict[str, Any]:
+    """The last JSON line of a run that failed to start (or failed for good)."""
+    return {"event": "error", "time": round(now, 6), "message": message, "exit_status": exit_status}
 
 
 class JsonRenderer:
@@ -334,8 +349,13 @@ class TerminalPrompter:
     def interrupt(self) -> None:
         """The question was abandoned (Ctrl-C): give the terminal its echo back."""
         restore, self._echo_restore = self._echo_restore, None
-        with contextlib.suppress(OSError, termios.error):
-            if restore is not None:
+        termios = posix_module("termios")
+        # termios.error is not an OSError: a terminal gone away raises either.
+        errors: tuple[type[Exception], ...] = (OSError,)
+        if termios is not None:
+            errors += (termios.error,)
+        with contextlib.suppress(*errors):
+            if restore is not None and termios is not None:
                 termios.tcsetattr(self.tty.fileno(), termios.TCSADRAIN, restore)
             self.tty.write("\n")
             self.tty.flush()
@@ -347,7 +367,11 @@ class TerminalPrompter:
         return self.tty.readline()
 
     def _read_secret(self, prompt: str) -> str:
-        """Echo goes off before the prompt shows, so nothing typed early is echoed."""
+        """Echo goes off before the prompt shows, so nothing typed early is echoed.
+        Without termios (Windows) a secret is not asked at all: it would show."""
+        termios = posix_module("termios")
+        if termios is None:
+            raise EOFError("no way to turn echo off on this terminal")
         fd = self.tty.fileno()
         old = termios.tcgetattr(fd)
         new = termios.tcgetattr(fd)

@@ -12,14 +12,24 @@ import dataclasses
 import io
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 from rich.console import Console
 
-from tunnel import events
+from tunnel import cli, events
 from tunnel.live import LiveRenderer
-from tunnel.ui import DNS_HINT, event_record, human_bytes
+from tunnel.ui import (
+    DNS_HINT,
+    JsonRenderer,
+    _snake,
+    destination,
+    error_record,
+    event_record,
+    human_bytes,
+)
 
 WIDTH, HEIGHT = 100, 30
 SERVER = "alice@bastion.example:22"
@@ -384,95 +394,173 @@ def test_dns_leak_hint_is_given_once(view: LiveRenderer, clock: FakeClock) -> No
 
 
 # == JSON records: the README's schema =====================================================
+#
+# The README's --json table is the one statement of the schema: these tests read it, and
+# hold every record the JSON renderer writes to it (names, types, when present).
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+_TYPES: dict[str, Callable[[object], bool]] = {
+    "string": lambda v: isinstance(v, str),
+    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "number": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+    "boolean": lambda v: isinstance(v, bool),
+    "array": lambda v: isinstance(v, list),
+}
+_FIELD = re.compile(r"`(\w+)` (" + "|".join(_TYPES) + r")\b")
 
 
-def sample_info() -> events.ConnectionInfo:
-    return events.ConnectionInfo(
+@dataclasses.dataclass(frozen=True)
+class Documented:
+    always: dict[str, str]
+    sometimes: dict[str, str]
+
+
+def readme_schema() -> dict[str, Documented]:
+    """The README's ``| event | always | only when |`` table, event by event."""
+    lines = README.read_text(encoding="utf-8").splitlines()
+    start = lines.index("| event | always | only when |")
+    schema: dict[str, Documented] = {}
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        name, always, sometimes = (cell.strip() for cell in line.strip("|").split("|"))
+        schema[name.strip("`")] = Documented(
+            dict(_FIELD.findall(always)), dict(_FIELD.findall(sometimes))
+        )
+    return schema
+
+
+SCHEMA = readme_schema()
+
+
+def sample_info(**fields: Any) -> events.ConnectionInfo:
+    values: dict[str, Any] = dict(
         id=3, client="127.0.0.1:50000", started=START, listener="127.0.0.1:1080",
         protocol="socks5", host="db.internal", port=5432,
     )  # fmt: skip
+    values.update(fields)
+    return events.ConnectionInfo(**values)
+
+
+def fresh_info() -> events.ConnectionInfo:
+    """A connection as it is when accepted: no request read yet."""
+    return events.ConnectionInfo(id=4, client="127.0.0.1:50001", started=START)
 
 
 SESSION_UP = events.SessionUp("s", "OpenSSH_9.6p1", "aes128-gcm@openssh.com", "k", "m", "none")
+REMOTE = events.Listener("127.0.0.1", 2080, remote=True)
 
-# (event, the keys the README documents besides "event" and "time", exact?)
-SCHEMA: list[tuple[events.Event, set[str], bool]] = [
-    (events.Ready((LISTENER,), "s"), {"listeners", "server"}, True),
-    (events.ClientAccepted(sample_info()), {"id", "client", "host", "port"}, True),
-    (
-        events.RequestParsed(sample_info(), "socks5", "CONNECT", "db.internal", 5432, True),
-        {"id", "client", "protocol", "command", "host", "port", "sent_name"},
-        True,
-    ),
-    (events.ChannelOpened(sample_info(), 0.5), {"id", "client", "host", "port", "latency"}, True),
-    (
-        events.ChannelFailed(sample_info(), 5, "connection refused", "Connection refused"),
-        {"id", "client", "host", "port", "reply", "reply_label", "reason"},
-        True,
-    ),
-    (
-        events.ConnectionClosed(sample_info(), 1, 2, 3.0),
-        {"id", "client", "host", "port", "bytes_up", "bytes_down", "duration"},
-        True,
-    ),
-    (
-        events.ClientRejected(sample_info(), "bad", auth=True),
-        {"id", "client", "host", "port", "reason", "auth"},
-        True,
-    ),
-    (events.SessionConnecting("s", 2), {"server", "attempt"}, False),
-    (SESSION_UP, {"server", "cipher"}, False),
-    (events.SessionLost("s", "EOF"), {"server", "reason"}, False),
-    (
-        events.ReconnectScheduled("s", 1.5, 2, "EOF"),
-        {"server", "delay", "attempt", "reason"},
-        False,
-    ),
-    (events.Notice("hello", "dns"), {"message", "key"}, True),
-    (events.Stopping("interrupted"), {"reason"}, True),
-    # Never printed (it comes before "ready"), but recorded all the same.
-    (events.ListenerStarted(LISTENER), {"host", "port", "url", "remote"}, True),
-    (
-        events.DatagramsDropped(sample_info(), "not DNS", "192.0.2.1:123"),
-        {"id", "client", "host", "port", "reason", "destination"},
-        True,
-    ),
-    (
-        events.IncomingRefused("127.0.0.1", 2080, "127.0.0.1:50000", "no such listener"),
-        {"listen_host", "listen_port", "client", "reason"},
-        True,
-    ),
+# Every kind of event, with every optional field both present and absent somewhere.
+SAMPLES: list[events.Event] = [
+    SESSION_UP,
+    events.Ready((LISTENER, LISTENER6), "s"),
+    events.ListenerStarted(REMOTE),
+    events.SessionConnecting("s", 2),
+    events.SessionLost("s", "EOF"),
+    events.ReconnectScheduled("s", 1.5, 2, "EOF"),
+    events.ClientAccepted(fresh_info()),
+    events.RequestParsed(sample_info(), "socks5", "CONNECT", "db.internal", 5432, True),
+    events.ChannelOpened(sample_info(), 0.5),
+    events.ChannelFailed(sample_info(), 5, "connection refused", "Connection refused"),
+    events.ConnectionClosed(sample_info(), 1, 2, 3.0),
+    events.ConnectionClosed(sample_info(protocol="socks5-udp", dropped=4), 1, 2, 3),
+    events.DatagramsDropped(sample_info(dropped=1), "not DNS", "192.0.2.1:123"),
+    events.IncomingRefused("127.0.0.1", 2080, "127.0.0.1:50000", "no such listener"),
+    events.ClientRejected(sample_info(), "bad", auth=True),
+    events.ClientRejected(fresh_info(), "client closed without sending a request", empty=True),
+    events.Notice("hello", "dns"),
+    events.Stopping("interrupted"),
 ]
 
 
+def written(samples: list[events.Event]) -> list[dict[str, Any]]:
+    """What the JSON renderer writes for ``samples`` (``ready`` first), parsed back."""
+    out = io.StringIO()
+    renderer = JsonRenderer(out, clock=lambda: START + 0.25)
+    for event in samples:
+        renderer(event)
+    renderer.flush()
+    return [json.loads(line) for line in out.getvalue().splitlines()]
+
+
+def check_record(record: dict[str, Any]) -> None:
+    assert list(record)[:2] == ["event", "time"], record
+    assert isinstance(record["event"], str)
+    assert _TYPES["number"](record["time"]), record
+    documented = SCHEMA[record["event"]]
+    fields = {key: value for key, value in record.items() if key not in ("event", "time")}
+    missing = set(documented.always) - set(fields)
+    assert not missing, (record, missing)
+    for key, value in fields.items():
+        kind = documented.always.get(key) or documented.sometimes.get(key)
+        assert kind is not None, f"{record['event']}: {key} is not in the README: {record}"
+        assert _TYPES[kind](value), (record, key, kind)
+        assert value != "" or kind != "string" or key in ("key", "kex"), (record, key)
+
+
+def test_the_readme_table_is_read() -> None:
+    # A table the parser misread would make every check below vacuous.
+    assert SCHEMA["client_accepted"] == Documented({"id": "integer", "client": "string"}, {})
+    assert SCHEMA["client_rejected"].sometimes == {"host": "string", "port": "integer"}
+    assert SCHEMA["error"].always == {"message": "string", "exit_status": "integer"}
+    assert len(SCHEMA["session_up"].always) == 6
+
+
 def test_schema_covers_every_event_type() -> None:
-    documented = {type(event) for event, _, _ in SCHEMA}
-    assert documented == set(events.Event.__args__)  # type: ignore[attr-defined]
+    names = {_snake(kind.__name__) for kind in events.Event.__args__}  # type: ignore[attr-defined]
+    assert set(SCHEMA) == names | {"error"}
+    assert {_snake(type(event).__name__) for event in SAMPLES} == names
 
 
-@pytest.mark.parametrize(
-    ("event", "keys", "exact"),
-    [
-        pytest.param(
-            *row,
-            id=type(row[0]).__name__,
+def test_every_record_written_follows_the_readme() -> None:
+    records = written(SAMPLES)
+    # Before "ready" the JSON renderer folds the facts in: the session comes after it.
+    assert records[0]["event"] == "ready"
+    assert {record["event"] for record in records} == set(SCHEMA) - {"error"} - {"session_up"}
+    for record in records:
+        check_record(record)
+    for listener in records[0]["listeners"]:
+        check_record({"event": "listener_started", "time": 0.0, **listener})
+    # Each optional field is seen present at least once, so the table says no more than
+    # is written.
+    seen = {(record["event"], key) for record in records for key in record}
+    for name, documented in SCHEMA.items():
+        for key in documented.sometimes:
+            assert (name, key) in seen, (name, key)
+
+
+def test_session_up_after_ready_follows_the_readme() -> None:
+    [_, record] = written([events.Ready((LISTENER,), "s"), SESSION_UP])
+    check_record(record)
+
+
+def test_fields_not_known_yet_are_left_out() -> None:
+    accepted, rejected = (
+        event_record(event, START)
+        for event in (
+            events.ClientAccepted(fresh_info()),
+            events.ClientRejected(fresh_info(), "timed out"),
         )
-        for row in SCHEMA
-    ],
-)
-def test_json_record_has_the_documented_keys(
-    event: events.Event, keys: set[str], exact: bool
-) -> None:
-    record = event_record(event, START + 0.5)
-    assert list(record)[:2] == ["event", "time"]
-    assert record["event"] == re.sub(r"(?<!^)([A-Z])", r"_\1", type(event).__name__).lower()
-    assert record["time"] == START + 0.5
-    fields = set(record) - {"event", "time"}
-    if exact:
-        assert fields == keys
-    else:
-        assert keys <= fields
-    assert json.loads(json.dumps(record)) == record
+    )
+    assert set(accepted) == {"event", "time", "id", "client"}
+    assert "host" not in rejected
+    assert "port" not in rejected
+
+
+def test_error_record_has_a_time_and_follows_the_readme() -> None:
+    record = error_record("cannot listen on 127.0.0.1:1080", 3, START)
+    check_record(record)
+    assert record["time"] == START
+
+
+def test_error_line_of_the_cli_has_a_time(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["--json", "-D", "1080", "-4", "-6", "host"])
+    assert exited.value.code == 2
+    [line] = capsys.readouterr().out.splitlines()
+    record = json.loads(line)
+    assert record["event"] == "error"
+    check_record(record)
 
 
 def test_json_record_values_follow_the_event() -> None:
@@ -528,3 +616,102 @@ def test_refused_incoming_connection_is_printed_once(view: LiveRenderer, clock: 
     view(events.IncomingRefused("127.0.0.1", 2080, "127.0.0.1:50000", "no such listener"))
     line = "127.0.0.1:50000 -> 127.0.0.1:2080 (on the server) refused: no such listener"
     assert printed(view).count(line) == 1
+
+
+# == narrow terminals ======================================================================
+
+_NUMBER = re.compile(r"\b\d+(?:\.\d)? (?:B|KiB|MiB|GiB)\b")
+
+
+def busy_view(clock: FakeClock, width: int) -> tuple[LiveRenderer, list[events.ConnectionInfo]]:
+    console = Console(
+        record=True, width=width, height=HEIGHT, force_terminal=True, file=io.StringIO()
+    )
+    view = LiveRenderer(console, "bastion.example", clock=clock)
+    bring_up(view, clock)
+    opened = [
+        open_one(view, clock, "127.0.0.1", 44321),
+        open_one(view, clock, "localhost", 8080, protocol="http-connect"),
+        open_one(view, clock, "2001:db8::7", 8443, protocol="socks4a"),
+        open_one(view, clock, "a-rather-long-host-name.intranet.example", 443),
+    ]
+    for n, info in enumerate(opened):
+        info.bytes_up, info.bytes_down = 1536 * (n + 1), 3 * 1024 * 1024 * (n + 1)
+    view._sample(clock())
+    clock.advance(1)
+    for info in opened:
+        info.bytes_down += 700 * 1024
+    view._sample(clock())
+    fail_one(view, clock, "db.internal", 5432, "Connection refused")
+    return view, opened
+
+
+@pytest.mark.parametrize("width", [40, 60, 80, 120])
+def test_narrow_terminals_keep_ports_and_units(clock: FakeClock, width: int) -> None:
+    view, opened = busy_view(clock, width)
+    try:
+        text = screen(view)
+        lines = text.rstrip("\n").splitlines()
+        assert all(len(line) <= width for line in lines), text
+        assert len(lines) <= HEIGHT
+        rows = {line.split()[0]: line for line in lines if line[:1].strip().isdigit()}
+        assert set(rows) == {str(info.id) for info in opened}, text
+        for info in opened:
+            row = rows[str(info.id)]
+            # The destination keeps its port; at most its host is cut (at the left).
+            assert re.search(rf"(^|\s)\S*:{info.port}(\s|$)", row), row
+            shown = row.split()[1] if "client" not in lines[2] else row.split()[2]
+            assert shown.endswith(f":{info.port}"), row
+            assert destination(info).endswith(shown.lstrip("…")), row
+            # Up and down whole, with their units.
+            assert human_bytes(info.bytes_up) in row, row
+            assert human_bytes(info.bytes_down) in row, row
+            assert "…" not in row.split(f":{info.port}", 1)[1], row
+        totals = " ".join(" ".join(lines[-2:]).split())
+        for word in ("served 4", "failed 1", "open 4", "now "):
+            assert word in totals, text
+        for number in _NUMBER.findall(totals):
+            assert number in " ".join(totals.split()), totals
+        assert "…" not in " ".join(lines[-2:]), text
+        # Header: the session's state and uptime whole; every listener whole or counted.
+        assert "● up " in lines[0]
+        assert re.search(r"● up \d+(\.\d)? (ms|s)\b", lines[0]), lines[0]
+        assert "…" not in lines[1], text
+        assert "socks5h://127.0.0.1:1080" in lines[1], text
+        assert "socks5h://[::1]:1080" in lines[1] or "+1 more" in lines[1], text
+        heading = lines[2].split()
+        if width >= 120:
+            assert heading == ["#", "client", "destination", "via", "age", "up", "down", "rate"]
+            assert "a-rather-long-host-name.intranet.example:443" in text
+        # The least useful columns go first: client, then via, then age.
+        kept = [name for name in ("client", "via", "age") if name in heading]
+        assert kept == ["client", "via", "age"][3 - len(kept) :], heading
+        assert {"up", "down"} <= set(heading), heading
+    finally:
+        view.stop()
+
+
+def test_the_failures_keep_the_destinations_port(clock: FakeClock) -> None:
+    view, _ = busy_view(clock, 40)
+    try:
+        [line] = [line for line in screen(view).splitlines() if "5432" in line]
+        assert line.split()[0] == "db.internal:5432", line
+        assert re.search(r"\b0x05\b", line), line  # the reply code whole, never cut
+    finally:
+        view.stop()
+
+
+def test_a_client_that_sent_nothing_is_counted_not_a_failure(
+    view: LiveRenderer, clock: FakeClock
+) -> None:
+    bring_up(view, clock)
+    for _ in range(3):
+        probe = events.ConnectionInfo(id=next(_ids), client="127.0.0.1:5", started=clock())
+        view(events.ClientAccepted(probe))
+        view(events.ClientRejected(probe, "client closed without sending a request", empty=True))
+    text = screen(view)
+    assert "last failures" not in text
+    assert "unused 3" in " ".join(text.splitlines()[-1].split())
+    summary = str(view.summary())
+    assert "0 rejected, 3 closed unused," in summary, summary
+    assert view.stats.rejected == 0

@@ -81,6 +81,11 @@ DESCRIBE: list[tuple[str, events.Event, list[str], bool]] = [
      ["reconnecting in 2.5 s", "attempt 4", "Connection refused"], True),
     ("client-rejected", events.ClientRejected(info(), "not a SOCKS client (first byte 0x47)"),
      ["#7", "127.0.0.1:50000", "rejected", "first byte 0x47"], True),
+    # A port probe or a spare preconnect: it sent nothing and left. Not a problem.
+    ("client-left-empty", events.ClientRejected(
+        events.ConnectionInfo(id=8, client="127.0.0.1:50001", started=1.0),
+        "client closed without sending a request", empty=True),
+     ["#8", "127.0.0.1:50001", "closed without sending a request"], False),
     ("channel-opened", events.ChannelOpened(info(), 0.0421),
      ["#7", "127.0.0.1:50000", "example.com:443", "SOCKS5", "42 ms"], False),
     ("channel-failed", events.ChannelFailed(info(host="2001:db8::1", port=80), 5,
@@ -413,3 +418,15 @@ def test_human_formats_round_across_unit_boundaries(
     value: float, formatter: Callable[[float], str], text: str
 ) -> None:
     assert formatter(value) == text
+
+
+def test_quiet_says_nothing_of_a_client_that_sent_nothing(utc: None) -> None:
+    stream = io.StringIO()
+    render = PlainRenderer(stream, quiet=True, clock=lambda: FIXED_TIME)
+    probe = events.ConnectionInfo(id=1, client="127.0.0.1:50000", started=1.0)
+    render(events.ClientAccepted(probe))
+    render(events.ClientRejected(probe, "client closed without sending a request", empty=True))
+    assert stream.getvalue() == ""
+    # One that sent half a greeting and left is still a problem worth a line.
+    render(events.ClientRejected(info(2), "client closed its side during the handshake"))
+    assert "#2 127.0.0.1:50000 rejected" in stream.getvalue()
