@@ -4,9 +4,17 @@ live view and never get their ``connection_closed`` event."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import re
+import shlex
+import shutil
+import signal
 import socket
 import subprocess
 import threading
+import time
+import uuid
 from collections.abc import Iterator
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -14,8 +22,10 @@ from pathlib import Path
 
 import pytest
 from fixtures.pytunnel_proc import (
+    PYTUNNEL,
     PytunnelFactory,
     Running,
+    clean_env,
     client_name,
     recv_all,
     recv_exact,
@@ -25,6 +35,9 @@ from fixtures.targets import EchoTarget, TalkerTarget
 
 # Generous: the machine is shared, and every wait ends as soon as its event arrives.
 CLOSE_DEADLINE = 30.0
+SCREEN_DEADLINE = 30.0
+README = Path(__file__).resolve().parents[2] / "README.md"
+TRY_LINE = re.compile(r"try: (curl -x socks5h://127\.0\.0\.1:(\d+) http://pytunnel\.demo/)")
 
 
 @pytest.fixture
@@ -115,3 +128,74 @@ def test_refused_target_fails_the_open(demo: Running, closed_port: int) -> None:
     sock, reply = socks5_open(demo.address, "127.0.0.1", closed_port)
     with sock:
         assert reply[1] == 0x05
+
+
+def _curl(curl: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [curl, "-sS", "--max-time", "60", *args],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        env=clean_env(),
+        stdin=subprocess.DEVNULL,
+    )
+
+
+@pytest.mark.slow
+def test_readme_live_view_steps(tmp_path: Path, file_server: tuple[int, bytes], curl: str) -> None:
+    """What the README's top says to do for the live view: ``pytunnel --demo`` on a
+    terminal, then the curl line it prints, from a second terminal. Both that page and a
+    download from a server that closes first must leave the view with nothing open."""
+    readme = README.read_text()
+    top = readme[: readme.index("\n## ")]
+    assert "\n    .venv/bin/pytunnel --demo\n" in top
+    assert "curl -x socks5h://127.0.0.1:PORT http://pytunnel.demo/" in top
+    tmux = shutil.which("tmux")
+    if tmux is None:
+        pytest.skip("tmux not installed")
+    name = f"pytunnel-demo-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    pidfile = tmp_path / "pytunnel.pid"
+
+    def tmux_run(*args: str) -> str:
+        result = subprocess.run(
+            [tmux, "-L", name, "-f", "/dev/null", *args],
+            capture_output=True,
+            text=True,
+            timeout=15,
+            env=clean_env(),
+        )
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    def wait_screen(pattern: str) -> str:
+        deadline = time.monotonic() + SCREEN_DEADLINE
+        while not re.search(pattern, screen := tmux_run("capture-pane", "-p", "-t", "main")):
+            assert time.monotonic() < deadline, f"screen never showed {pattern!r}:\n{screen}"
+            time.sleep(0.1)
+        return screen
+
+    command = shlex.join([str(PYTUNNEL), "--demo", "--pidfile", str(pidfile)])
+    tmux_run("new-session", "-d", "-s", "main", "-x", "120", "-y", "30", command)
+    try:
+        screen = wait_screen(r"● up")
+        found = TRY_LINE.search(screen)
+        assert found is not None, screen
+        page = _curl(curl, *shlex.split(found.group(1))[1:])
+        assert page.returncode == 0, page.stderr
+        assert page.stdout.startswith("Hello from the far side of the tunnel.")
+        port, body = file_server
+        download = _curl(
+            curl,
+            "-o", str(tmp_path / "small.bin"),
+            "-x", f"socks5h://127.0.0.1:{found.group(2)}",
+            f"http://127.0.0.1:{port}/small.bin",
+        )  # fmt: skip
+        assert download.returncode == 0, download.stderr
+        assert (tmp_path / "small.bin").read_bytes() == body
+        wait_screen(r"served 2 +failed 0 +open 0")
+        assert "no open connections" in wait_screen(r"no open connections")
+    finally:
+        if pidfile.exists():
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pidfile.read_text().strip()), signal.SIGTERM)
+        subprocess.run([tmux, "-L", name, "kill-server"], capture_output=True, timeout=15)
