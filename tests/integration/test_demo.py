@@ -55,8 +55,11 @@ def file_server(tmp_path: Path) -> Iterator[tuple[int, bytes]]:
     """What ``python3 -m http.server`` runs: HTTP/1.0, so the server closes after each
     response, before the client does."""
     body = bytes(range(256)) * 800
-    (tmp_path / "small.bin").write_bytes(body)
-    handler = partial(_QuietFileHandler, directory=str(tmp_path))
+    # A directory of its own: downloads in the test's tmp_path must not overwrite it.
+    served = tmp_path / "www"
+    served.mkdir()
+    (served / "small.bin").write_bytes(body)
+    handler = partial(_QuietFileHandler, directory=str(served))
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2})
@@ -186,12 +189,12 @@ def test_readme_live_view_steps(tmp_path: Path, file_server: tuple[int, bytes], 
         port, body = file_server
         download = _curl(
             curl,
-            "-o", str(tmp_path / "small.bin"),
+            "-o", str(tmp_path / "downloaded.bin"),
             "-x", f"socks5h://127.0.0.1:{found.group(2)}",
             f"http://127.0.0.1:{port}/small.bin",
         )  # fmt: skip
         assert download.returncode == 0, download.stderr
-        assert (tmp_path / "small.bin").read_bytes() == body
+        assert (tmp_path / "downloaded.bin").read_bytes() == body
         wait_screen(r"served 2 +failed 0 +open 0")
         assert "no open connections" in wait_screen(r"no open connections")
     finally:
