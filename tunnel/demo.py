@@ -7,6 +7,12 @@ machine only, and listens for ``-R`` and BIND on loopback only. It also knows on
 of its own, ``pytunnel.demo``, whose small page it serves right on the channel: a name
 your own resolver has never heard of, so reaching it proves that DNS goes through the
 tunnel (``socks5h://``).
+
+Forwarding is done here rather than by asyncssh's default (``connection_requested``
+returning True): that one never closes a channel whose target closed first and whose
+client closed second, so such connections never ended. The demo must end connections as
+OpenSSH does: each EOF is passed on, and the channel and the socket are closed once both
+sides have sent theirs (or at once when either side goes away).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import asyncssh
 
@@ -59,17 +66,162 @@ async def _serve_page(reader: asyncssh.SSHReader[bytes], writer: asyncssh.SSHWri
         writer.close()
 
 
+class _TargetSide(asyncio.Protocol):
+    """The TCP socket to the target; everything it sees goes to its :class:`_Relay`."""
+
+    def __init__(self, relay: _Relay) -> None:
+        self._relay = relay
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # A cast, not isinstance: uvloop's transports do not derive from asyncio's.
+        tcp = cast(asyncio.Transport, transport)
+        # Read nothing until the channel is up. uvloop starts reading after this method
+        # returns whatever it asked, so the relay also keeps what comes before then.
+        tcp.pause_reading()
+        self._relay.target = tcp
+
+    def data_received(self, data: bytes) -> None:
+        self._relay.from_target(data)
+
+    def eof_received(self) -> bool:
+        self._relay.target_eof()
+        # Keep the socket half open: the client may still be sending; the relay closes it.
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._relay.target_lost()
+
+    def pause_writing(self) -> None:
+        self._relay.pause_channel()
+
+    def resume_writing(self) -> None:
+        self._relay.resume_channel()
+
+
+class _Relay(asyncssh.SSHTCPSession[bytes]):
+    """One direct-tcpip channel spliced to one TCP socket, half-closes passed both ways."""
+
+    def __init__(self) -> None:
+        self.target: asyncio.Transport | None = None
+        self._chan: asyncssh.SSHTCPChannel[bytes] | None = None
+        self._eof_from_target = False
+        self._eof_from_channel = False
+        self._target_gone = False
+        # What the target sent before the channel was up, passed on once it is.
+        self._early: list[bytes] = []
+        self._started = False
+
+    # -- the channel (asyncssh calls these) ---------------------------------------------
+
+    def connection_made(self, chan: asyncssh.SSHTCPChannel[bytes]) -> None:
+        self._chan = chan
+
+    def session_started(self) -> None:
+        assert self._chan is not None
+        self._started = True
+        for data in self._early:
+            self._chan.write(data)
+        self._early.clear()
+        if self._target_gone:
+            self._chan.close()
+            return
+        if self._eof_from_target:
+            self._chan.write_eof()
+            self._finish_if_done()
+        if self.target is not None and not self.target.is_closing():
+            self.target.resume_reading()
+
+    def data_received(self, data: bytes, datatype: int | None) -> None:
+        if self.target is not None:
+            self.target.write(data)
+
+    def eof_received(self) -> bool:
+        self._eof_from_channel = True
+        if self.target is not None and not self.target.is_closing():
+            self.target.write_eof()
+        self._finish_if_done()
+        # True: asyncssh must not answer with an EOF of its own; the target decides that.
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._chan = None
+        if self.target is not None:
+            self.target.close()
+
+    def pause_writing(self) -> None:
+        if self.target is not None and not self.target.is_closing():
+            self.target.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.target is not None and not self.target.is_closing():
+            self.target.resume_reading()
+
+    # -- the target socket (its protocol calls these) ------------------------------------
+
+    def from_target(self, data: bytes) -> None:
+        if self._started and self._chan is not None:
+            self._chan.write(data)
+        elif not self._started:
+            self._early.append(data)
+
+    def target_eof(self) -> None:
+        self._eof_from_target = True
+        if self._started and self._chan is not None:
+            self._chan.write_eof()
+            self._finish_if_done()
+
+    def target_lost(self) -> None:
+        # A reset, or our own close: either way nothing more can pass, so end the channel.
+        self._target_gone = True
+        if self._started and self._chan is not None:
+            self._chan.close()
+
+    def pause_channel(self) -> None:
+        if self._chan is not None:
+            self._chan.pause_reading()
+
+    def resume_channel(self) -> None:
+        if self._chan is not None:
+            self._chan.resume_reading()
+
+    def _finish_if_done(self) -> None:
+        # Both directions have ended: close both ends (buffered data is flushed first), as
+        # sshd does once the socket and the channel have both reached EOF.
+        if self._eof_from_target and self._eof_from_channel:
+            if self.target is not None:
+                self.target.close()
+            if self._chan is not None:
+                self._chan.close()
+
+
+async def _forward(host: str, port: int) -> _Relay:
+    """Connect to the target before the channel is confirmed, so a refused or unreachable
+    target fails the open (with the reason), as it does on OpenSSH."""
+    relay = _Relay()
+    loop = asyncio.get_running_loop()
+    try:
+        transport, _ = await loop.create_connection(lambda: _TargetSide(relay), host, port)
+    except OSError as exc:
+        raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, str(exc)) from None
+    # Again, for uvloop (see _TargetSide.connection_made): at most one read is kept early.
+    transport.pause_reading()
+    return relay
+
+
 class _DemoSSHServer(asyncssh.SSHServer):
     def begin_auth(self, username: str) -> bool:
         return True
 
     def connection_requested(
         self, dest_host: str, dest_port: int, orig_host: str, orig_port: int
-    ) -> bool | Callable[[asyncssh.SSHReader[bytes], asyncssh.SSHWriter[bytes]], Awaitable[None]]:
+    ) -> (
+        Callable[[asyncssh.SSHReader[bytes], asyncssh.SSHWriter[bytes]], Awaitable[None]]
+        | Awaitable[_Relay]
+    ):
         if dest_host == DEMO_HOST:
             return _serve_page
         if dest_host == "localhost" or _is_loopback(dest_host):
-            return True
+            return _forward(dest_host, dest_port)
         raise asyncssh.ChannelOpenError(
             asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
             "the demo server only forwards to this machine",

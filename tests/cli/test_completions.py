@@ -558,7 +558,7 @@ def test_wheel_installs_man_page_and_completions(tmp_path: Path) -> None:
         timeout=540,
     )
     assert run.returncode == 0, run.stdout + run.stderr
-    (wheel,) = out.glob("pytunnel-*.whl")
+    (wheel,) = out.glob("pytunnel_ssh-*.whl")  # the distribution, not the command
     expected = {
         "share/man/man1/pytunnel.1": ROOT / "man" / "pytunnel.1",
         "share/bash-completion/completions/pytunnel.bash": BASH_SCRIPT,
