@@ -17,10 +17,12 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from fixtures.event_fence import fence
+from fixtures.net import wait_until
 from fixtures.pytunnel_proc import (
     READY_TIMEOUT,
     PytunnelFactory,
@@ -147,6 +149,15 @@ def assert_owned_by_sshd(port: int, server: SshdServer, tunnel: Running) -> None
     assert server.pid is not None
     assert owners <= set(_descendants_of(server.pid)), (owners, lines)
     assert all(process_name(pid).startswith("sshd") for pid in owners), owners
+
+
+def _exited(pid: int) -> bool:
+    """Dead: gone, or a zombie (its files, sockets among them, already closed)."""
+    try:
+        status = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return status.rsplit(")", 1)[1].split()[0] == "Z"
 
 
 def pytunnel_lines(stderr: str) -> list[str]:
@@ -499,7 +510,10 @@ def test_clients_retrying_through_a_reconnect_are_all_served(
     assert victims
     for pid in victims:
         os.kill(pid, signal.SIGKILL)
-    # From here on the old listener is gone: whatever is accepted is the new session's.
+    # SIGKILL is delivered later than kill() returns; once each victim is a zombie or gone
+    # its sockets are closed, so from here on the old listener (and any connection in its
+    # backlog) is gone: whatever is accepted is the new session's.
+    assert wait_until(lambda: all(_exited(pid) for pid in victims), timeout=30)
     tunnel.wait_event("session_lost")
     clients = EagerClients(closed_port, echo_target)
     clients.start()
