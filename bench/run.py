@@ -728,7 +728,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Plan, argparse.Namespace]:
         default=0.0,
         metavar="SECONDS",
         help=f"before the run and each round, wait up to this long for other load to stay "
-        f"under {BUSY_WARNING:.0%} for 3 s",
+        f"under {BUSY_WARNING:.0%}% for 3 s",  # %% for argparse
     )
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
     args = parser.parse_args(argv)

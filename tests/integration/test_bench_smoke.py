@@ -58,3 +58,17 @@ def test_udp_bench_runs_every_subject() -> None:
         "| pytunnel UDP ASSOCIATE, DNS (one channel)",
         "| pytunnel UDP ASSOCIATE, echo via --udp-helper",
     ]
+
+
+@pytest.mark.parametrize("script", ["run.py", "udp.py", "connections.py"])
+def test_bench_help_prints(script: str) -> None:
+    """--help renders every option's text (a bare % in one made argparse raise)."""
+    done = subprocess.run(
+        [sys.executable, str(RUN.with_name(script)), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "usage:" in done.stdout
