@@ -26,10 +26,12 @@ from .config import (
     open_proxy_forwards,
 )
 from .errors import CommandFailed, ConfigError, ExitStatus, SessionClosed, SessionError
+from .pool import SessionPool
 from .proxy import ProxyServer
 from .retry import backoff, is_retryable
 from .reverse import LocalOpener, ReverseForwards
-from .session import Session, SessionPool, apply_ssh_config
+from .session import Session
+from .sshconfig import apply_ssh_config
 from .udp import UdpSettings
 
 log = logging.getLogger(__name__)

@@ -28,7 +28,7 @@ from fixtures.targets import HttpTarget
 
 from tunnel.config import AddressFamily, Config, Destination, Forward, HostKeyPolicy
 from tunnel.errors import ConfigError
-from tunnel.session import apply_ssh_config
+from tunnel.sshconfig import apply_ssh_config
 
 pytestmark = pytest.mark.timeout(60)
 
