@@ -41,7 +41,8 @@ _COMMAND_GRACE = 5.0
 
 
 class _Stop:
-    """Why the tunnel is stopping: the first signal wins, a second Ctrl-C exits at once."""
+    """Why the tunnel is stopping: the first signal wins; a second Ctrl-C calls
+    ``on_force_exit`` at once (the CLI ends the process there: only it exits)."""
 
     def __init__(self, on_force_exit: Callable[[], None]) -> None:
         self.event = asyncio.Event()
@@ -52,7 +53,7 @@ class _Stop:
     def request(self, signum: int) -> None:
         if self.event.is_set() and signum == signal.SIGINT:
             self.on_force_exit()
-            os._exit(ExitStatus.INTERRUPTED)
+            return
         self.signal = signum
         self.status = ExitStatus.INTERRUPTED if signum == signal.SIGINT else ExitStatus.OK
         self.event.set()
@@ -224,12 +225,19 @@ async def serve(
     emit: events.Sink,
     command: Sequence[str] = (),
     prompter: events.Prompter | None = None,
-    on_force_exit: Callable[[], None] = lambda: None,
+    on_force_exit: Callable[[], None] | None = None,
 ) -> int:
     """Run the tunnel until a signal, a fatal error, or the command's end.
-    ``on_force_exit`` runs before a second Ctrl-C ends the process at once."""
+    ``on_force_exit`` is called on a second Ctrl-C (the CLI exits the process there);
+    without one, a second Ctrl-C cancels serve, skipping the drain."""
     loop = asyncio.get_running_loop()
-    stop = _Stop(on_force_exit)
+    main = asyncio.current_task()
+
+    def cancel_serve() -> None:
+        if main is not None:
+            main.cancel()
+
+    stop = _Stop(on_force_exit or cancel_serve)
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.request, signum)
     try:
@@ -382,7 +390,7 @@ def run(
     emit: events.Sink,
     command: Sequence[str] = (),
     prompter: events.Prompter | None = None,
-    on_force_exit: Callable[[], None] = lambda: None,
+    on_force_exit: Callable[[], None] | None = None,
 ) -> int:
     """Run :func:`serve` on the fastest event loop available."""
     main = serve(config, emit, command, prompter, on_force_exit)

@@ -51,6 +51,8 @@ def build_config(
     identities: Sequence[str] = (),
     config_file: str | None = None,
     options: Sequence[str] = (),
+    ciphers: str | None = None,
+    macs: str | None = None,
     jump: str | None = None,
     family: AddressFamily | None = None,
     compression: bool = False,
@@ -60,7 +62,9 @@ def build_config(
 ) -> Config:
     """The command line as a :class:`Config`. Flags win over ``-o``; for ``-o`` the first
     value of a key wins, as in ssh. ``settings`` are Config fields given as they are."""
-    opts = apply_options(options)
+    # -c and -m are -o Ciphers= and -o MACs= (checked the same way), ahead of every -o.
+    flags = [f"{key}={value}" for key, value in (("Ciphers", ciphers), ("MACs", macs)) if value]
+    opts = apply_options([*flags, *options])
     if demo:
         if destination:
             raise ConfigError("--demo runs its own server: give no destination with it")
@@ -326,6 +330,8 @@ def _seconds(default: float, *, positive: bool = True) -> dict[str, Any]:
 @click.option("-4", "ipv4", is_flag=True, help="Connect to the SSH server over IPv4 only.")
 @click.option("-6", "ipv6", is_flag=True, help="Connect to the SSH server over IPv6 only.")
 @click.option("-C", "compression", is_flag=True, help="Compress the SSH connection.")
+@click.option("-c", "cipher_spec", metavar="cipher_spec", help="Ciphers to offer, as -o Ciphers=.")
+@click.option("-m", "mac_spec", metavar="mac_spec", help="MACs to offer, as -o MACs=.")
 @click.option(
     "-g", "gateway_ports", is_flag=True, help="-D without an address listens on every interface."
 )
@@ -478,6 +484,8 @@ def command(ctx: click.Context, /, **params: Any) -> None:
             identities=params["identities"],
             config_file=params["config_file"],
             options=params["options"],
+            ciphers=params["cipher_spec"],
+            macs=params["mac_spec"],
             jump=params["jump"],
             family=(
                 AddressFamily.INET
@@ -547,13 +555,18 @@ def command(ctx: click.Context, /, **params: Any) -> None:
             with contextlib.suppress(OSError):
                 os.unlink(pidfile)
 
+    def force_exit() -> None:
+        # A second Ctrl-C: the person wants out now, without the drain or the close.
+        remove_pidfile()
+        os._exit(ExitStatus.INTERRUPTED)
+
     if pidfile:
         sinks.append(OnReady(lambda _: _write_pidfile(pidfile)))
     if params["background"]:
         sinks.append(OnReady(_background()))
     emit = Tee(*sinks)
     try:
-        status = app.run(config, emit, run_command, prompter, remove_pidfile)
+        status = app.run(config, emit, run_command, prompter, force_exit)
     except TunnelError as exc:
         if view is not None:
             view.stop(summary=False)  # the error line goes below a restored terminal

@@ -33,15 +33,22 @@ class SessionPool:
         live = [s for s in (self.primary, *self.extras) if s.is_up]
         if not live:
             return self.primary  # it waits for the reconnect, within its bound
-        best = min(live, key=lambda s: s.channels)
-        if best.channels and 1 + len(self.extras) < self.size and self._growing is None:
-            self._growing = asyncio.get_running_loop().create_task(self._grow())
-        return best
+        return min(live, key=lambda s: s.channels)
 
     async def open_tcp(
         self, host: str, port: int, origin: tuple[str, int], sink: ChannelSink
     ) -> Channel:
-        return await self.pick().open_tcp(host, port, origin, sink)
+        session = self.pick()
+        if (
+            session.is_up
+            and session.channels
+            and 1 + len(self.extras) < self.size
+            and self._growing is None
+        ):
+            # Every live connection is busy: open one more for the next ones (owned by
+            # the pool, cancelled and awaited by close()).
+            self._growing = asyncio.get_running_loop().create_task(self._grow())
+        return await session.open_tcp(host, port, origin, sink)
 
     async def _grow(self) -> None:
         # The extra connections report nothing of their own: the status view follows
@@ -66,8 +73,10 @@ class SessionPool:
             self.extras.remove(extra)
 
     async def close(self) -> None:
-        for task in [*self._tasks, *([self._growing] if self._growing else [])]:
+        tasks = [*self._tasks, *([self._growing] if self._growing else [])]
+        for task in tasks:
             task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         for extra in self.extras:
             await extra.close()
         self.extras.clear()

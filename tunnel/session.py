@@ -529,8 +529,8 @@ class _ProxyCommand:
         self.sock = sock
         self.emit = emit
         self.last_line = ""
-        assert process.stderr is not None
-        self._pump = asyncio.get_running_loop().create_task(self._read_stderr(process.stderr))
+        # Started by start(), stopped by stop() and awaited by wait_stopped().
+        self._pump: asyncio.Task[None] | None = None
 
     @classmethod
     async def start(cls, template: str, command: str, emit: events.Sink) -> _ProxyCommand:
@@ -556,7 +556,10 @@ class _ProxyCommand:
             ) from exc
         finally:
             theirs.close()
-        return cls(template, process, ours, emit)
+        proxy = cls(template, process, ours, emit)
+        assert process.stderr is not None
+        proxy._pump = asyncio.get_running_loop().create_task(proxy._read_stderr(process.stderr))
+        return proxy
 
     async def _read_stderr(self, stream: asyncio.StreamReader) -> None:
         pending = b""
@@ -583,8 +586,9 @@ class _ProxyCommand:
             status = await asyncio.wait_for(self.process.wait(), _PROXY_EXIT_WAIT)
         except TimeoutError:
             return None
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(self._pump), _PROXY_EXIT_WAIT)
+        if self._pump is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._pump), _PROXY_EXIT_WAIT)
         how = f"exited {status}" if status >= 0 else f"was killed by signal {-status}"
         if status == 0:
             how += " before the SSH connection was set up"
@@ -600,7 +604,8 @@ class _ProxyCommand:
         if self.process.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self.process.terminate()
-        self._pump.cancel()
+        if self._pump is not None:
+            self._pump.cancel()
 
     async def wait_stopped(self) -> None:
         self.stop()
@@ -610,6 +615,9 @@ class _ProxyCommand:
             with contextlib.suppress(ProcessLookupError):
                 self.process.kill()
             await self.process.wait()
+        if self._pump is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._pump
 
 
 # -- the session --------------------------------------------------------------------
@@ -649,6 +657,9 @@ class Session:
             hop_session._missing = self._missing
             hop_session._locked = self._locked
         self._accepted_host_keys: set[asyncssh.SSHKey] = set()
+        # Channel opens we stopped waiting for, each closing its channel if it opens late:
+        # cancelled and awaited by close().
+        self._opening: set[asyncio.Task[Any]] = set()
         # Channels open now, for the pool's "least loaded first".
         self.channels = 0
         self.attempts = 0
@@ -997,10 +1008,10 @@ class Session:
         try:
             done, _ = await asyncio.wait({task}, timeout=max(0.0, deadline - loop.time()))
         except asyncio.CancelledError:
-            task.add_done_callback(_close_if_opened)
+            self._abandon(task)
             raise
         if not done:
-            task.add_done_callback(_close_if_opened)
+            self._abandon(task)
             raise ChannelOpenFailed(
                 ReplyReason.TTL_EXPIRED, f"no answer from the server within {timeout:g} s"
             )
@@ -1015,6 +1026,12 @@ class Session:
                 ReplyReason.GENERAL_FAILURE, f"SSH session failed: {exc}"
             ) from exc
         return chan
+
+    def _abandon(self, task: asyncio.Task[tuple[Any, Any]]) -> None:
+        """An open nobody waits for any more: closed if it succeeds, owned until done."""
+        task.add_done_callback(_close_if_opened)
+        self._opening.add(task)
+        task.add_done_callback(self._opening.discard)
 
     async def listen_tcp(self, host: str, port: int, handler: IncomingHandler) -> _Listening:
         """``tcpip-forward``: the server listens on host:port ("" every interface,
@@ -1134,6 +1151,10 @@ class Session:
         conn, self._conn = self._conn, None
         hops, self._hops = self._hops, []
         self._up.clear()
+        tasks = [*self._opening, *([self._watcher] if self._watcher is not None else [])]
+        self._watcher = None
+        for task in tasks:
+            task.cancel()
         for each in [c for c in (conn,) if c is not None] + hops[::-1]:
             each.close()
             with contextlib.suppress(Exception):
@@ -1141,6 +1162,9 @@ class Session:
         proxies, self._proxies = self._proxies, []
         for proxy in proxies:
             await proxy.wait_stopped()
+        # The watcher and abandoned opens end with the connection; gather collects
+        # their outcomes (a cancelled open is what we asked for).
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def enable_protocol_debug() -> None:

@@ -9,7 +9,10 @@ connection, no keys); nothing else of asyncssh is used here.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import getpass
+import glob
+import logging
 import os
 from typing import Any, cast
 
@@ -17,6 +20,7 @@ from asyncssh.config import ConfigParseError, SSHClientConfig, SSHConfig
 
 from .config import (
     DEFAULT_SSH_PORT,
+    SSH_CONFIG_KEYWORDS,
     Config,
     Destination,
     expand_proxy_command,
@@ -28,6 +32,8 @@ from .config import (
     parse_reverse_forward,
 )
 from .errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def _append_whole_line(config: SSHConfig, option: str, args: list[str]) -> None:
@@ -108,7 +114,50 @@ def apply_ssh_config(config: Config) -> Config:
     The command line wins; ``DynamicForward`` lines add listeners, as in ssh. The route
     is resolved too: the jump hosts (each one's own ssh_config applied to it) and the
     ProxyCommand to run."""
-    return _resolve(config, _config_paths(config), ())
+    paths = _config_paths(config)
+    for where, keyword in unknown_keywords(paths):
+        # ssh refuses the whole file for these; asyncssh skips them without a word. A
+        # typo (HostNmae) would silently change where we connect: say so, and go on.
+        log.warning("%s: unknown ssh_config keyword %s (ssh refuses it; ignored)", where, keyword)
+    return _resolve(config, paths, ())
+
+
+def unknown_keywords(paths: list[str]) -> list[tuple[str, str]]:
+    """The lines of these files (and the files they Include) whose keyword is none of
+    ssh_config(5)'s, as ("path line N", keyword), in file order. Keywords the file
+    lists in IgnoreUnknown before them are left out, as ssh leaves them out."""
+    found: list[tuple[str, str]] = []
+    ignored: list[str] = []
+
+    def scan(path: str, depth: int) -> None:
+        try:
+            with open(path, encoding="utf-8", errors="replace") as handle:
+                lines = handle.read().splitlines()
+        except OSError:
+            return  # reading it for real reports the error
+        for number, raw in enumerate(lines, 1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            keyword, _, rest = line.replace("=", " ", 1).partition(" ")
+            lowered = keyword.lower()
+            if lowered == "ignoreunknown":
+                ignored.extend(p.strip().lower() for p in rest.replace(",", " ").split())
+            elif lowered == "include" and depth < 16:
+                for pattern in rest.split():
+                    pattern = os.path.expanduser(pattern)
+                    if not os.path.isabs(pattern):
+                        pattern = os.path.join(os.path.expanduser("~/.ssh"), pattern)
+                    for included in sorted(glob.glob(pattern)):
+                        scan(included, depth + 1)
+            elif lowered not in SSH_CONFIG_KEYWORDS and not any(
+                fnmatch.fnmatchcase(lowered, p) for p in ignored
+            ):
+                found.append((f"{path} line {number}", keyword))
+
+    for path in paths:
+        scan(path, 0)
+    return found
 
 
 def _load(config: Config, paths: list[str]) -> SSHConfig:
