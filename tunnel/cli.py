@@ -36,7 +36,7 @@ from .errors import ConfigError, ExitStatus, TunnelError
 from .names import printable
 from .notify import OnReady, SystemdNotifier
 from .rules import Action, parse_rules
-from .ui import JsonRenderer, PlainRenderer, Tee, TerminalPrompter
+from .ui import TIMESTAMP_FORMAT, JsonRenderer, PlainRenderer, Tee, TerminalPrompter
 
 PROG = "pytunnel"
 
@@ -262,11 +262,24 @@ class _SafeFormatter(logging.Formatter):
         return printable(super().formatStack(stack_info), keep="\n")
 
 
+class _VerboseFormatter(_SafeFormatter):
+    """-v: log lines in the event lines' own format (local time, then the text), so the
+    two read as one stream; a warning says so, asyncssh's lines say whose they are."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(message)s", datefmt=TIMESTAMP_FORMAT)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        prefix = "asyncssh: " if record.name.startswith("asyncssh") else ""
+        if record.levelno >= logging.WARNING:
+            prefix = f"{record.levelname.lower()}: {prefix}"
+        return super().formatMessage(record).replace(" ", f" {prefix}", 1)
+
+
 def _setup_logging(verbose: int, stream: TextIO) -> None:
     handler = _CurrentStderr() if stream is sys.stderr else logging.StreamHandler(stream)
-    # Plain "pytunnel: message" as ssh words its warnings; level and logger only with -v.
-    detail = "%(levelname)s %(name)s: " if verbose else ""
-    handler.setFormatter(_SafeFormatter(f"{PROG}: {detail}%(message)s"))
+    # Plain "pytunnel: message" as ssh words its warnings; with -v, the event lines' form.
+    handler.setFormatter(_VerboseFormatter() if verbose else _SafeFormatter(f"{PROG}: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)

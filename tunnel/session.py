@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import logging
 import os
+import re
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -45,7 +46,7 @@ from .errors import (
     classify_open_failure,
 )
 from .prompts import PASSWORD_TRIES, ask_in_thread
-from .sshconfig import host_key_alias
+from .sshconfig import connect_target, host_key_alias
 
 log = logging.getLogger(__name__)
 
@@ -375,7 +376,7 @@ class _HostKeys:
                 f"{v.fingerprint}, not the one in {v.old_line or 'known_hosts'}{also}. Someone "
                 "may be intercepting the connection, or the server was reinstalled",
                 hint=f"if you know why it changed, remove the old key with "
-                f"`ssh-keygen -R '{v.host}'` and connect again",
+                f"`{_keygen_remove(v.old_line, v.host)}` and connect again",
             )
         if self.declined:
             return HostKeyRejected(
@@ -387,6 +388,16 @@ class _HostKeys:
             f"{self.user_files[0]} (for example by running pytunnel or ssh once on a "
             "terminal), or use -o StrictHostKeyChecking=accept-new",
         )
+
+
+def _keygen_remove(where: str, host: str) -> str:
+    """The ssh-keygen command that removes ``host``'s key from the file of ``where``
+    ("path:line"): plain ``-R`` edits ~/.ssh/known_hosts only, so any other file is named."""
+    path = where.rpartition(":")[0]
+    default = os.path.expanduser(USER_KNOWN_HOSTS[0])
+    if not path or os.path.abspath(path) == os.path.abspath(default):
+        return f"ssh-keygen -R '{host}'"
+    return f"ssh-keygen -f '{path}' -R '{host}'"
 
 
 def _import_pairs(
@@ -723,10 +734,16 @@ class Session:
         tunnel: asyncssh.SSHClientConnection | None,
         what: str,
         proxies: list[_ProxyCommand],
+        *,
+        jump: bool = False,
+        via: str = "",
     ) -> tuple[asyncssh.SSHClientConnection, _Client]:
         """One SSH connection (to a jump host or the server), errors translated. The
         first connection of a chain runs the ProxyCommand, if any (added to proxies)."""
         cfg = self.config
+        # What to check when the connection cannot be made: -p is about the final host;
+        # a jump host's address comes from -J or ProxyJump.
+        check = "the jump host (-J, or ProxyJump in ssh_config)" if jump else "the port (-p)"
         host_keys = self._host_keys(dest)
         kwargs = self._connect_kwargs(host_keys)
         if dest.user:
@@ -746,19 +763,21 @@ class Session:
         keys = await self._client_keys(prompter)
         if keys is not None:
             kwargs["client_keys"] = keys
-        # -v: where we go and with what (file names only; never a secret).
-        log.info(
-            "connecting to %s port %s%s as %s; keys: %s",
-            dest.host,
-            kwargs.get("port", "from ssh_config or 22"),
-            " through the jump connection"
-            if tunnel is not None
-            else (" through ProxyCommand" if use_proxy else ""),
-            dest.user or "the configured or local user",
-            ", ".join(str(k) if isinstance(k, str) else "a decrypted key" for k in keys)
-            if keys is not None
-            else "asyncssh's defaults and the agent",
-        )
+        # -v: where we go, how, and with what (file names only; never a secret).
+        if log.isEnabledFor(logging.INFO):
+            host, port, user = connect_target(cfg, dest)
+            log.info(
+                "connecting to %s port %d%s as %s; keys: %s",
+                host,
+                port,
+                f" through jump host {via}"
+                if tunnel is not None
+                else (" through ProxyCommand" if use_proxy else ""),
+                user or "the local user",
+                ", ".join(str(k) if isinstance(k, str) else "a decrypted key" for k in keys)
+                if keys is not None
+                else "asyncssh's defaults and the agent",
+            )
         while True:
             client = _Client(host_keys, prompter, str(dest))
             proxy: _ProxyCommand | None = None
@@ -778,24 +797,29 @@ class Session:
                     continue  # accepted: connect again, now trusting the key
                 raise (host_keys.error() if host_keys else HostKeyRejected(str(exc))) from exc
             except asyncssh.PermissionDenied as exc:
-                hint = f"tried {self._tried(client)}; check the user name (-l) and key (-i)"
+                # asyncssh's reason ("Permission denied for user X on host Y") would say
+                # it twice: only the user is taken from it.
+                named = re.search(r"for user (\S+)", exc.reason)
+                user = f" for user {named.group(1)}" if named else ""
+                message = f"{what}: permission denied{user}: tried {self._tried(client)}"
                 if cfg.batch_mode or prompter is None:
-                    hint += "; no password was asked for (BatchMode or no terminal)"
-                raise AuthenticationFailed(
-                    f"{what}: permission denied ({exc.reason})", hint=hint
-                ) from exc
+                    message += "; no password was asked for (BatchMode or no terminal)"
+                message += "; check the user name and the key (-l, -i)"
+                raise AuthenticationFailed(message) from exc
             except asyncssh.ConnectionLost as exc:
                 raise ConnectFailed(
                     f"{what}: {exc.reason}",
                     hint="the server closed the connection before SSH was set up: is it an "
-                    "SSH server? check the port (-p)",
+                    f"SSH server? check {check}",
                 ) from exc
             except asyncssh.DisconnectError as exc:
                 raise ConnectFailed(f"{what}: {exc.reason}") from exc
             except TimeoutError as exc:
                 raise ConnectFailed(
                     f"{what}: connection timed out after {self.connect_timeout:g} s",
-                    hint="check the host and port, or raise -o ConnectTimeout",
+                    hint=f"check {check}, or raise -o ConnectTimeout"
+                    if jump
+                    else "check the host and port, or raise -o ConnectTimeout",
                 ) from exc
             except socket.gaierror as exc:
                 raise ConnectFailed(
@@ -807,7 +831,8 @@ class Session:
                 port = kwargs.get("port", "from ssh_config, or 22")
                 raise ConnectFailed(
                     f"{what}: cannot connect to {dest.host} port {port}: {reason}",
-                    hint="is sshd running there? check the host and the port (-p)",
+                    hint="is sshd running there? "
+                    + (f"check {check}" if jump else "check the host and the port (-p)"),
                 ) from exc
             except asyncssh.ConfigParseError as exc:
                 # asyncssh reads ssh_config again for each connection, and some lines
@@ -817,8 +842,9 @@ class Session:
                 raise AuthenticationFailed(f"{what}: cannot use key: {exc}") from exc
             else:
                 log.info(
-                    "%s: authenticated; cipher %s, mac %s, server %s",
+                    "%s: authenticated; kex %s, cipher %s, mac %s, server %s",
                     what,
+                    conn.get_extra_info("kex", "unknown"),
                     conn.get_extra_info("send_cipher"),
                     conn.get_extra_info("send_mac"),
                     conn.get_extra_info("server_version"),
@@ -858,14 +884,16 @@ class Session:
         hops: list[asyncssh.SSHClientConnection] = []
         try:
             tunnel: asyncssh.SSHClientConnection | None = None
+            via = ""  # the jump host the next connection goes through
             for hop_session in self._hop_sessions:
                 hop = hop_session.config.destination
                 tunnel, _ = await hop_session._open_connection(
-                    hop, tunnel, f"jump host {hop}", self._proxies
+                    hop, tunnel, f"jump host {hop}", self._proxies, jump=True, via=via
                 )
                 hops.append(tunnel)
+                via = str(hop)
             conn, client = await self._open_connection(
-                cfg.destination, tunnel, self.server, self._proxies
+                cfg.destination, tunnel, self.server, self._proxies, via=via
             )
         except BaseException:
             for hop_conn in reversed(hops):
@@ -883,7 +911,8 @@ class Session:
                 server=self.server,
                 server_version=str(conn.get_extra_info("server_version", "")),
                 cipher=str(conn.get_extra_info("send_cipher", "")),
-                kex="",
+                # Known through the fast path only (stock asyncssh does not say): "" there.
+                kex=str(conn.get_extra_info("kex", "")),
                 mac=str(conn.get_extra_info("send_mac", "")),
                 compression=str(conn.get_extra_info("send_compression", "")),
             )
@@ -934,17 +963,21 @@ class Session:
 
     def _tried(self, client: _Client) -> str:
         ids = _expand(self.config.identities)
+        # A missing file was reported when it was found missing: not tried, not repeated.
         parts = [
             f"key {p} (encrypted, no passphrase given)" if p in self._locked else f"key {p}"
             for p in ids
-        ] or ["the default keys in ~/.ssh"]
+            if p not in self._missing
+        ]
+        if not ids:
+            parts = ["the default keys in ~/.ssh"]
         if os.environ.get("SSH_AUTH_SOCK") and not self.config.identities_only:
             parts.append("the ssh-agent's keys")
         if client.password_tries:
             parts.append(f"{client.password_tries} password(s)")
         if client.kbdint_rounds:
             parts.append("keyboard-interactive")
-        return ", ".join(parts)
+        return ", ".join(parts) or "no key (no identity file could be read)"
 
     async def _watch(
         self,

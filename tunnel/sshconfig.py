@@ -109,6 +109,29 @@ def host_key_alias(config: Config, dest: Destination) -> str | None:
     return alias if isinstance(alias, str) else None
 
 
+def connect_target(config: Config, dest: Destination) -> tuple[str, int, str | None]:
+    """Where asyncssh will connect for ``dest``, as it reads ssh_config: the host name
+    (HostName), the port (-p, Port, or 22) and the user (if any is set), for -v."""
+    paths = _config_paths(config)
+    loaded = None
+    if paths:
+        try:
+            loaded = _FileConfig.load(
+                None, paths, False, False, False, getpass.getuser(),
+                dest.user or (), dest.host, dest.port or (),
+            )  # fmt: skip
+        except (OSError, ConfigParseError):
+            loaded = None  # reported when the connection reads it
+
+    def get(option: str) -> Any:
+        return loaded.get(option) if loaded is not None else None
+
+    host = str(get("Hostname") or dest.host)
+    port = int(dest.port or get("Port") or DEFAULT_SSH_PORT)
+    user = dest.user or get("User")
+    return host, port, None if user is None else str(user)
+
+
 def apply_ssh_config(config: Config) -> Config:
     """Fill what the command line left open from ssh_config, for the destination host.
     The command line wins; ``DynamicForward`` lines add listeners, as in ssh. The route
