@@ -62,7 +62,7 @@ end
 # The word being completed, less short options it starts with (-Jhost, -oKey=Value):
 # fish puts those back itself.
 function __pytunnel_word
-    string replace -r -- '^-[^-=,@]*?[DRpliJFoE]' '' (commandline -ct)
+    string replace -r -- '^-[^-=,@]*?[DRpliJFocmE]' '' (commandline -ct)
 end
 
 # The current word completed as [user@]host, or the last of a [user@]host,... list.
@@ -75,7 +75,7 @@ end
 
 # Is the word being completed the destination (no destination yet, no "--")?
 function __pytunnel_wants_destination
-    set -l valued -D -R -p -l -i -J -F -o -E --pidfile --handshake-timeout --open-timeout --reconnect-wait --max-connections --connections --drain --proxy-auth --proxy-password-file --allow --deny --dns-server
+    set -l valued -D -R -p -l -i -J -F -o -c -m -E --pidfile --handshake-timeout --open-timeout --reconnect-wait --max-connections --connections --drain --proxy-auth --proxy-password-file --allow --deny --dns-server
     set -l flags -4 -6 -C -g -N -T -f -q -v -V -h
     set -l expect 0
     set -l positional 0
@@ -204,6 +204,8 @@ complete -c pytunnel -s o -x -a '(__pytunnel_option)' -d 'ssh_config option'
 complete -c pytunnel -s 4 -d 'Connect to the SSH server over IPv4 only'
 complete -c pytunnel -s 6 -d 'Connect to the SSH server over IPv6 only'
 complete -c pytunnel -s C -d 'Compress the SSH connection'
+complete -c pytunnel -s c -x -d 'Ciphers to offer, as -o Ciphers='
+complete -c pytunnel -s m -x -d 'MACs to offer, as -o MACs='
 complete -c pytunnel -s g -d '-D without an address listens on every interface'
 complete -c pytunnel -s N -d 'Accepted for ssh compatibility (no remote command)'
 complete -c pytunnel -s T -d 'Accepted for ssh compatibility'

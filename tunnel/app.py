@@ -27,10 +27,13 @@ from .config import (
     open_proxy_forwards,
 )
 from .errors import CommandFailed, ConfigError, ExitStatus, SessionClosed, SessionError
+from .platform import on_signals
+from .pool import SessionPool
 from .proxy import ProxyServer
 from .retry import backoff, is_retryable
 from .reverse import ReverseForwards
-from .session import Session, SessionPool, apply_ssh_config
+from .session import Session
+from .sshconfig import apply_ssh_config
 from .udp import UdpSettings
 from .upstreams import Direct, Request
 
@@ -54,7 +57,8 @@ class SshUpstream:
 
 
 class _Stop:
-    """Why the tunnel is stopping: the first signal wins, a second Ctrl-C exits at once."""
+    """Why the tunnel is stopping: the first signal wins; a second Ctrl-C calls
+    ``on_force_exit`` at once (the CLI ends the process there: only it exits)."""
 
     def __init__(self, on_force_exit: Callable[[], None]) -> None:
         self.event = asyncio.Event()
@@ -65,7 +69,7 @@ class _Stop:
     def request(self, signum: int) -> None:
         if self.event.is_set() and signum == signal.SIGINT:
             self.on_force_exit()
-            os._exit(ExitStatus.INTERRUPTED)
+            return
         self.signal = signum
         self.status = ExitStatus.INTERRUPTED if signum == signal.SIGINT else ExitStatus.OK
         self.event.set()
@@ -237,14 +241,20 @@ async def serve(
     emit: events.Sink,
     command: Sequence[str] = (),
     prompter: events.Prompter | None = None,
-    on_force_exit: Callable[[], None] = lambda: None,
+    on_force_exit: Callable[[], None] | None = None,
 ) -> int:
     """Run the tunnel until a signal, a fatal error, or the command's end.
-    ``on_force_exit`` runs before a second Ctrl-C ends the process at once."""
+    ``on_force_exit`` is called on a second Ctrl-C (the CLI exits the process there);
+    without one, a second Ctrl-C cancels serve, skipping the drain."""
     loop = asyncio.get_running_loop()
-    stop = _Stop(on_force_exit)
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.request, signum)
+    main = asyncio.current_task()
+
+    def cancel_serve() -> None:
+        if main is not None:
+            main.cancel()
+
+    stop = _Stop(on_force_exit or cancel_serve)
+    undo_signals = on_signals(loop, (signal.SIGINT, signal.SIGTERM), stop.request)
     try:
         async with contextlib.AsyncExitStack() as stack:
             if config.demo:
@@ -364,8 +374,7 @@ async def serve(
             await proxy.drain(config.drain)
             return stop.status
     finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(signum)
+        undo_signals()
 
 
 async def _spawn(command: Sequence[str], env: dict[str, str]) -> asyncio.subprocess.Process:
@@ -396,7 +405,7 @@ def run(
     emit: events.Sink,
     command: Sequence[str] = (),
     prompter: events.Prompter | None = None,
-    on_force_exit: Callable[[], None] = lambda: None,
+    on_force_exit: Callable[[], None] | None = None,
 ) -> int:
     """Run :func:`serve` on the fastest event loop available."""
     main = serve(config, emit, command, prompter, on_force_exit)

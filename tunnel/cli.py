@@ -36,7 +36,7 @@ from .errors import ConfigError, ExitStatus, TunnelError
 from .names import printable
 from .notify import OnReady, SystemdNotifier
 from .rules import Action, parse_rules
-from .ui import JsonRenderer, PlainRenderer, Tee, TerminalPrompter, error_record
+from .ui import TIMESTAMP_FORMAT, JsonRenderer, PlainRenderer, Tee, TerminalPrompter, error_record
 
 PROG = "pytunnel"
 
@@ -51,6 +51,8 @@ def build_config(
     identities: Sequence[str] = (),
     config_file: str | None = None,
     options: Sequence[str] = (),
+    ciphers: str | None = None,
+    macs: str | None = None,
     jump: str | None = None,
     family: AddressFamily | None = None,
     compression: bool = False,
@@ -60,7 +62,9 @@ def build_config(
 ) -> Config:
     """The command line as a :class:`Config`. Flags win over ``-o``; for ``-o`` the first
     value of a key wins, as in ssh. ``settings`` are Config fields given as they are."""
-    opts = apply_options(options)
+    # -c and -m are -o Ciphers= and -o MACs= (checked the same way), ahead of every -o.
+    flags = [f"{key}={value}" for key, value in (("Ciphers", ciphers), ("MACs", macs)) if value]
+    opts = apply_options([*flags, *options])
     if demo:
         if destination:
             raise ConfigError("--demo runs its own server: give no destination with it")
@@ -258,11 +262,24 @@ class _SafeFormatter(logging.Formatter):
         return printable(super().formatStack(stack_info), keep="\n")
 
 
+class _VerboseFormatter(_SafeFormatter):
+    """-v: log lines in the event lines' own format (local time, then the text), so the
+    two read as one stream; a warning says so, asyncssh's lines say whose they are."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(message)s", datefmt=TIMESTAMP_FORMAT)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        prefix = "asyncssh: " if record.name.startswith("asyncssh") else ""
+        if record.levelno >= logging.WARNING:
+            prefix = f"{record.levelname.lower()}: {prefix}"
+        return super().formatMessage(record).replace(" ", f" {prefix}", 1)
+
+
 def _setup_logging(verbose: int, stream: TextIO) -> None:
     handler = _CurrentStderr() if stream is sys.stderr else logging.StreamHandler(stream)
-    # Plain "pytunnel: message" as ssh words its warnings; level and logger only with -v.
-    detail = "%(levelname)s %(name)s: " if verbose else ""
-    handler.setFormatter(_SafeFormatter(f"{PROG}: {detail}%(message)s"))
+    # Plain "pytunnel: message" as ssh words its warnings; with -v, the event lines' form.
+    handler.setFormatter(_VerboseFormatter() if verbose else _SafeFormatter(f"{PROG}: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)
@@ -326,6 +343,8 @@ def _seconds(default: float, *, positive: bool = True) -> dict[str, Any]:
 @click.option("-4", "ipv4", is_flag=True, help="Connect to the SSH server over IPv4 only.")
 @click.option("-6", "ipv6", is_flag=True, help="Connect to the SSH server over IPv6 only.")
 @click.option("-C", "compression", is_flag=True, help="Compress the SSH connection.")
+@click.option("-c", "cipher_spec", metavar="cipher_spec", help="Ciphers to offer, as -o Ciphers=.")
+@click.option("-m", "mac_spec", metavar="mac_spec", help="MACs to offer, as -o MACs=.")
 @click.option(
     "-g", "gateway_ports", is_flag=True, help="-D without an address listens on every interface."
 )
@@ -480,6 +499,8 @@ def command(ctx: click.Context, /, **params: Any) -> None:
             identities=params["identities"],
             config_file=params["config_file"],
             options=params["options"],
+            ciphers=params["cipher_spec"],
+            macs=params["mac_spec"],
             jump=params["jump"],
             family=(
                 AddressFamily.INET
@@ -557,10 +578,12 @@ def command(ctx: click.Context, /, **params: Any) -> None:
                 os.unlink(pidfile)
 
     def force_exit() -> None:
-        # A second Ctrl-C ends the process at once: give the terminal back first.
+        # A second Ctrl-C: the person wants out now, without the drain or the close;
+        # give the terminal back first.
         if view is not None:
             view.stop(summary=False)
         remove_pidfile()
+        os._exit(ExitStatus.INTERRUPTED)
 
     if pidfile:
         sinks.append(OnReady(lambda _: _write_pidfile(pidfile)))

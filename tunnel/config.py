@@ -7,6 +7,7 @@ form it should take.
 
 from __future__ import annotations
 
+import difflib
 import enum
 import ipaddress
 import re
@@ -700,6 +701,137 @@ OPTION_KEYS: dict[str, OptionKey] = {
 }
 
 
+# Every keyword of ssh_config(5) (OpenSSH 9.2, `man 5 ssh_config`), lower-cased, with the
+# old names ssh still reads (readconf.c): a config shared with ssh may use any of them,
+# and pytunnel stays silent about the ones it does not use. Anything else ssh refuses.
+SSH_CONFIG_KEYWORDS = frozenset(
+    key.lower()
+    for key in (
+        "AddKeysToAgent",
+        "AddressFamily",
+        "BatchMode",
+        "BindAddress",
+        "BindInterface",
+        "CASignatureAlgorithms",
+        "CanonicalDomains",
+        "CanonicalizeFallbackLocal",
+        "CanonicalizeHostname",
+        "CanonicalizeMaxDots",
+        "CanonicalizePermittedCNAMEs",
+        "CertificateFile",
+        "CheckHostIP",
+        "Ciphers",
+        "ClearAllForwardings",
+        "Compression",
+        "ConnectTimeout",
+        "ConnectionAttempts",
+        "ControlMaster",
+        "ControlPath",
+        "ControlPersist",
+        "DynamicForward",
+        "EnableEscapeCommandline",
+        "EnableSSHKeysign",
+        "EscapeChar",
+        "ExitOnForwardFailure",
+        "FingerprintHash",
+        "ForkAfterAuthentication",
+        "ForwardAgent",
+        "ForwardX11",
+        "ForwardX11Timeout",
+        "ForwardX11Trusted",
+        "GSSAPIAuthentication",
+        "GSSAPIClientIdentity",
+        "GSSAPIDelegateCredentials",
+        "GSSAPIKexAlgorithms",
+        "GSSAPIKeyExchange",
+        "GSSAPIRenewalForcesRekey",
+        "GSSAPIServerIdentity",
+        "GSSAPITrustDns",
+        "GatewayPorts",
+        "GlobalKnownHostsFile",
+        "HashKnownHosts",
+        "Host",
+        "HostKeyAlgorithms",
+        "HostKeyAlias",
+        "HostbasedAcceptedAlgorithms",
+        "HostbasedAuthentication",
+        "Hostname",
+        "IPQoS",
+        "IdentitiesOnly",
+        "IdentityAgent",
+        "IdentityFile",
+        "IgnoreUnknown",
+        "Include",
+        "KbdInteractiveAuthentication",
+        "KbdInteractiveDevices",
+        "KexAlgorithms",
+        "KnownHostsCommand",
+        "LocalCommand",
+        "LocalForward",
+        "LogLevel",
+        "LogVerbose",
+        "MACs",
+        "Match",
+        "NoHostAuthenticationForLocalhost",
+        "NumberOfPasswordPrompts",
+        "PKCS11Provider",
+        "PasswordAuthentication",
+        "PermitLocalCommand",
+        "PermitRemoteOpen",
+        "Port",
+        "PreferredAuthentications",
+        "ProxyCommand",
+        "ProxyJump",
+        "ProxyUseFdpass",
+        "PubkeyAcceptedAlgorithms",
+        "PubkeyAuthentication",
+        "RekeyLimit",
+        "RemoteCommand",
+        "RemoteForward",
+        "RequestTTY",
+        "RequiredRSASize",
+        "RevokedHostKeys",
+        "SecurityKeyProvider",
+        "SendEnv",
+        "ServerAliveCountMax",
+        "ServerAliveInterval",
+        "SessionType",
+        "SetEnv",
+        "StdinNull",
+        "StreamLocalBindMask",
+        "StreamLocalBindUnlink",
+        "StrictHostKeyChecking",
+        "SyslogFacility",
+        "TCPKeepAlive",
+        "Tunnel",
+        "TunnelDevice",
+        "UpdateHostKeys",
+        "User",
+        "UserKnownHostsFile",
+        "VerifyHostKeyDNS",
+        "VisualHostKey",
+        "XAuthLocation",
+        # Old names ssh still accepts.
+        "ChallengeResponseAuthentication",
+        "PubkeyAcceptedKeyTypes",
+        "HostbasedKeyTypes",
+        "KeepAlive",
+        "DSAAuthentication",
+    )
+)
+
+
+def option_key_hint(key: str) -> str:
+    """For an unknown key: the closest supported one, if any is close, and where the
+    whole list is (it is too long for one line)."""
+    where = "see `man pytunnel` for the supported keys"
+    if key.lower() in SSH_CONFIG_KEYWORDS:
+        # ssh's own key: it exists, pytunnel just does not use it; a near name would mislead.
+        return f"{key} is an ssh option pytunnel does not use; {where}"
+    close = difflib.get_close_matches(key.lower(), OPTION_KEYS, n=1, cutoff=0.6)
+    return f"did you mean {OPTION_KEYS[close[0]].name}? {where}" if close else where
+
+
 def apply_options(pairs: Sequence[str]) -> dict[str, Any]:
     """Parse every ``-o``; like ssh, the first value given for a key wins."""
     values: dict[str, Any] = {}
@@ -708,10 +840,7 @@ def apply_options(pairs: Sequence[str]) -> dict[str, Any]:
         key, value = parse_option(text)
         entry = OPTION_KEYS.get(key.lower())
         if entry is None:
-            raise ConfigError(
-                f"-o {key}: unsupported option",
-                hint="supported: " + ", ".join(key.name for key in OPTION_KEYS.values()),
-            )
+            raise ConfigError(f"-o {key}: unsupported option", hint=option_key_hint(key))
         # Like ssh, the first value of a key wins, but a later one must still be valid.
         target = {} if entry.name in seen and not entry.repeatable else values
         seen.add(entry.name)

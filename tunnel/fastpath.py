@@ -95,6 +95,16 @@ class HoldingConnection(asyncssh.SSHClientConnection):
         self._asked: list[_Asked] = []
         self._on_refused = on_refused
 
+    def send_newkeys(self, k: bytes, h: bytes) -> None:
+        # asyncssh names the key exchange algorithm in a debug line only, and forgets it
+        # once the exchange is over: keep it here, where it is still known, for -v and
+        # the session_up event.
+        kex = getattr(self, "_kex", None)
+        algorithm = getattr(kex, "algorithm", None)
+        if isinstance(algorithm, bytes):
+            self.set_extra_info(kex=algorithm.decode("ascii", "replace"))
+        super().send_newkeys(k, h)
+
     async def listen(self, factory: SessionFactory, host: str, port: int) -> asyncssh.SSHListener:
         """``create_server``, with opens that come before the answer held for it."""
         # asyncssh lowercases the host it asks for; the server names it back that way.

@@ -1,6 +1,8 @@
-"""The SSH session: connect, authenticate, check host keys, open channels.
+"""The SSH session: one connection (through its jump hosts or ProxyCommand), its
+authentication and host-key checks, and the channels opened through it.
 
-This is the only room that imports asyncssh (the demo server aside). asyncssh's
+With :mod:`tunnel.fastpath` (and the demo server) the only room that uses asyncssh's
+connections (:mod:`tunnel.sshconfig` uses its ssh_config parser alone). asyncssh's
 exceptions are translated here, once, into the tree of :mod:`tunnel.errors`.
 """
 
@@ -10,36 +12,26 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
-import getpass
 import logging
 import os
+import re
 import socket
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import asyncssh
-from asyncssh.config import SSHClientConfig, SSHConfig
 from asyncssh.public_key import get_default_certificate_algs, get_default_public_key_algs
 
 from . import events, fastpath, hostkeys
 from .channels import Channel, ChannelSink, IncomingHandler, IncomingSink, ReportsToSink
 from .config import (
     DEFAULT_CONNECT_TIMEOUT,
-    DEFAULT_SSH_PORT,
     AddressFamily,
     Config,
     Destination,
     HostKeyPolicy,
-    expand_proxy_command,
-    merge_forwards,
-    parse_forward,
-    parse_host_key_policy,
-    parse_jump_hosts,
-    parse_proxy_command,
-    parse_reverse_forward,
 )
 from .errors import (
     AuthenticationFailed,
@@ -53,6 +45,8 @@ from .errors import (
     SessionError,
     classify_open_failure,
 )
+from .prompts import PASSWORD_TRIES, ask_in_thread
+from .sshconfig import connect_target, host_key_alias
 
 log = logging.getLogger(__name__)
 
@@ -103,220 +97,6 @@ DEFAULT_IDENTITIES = (
 
 USER_KNOWN_HOSTS = ("~/.ssh/known_hosts", "~/.ssh/known_hosts2")
 GLOBAL_KNOWN_HOSTS = ("/etc/ssh/ssh_known_hosts", "/etc/ssh/ssh_known_hosts2")
-
-
-# -- ssh_config ---------------------------------------------------------------------
-
-
-def _append_whole_line(config: SSHConfig, option: str, args: list[str]) -> None:
-    """Keep every argument of a repeatable line (``RemoteForward 8080 web:80`` is two)."""
-    value = " ".join(args)
-    args.clear()
-    if value.lower() != "none":
-        values: list[str] = config._options.setdefault(option, [])  # type: ignore[assignment]
-        values.append(value)
-
-
-def _proxy_line(config: SSHConfig, option: str, args: list[str]) -> None:
-    """ProxyJump and ProxyCommand compete for one slot: the first line of either wins,
-    ``none`` included (ssh_config(5)). The value is kept as written: ProxyCommand's
-    tokens are expanded later, ssh's way, not with asyncssh's wider set."""
-    # asyncssh hands ProxyCommand over as the rest of the line, "=" included if used.
-    value = " ".join(args).strip().removeprefix("=").strip()
-    args.clear()
-    if "Proxy" not in config._options:
-        config._options["Proxy"] = (option, value)
-
-
-class _FileConfig(SSHClientConfig):
-    """asyncssh's ssh_config reader (Host and Match matching, Include, first value wins)
-    that also keeps the keys asyncssh has no use for but a tunnel does."""
-
-    _handlers = {  # noqa: RUF012 (asyncssh declares it as a plain attribute)
-        **SSHClientConfig._handlers,
-        **{
-            option.lower(): (option, handler)
-            for option, handler in (
-                ("DynamicForward", SSHConfig._append_string),
-                ("RemoteForward", _append_whole_line),
-                ("StrictHostKeyChecking", SSHConfig._set_string),
-                ("BatchMode", SSHConfig._set_bool),
-                ("GatewayPorts", SSHConfig._set_bool),
-                ("ExitOnForwardFailure", SSHConfig._set_bool),
-                ("ProxyJump", _proxy_line),
-                ("ProxyCommand", _proxy_line),
-            )
-        },
-    }
-
-
-def _config_paths(config: Config) -> list[str]:
-    if config.ssh_config is not None:
-        return list(config.ssh_config)
-    default = os.path.expanduser("~/.ssh/config")
-    return [default] if os.access(default, os.R_OK) else []
-
-
-def _host_key_alias(config: Config, dest: Destination) -> str | None:
-    """ssh_config's HostKeyAlias for one destination, read from the files asyncssh reads
-    (it looks the key up under the alias; we must know it to file it without a port)."""
-    paths = _config_paths(config)
-    if not paths:
-        return None
-    try:
-        loaded = _FileConfig.load(
-            None,
-            paths,
-            False,
-            False,
-            False,
-            getpass.getuser(),
-            dest.user or (),
-            dest.host,
-            dest.port or (),
-        )
-    except (OSError, asyncssh.ConfigParseError):
-        return None  # asyncssh meets the same error when it connects, and reports it
-    alias = loaded.get("HostKeyAlias")
-    return alias if isinstance(alias, str) else None
-
-
-def apply_ssh_config(config: Config) -> Config:
-    """Fill what the command line left open from ssh_config, for the destination host.
-    The command line wins; ``DynamicForward`` lines add listeners, as in ssh. The route
-    is resolved too: the jump hosts (each one's own ssh_config applied to it) and the
-    ProxyCommand to run."""
-    return _resolve(config, _config_paths(config), ())
-
-
-def _load(config: Config, paths: list[str]) -> SSHConfig:
-    dest = config.destination
-    try:
-        return _FileConfig.load(
-            None,
-            paths,
-            False,
-            False,
-            False,
-            getpass.getuser(),
-            dest.user or (),
-            dest.host,
-            dest.port or (),
-        )
-    except OSError as exc:
-        name = exc.filename or " ".join(paths)
-        raise ConfigError(f"cannot read ssh_config {name}: {exc.strerror or exc}") from exc
-    except asyncssh.ConfigParseError as exc:
-        raise ConfigError(f"in ssh_config: {exc}") from exc
-
-
-def _resolve(config: Config, paths: list[str], chain: tuple[str, ...]) -> Config:
-    """``config`` (the command line's) with ssh_config merged in for its destination, and
-    its route. ``chain``: the hosts whose ProxyJump led here, to refuse a loop."""
-    dest = config.destination
-    if str(dest) in chain:
-        raise ConfigError(f"in ssh_config: ProxyJump loop: {' -> '.join((*chain, str(dest)))}")
-    loaded = _load(config, paths) if paths else None
-    merged = _merge(config, loaded) if loaded is not None else config
-    # The route: the command line first (-J, -o ProxyJump or -o ProxyCommand), then the
-    # first ProxyJump or ProxyCommand line of the file.
-    jumps: tuple[Destination, ...] = ()
-    command: str | None = None
-    # Only the file's ProxyJump lines can lead back to a host already on the way.
-    here = chain
-    if config.jump_hosts is not None:
-        jumps = config.jump_hosts
-    elif config.proxy_command is not None:
-        command = config.proxy_command
-    elif loaded is not None and loaded.get("Proxy") is not None:
-        option, value = cast(tuple[str, str], loaded.get("Proxy"))
-        try:
-            if option == "ProxyJump":
-                jumps = parse_jump_hosts(value)
-                here = (*chain, str(dest))
-            else:
-                command = parse_proxy_command(value)
-        except ConfigError as exc:
-            what = "" if option in exc.message else f"{option} {value!r}: "
-            raise ConfigError(f"in ssh_config: {what}{exc.message}", hint=exc.hint) from exc
-    if jumps:
-        # As ssh runs `ssh -J j1,...,jn-1 jn`: the first jump host's own ssh_config
-        # route applies to it, the later ones go through the earlier ones. Only the
-        # command line's options (not the destination's file settings) go with them.
-        base = dataclasses.replace(
-            config, jump_hosts=None, proxy_command=None, forwards=(), reverse_forwards=()
-        )
-        first = _resolve(dataclasses.replace(base, destination=jumps[0]), paths, here)
-        later = [
-            _resolve(dataclasses.replace(base, destination=hop, jump_hosts=()), paths, here)
-            for hop in jumps[1:]
-        ]
-        hops = (*first.hops, dataclasses.replace(first, hops=()), *later)
-        return dataclasses.replace(merged, hops=hops, proxy_run=None)
-    if command is None or command == "none":
-        return merged
-
-    def get(option: str) -> Any:
-        return loaded.get(option) if loaded is not None else None
-
-    run = expand_proxy_command(
-        command,
-        host=str(get("Hostname") or dest.host),
-        original_host=dest.host,
-        port=int(dest.port or get("Port") or DEFAULT_SSH_PORT),
-        user=str(dest.user or get("User") or getpass.getuser()),
-    )
-    return dataclasses.replace(merged, proxy_command=command, proxy_run=run)
-
-
-def _merge(config: Config, loaded: SSHConfig) -> Config:
-    """The settings of the file that the command line left open."""
-
-    def get(option: str) -> Any:
-        return loaded.get(option)
-
-    changes: dict[str, Any] = {}
-    forwards = get("DynamicForward") or []
-    # Only one-field RemoteForward lines are reverse dynamic ones; the static kind
-    # (port host:hostport), common for other tools in a shared config, is ssh's.
-    reverse = [text for text in get("RemoteForward") or [] if len(text.split()) == 1]
-    try:
-        if forwards:
-            changes["forwards"] = merge_forwards(
-                [*config.forwards, *(parse_forward(text) for text in forwards)]
-            )
-        if reverse:
-            changes["reverse_forwards"] = merge_forwards(
-                [*config.reverse_forwards, *(parse_reverse_forward(text) for text in reverse)]
-            )
-        if config.host_key_policy is None and get("StrictHostKeyChecking") is not None:
-            changes["host_key_policy"] = parse_host_key_policy(get("StrictHostKeyChecking"))
-    except ConfigError as exc:
-        raise ConfigError(f"in ssh_config: {exc.message}") from exc
-    simple = {
-        "batch_mode": "BatchMode",
-        "gateway_ports": "GatewayPorts",
-        "compression": "Compression",
-        "keepalive_interval": "ServerAliveInterval",
-        "keepalive_count": "ServerAliveCountMax",
-        "connect_timeout": "ConnectTimeout",
-    }
-    for field, option in simple.items():
-        if getattr(config, field) is None and get(option) is not None:
-            changes[field] = get(option)
-    for field, option in (
-        ("known_hosts", "UserKnownHostsFile"),
-        ("global_known_hosts", "GlobalKnownHostsFile"),
-    ):
-        if getattr(config, field) is None and get(option):
-            changes[field] = tuple(get(option))
-    files = [f for f in get("IdentityFile") or [] if f not in config.identities]
-    if files:
-        # As ssh: -i files come first, then the config's; both are offered.
-        changes["identities"] = (*config.identities, *files)
-    if "ciphers" not in config.algorithms and get("Ciphers"):
-        changes["algorithms"] = {**config.algorithms, "ciphers": get("Ciphers")}
-    return dataclasses.replace(config, **changes) if changes else config
 
 
 # -- channels -----------------------------------------------------------------------
@@ -596,7 +376,7 @@ class _HostKeys:
                 f"{v.fingerprint}, not the one in {v.old_line or 'known_hosts'}{also}. Someone "
                 "may be intercepting the connection, or the server was reinstalled",
                 hint=f"if you know why it changed, remove the old key with "
-                f"`ssh-keygen -R '{v.host}'` and connect again",
+                f"`{_keygen_remove(v.old_line, v.host)}` and connect again",
             )
         if self.declined:
             return HostKeyRejected(
@@ -608,6 +388,16 @@ class _HostKeys:
             f"{self.user_files[0]} (for example by running pytunnel or ssh once on a "
             "terminal), or use -o StrictHostKeyChecking=accept-new",
         )
+
+
+def _keygen_remove(where: str, host: str) -> str:
+    """The ssh-keygen command that removes ``host``'s key from the file of ``where``
+    ("path:line"): plain ``-R`` edits ~/.ssh/known_hosts only, so any other file is named."""
+    path = where.rpartition(":")[0]
+    default = os.path.expanduser(USER_KNOWN_HOSTS[0])
+    if not path or os.path.abspath(path) == os.path.abspath(default):
+        return f"ssh-keygen -R '{host}'"
+    return f"ssh-keygen -f '{path}' -R '{host}'"
 
 
 def _import_pairs(
@@ -652,37 +442,6 @@ def _exists(path: str) -> bool:
 
 def _expand(paths: Sequence[str]) -> list[str]:
     return [os.path.expanduser(path) for path in paths]
-
-
-# As ssh: three password tries, then give up on the method.
-PASSWORD_TRIES = 3
-
-
-async def ask_in_thread(prompter: events.Prompter, prompt: str, echo: bool) -> str | None:
-    """Ask without blocking the event loop: the read runs in a daemon thread, so signals
-    (Ctrl-C) and timers keep working, and an abandoned question does not keep the
-    process alive. The live view is paused from here, the loop's own thread."""
-    loop = asyncio.get_running_loop()
-    answer: asyncio.Future[str | None] = loop.create_future()
-
-    def deliver(value: str | None) -> None:
-        if not answer.done():
-            answer.set_result(value)
-
-    def read() -> None:
-        value = prompter.ask(prompt, echo)
-        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
-            loop.call_soon_threadsafe(deliver, value)
-
-    prompter.pause()
-    try:
-        threading.Thread(target=read, name="pytunnel-prompt", daemon=True).start()
-        return await answer
-    except asyncio.CancelledError:
-        prompter.interrupt()
-        raise
-    finally:
-        prompter.resume()
 
 
 class _Client(asyncssh.SSHClient):
@@ -781,8 +540,8 @@ class _ProxyCommand:
         self.sock = sock
         self.emit = emit
         self.last_line = ""
-        assert process.stderr is not None
-        self._pump = asyncio.get_running_loop().create_task(self._read_stderr(process.stderr))
+        # Started by start(), stopped by stop() and awaited by wait_stopped().
+        self._pump: asyncio.Task[None] | None = None
 
     @classmethod
     async def start(cls, template: str, command: str, emit: events.Sink) -> _ProxyCommand:
@@ -808,7 +567,10 @@ class _ProxyCommand:
             ) from exc
         finally:
             theirs.close()
-        return cls(template, process, ours, emit)
+        proxy = cls(template, process, ours, emit)
+        assert process.stderr is not None
+        proxy._pump = asyncio.get_running_loop().create_task(proxy._read_stderr(process.stderr))
+        return proxy
 
     async def _read_stderr(self, stream: asyncio.StreamReader) -> None:
         pending = b""
@@ -835,8 +597,9 @@ class _ProxyCommand:
             status = await asyncio.wait_for(self.process.wait(), _PROXY_EXIT_WAIT)
         except TimeoutError:
             return None
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(self._pump), _PROXY_EXIT_WAIT)
+        if self._pump is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._pump), _PROXY_EXIT_WAIT)
         how = f"exited {status}" if status >= 0 else f"was killed by signal {-status}"
         if status == 0:
             how += " before the SSH connection was set up"
@@ -852,7 +615,8 @@ class _ProxyCommand:
         if self.process.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self.process.terminate()
-        self._pump.cancel()
+        if self._pump is not None:
+            self._pump.cancel()
 
     async def wait_stopped(self) -> None:
         self.stop()
@@ -862,6 +626,9 @@ class _ProxyCommand:
             with contextlib.suppress(ProcessLookupError):
                 self.process.kill()
             await self.process.wait()
+        if self._pump is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._pump
 
 
 # -- the session --------------------------------------------------------------------
@@ -901,6 +668,9 @@ class Session:
             hop_session._missing = self._missing
             hop_session._locked = self._locked
         self._accepted_host_keys: set[asyncssh.SSHKey] = set()
+        # Channel opens we stopped waiting for, each closing its channel if it opens late:
+        # cancelled and awaited by close().
+        self._opening: set[asyncio.Task[Any]] = set()
         # Channels open now, for the pool's "least loaded first".
         self.channels = 0
         self.attempts = 0
@@ -922,7 +692,7 @@ class Session:
             cfg.global_known_hosts if cfg.global_known_hosts is not None else GLOBAL_KNOWN_HOSTS,
             None if cfg.batch_mode else self.prompter,
             self._accepted_host_keys,
-            _host_key_alias(cfg, dest),
+            host_key_alias(cfg, dest),
         )
 
     def _connect_kwargs(self, host_keys: _HostKeys | None) -> dict[str, Any]:
@@ -964,10 +734,16 @@ class Session:
         tunnel: asyncssh.SSHClientConnection | None,
         what: str,
         proxies: list[_ProxyCommand],
+        *,
+        jump: bool = False,
+        via: str = "",
     ) -> tuple[asyncssh.SSHClientConnection, _Client]:
         """One SSH connection (to a jump host or the server), errors translated. The
         first connection of a chain runs the ProxyCommand, if any (added to proxies)."""
         cfg = self.config
+        # What to check when the connection cannot be made: -p is about the final host;
+        # a jump host's address comes from -J or ProxyJump.
+        check = "the jump host (-J, or ProxyJump in ssh_config)" if jump else "the port (-p)"
         host_keys = self._host_keys(dest)
         kwargs = self._connect_kwargs(host_keys)
         if dest.user:
@@ -987,19 +763,21 @@ class Session:
         keys = await self._client_keys(prompter)
         if keys is not None:
             kwargs["client_keys"] = keys
-        # -v: where we go and with what (file names only; never a secret).
-        log.info(
-            "connecting to %s port %s%s as %s; keys: %s",
-            dest.host,
-            kwargs.get("port", "from ssh_config or 22"),
-            " through the jump connection"
-            if tunnel is not None
-            else (" through ProxyCommand" if use_proxy else ""),
-            dest.user or "the configured or local user",
-            ", ".join(str(k) if isinstance(k, str) else "a decrypted key" for k in keys)
-            if keys is not None
-            else "asyncssh's defaults and the agent",
-        )
+        # -v: where we go, how, and with what (file names only; never a secret).
+        if log.isEnabledFor(logging.INFO):
+            host, port, user = connect_target(cfg, dest)
+            log.info(
+                "connecting to %s port %d%s as %s; keys: %s",
+                host,
+                port,
+                f" through jump host {via}"
+                if tunnel is not None
+                else (" through ProxyCommand" if use_proxy else ""),
+                user or "the local user",
+                ", ".join(str(k) if isinstance(k, str) else "a decrypted key" for k in keys)
+                if keys is not None
+                else "asyncssh's defaults and the agent",
+            )
         while True:
             client = _Client(host_keys, prompter, str(dest))
             proxy: _ProxyCommand | None = None
@@ -1019,24 +797,29 @@ class Session:
                     continue  # accepted: connect again, now trusting the key
                 raise (host_keys.error() if host_keys else HostKeyRejected(str(exc))) from exc
             except asyncssh.PermissionDenied as exc:
-                hint = f"tried {self._tried(client)}; check the user name (-l) and key (-i)"
+                # asyncssh's reason ("Permission denied for user X on host Y") would say
+                # it twice: only the user is taken from it.
+                named = re.search(r"for user (\S+)", exc.reason)
+                user = f" for user {named.group(1)}" if named else ""
+                message = f"{what}: permission denied{user}: tried {self._tried(client)}"
                 if cfg.batch_mode or prompter is None:
-                    hint += "; no password was asked for (BatchMode or no terminal)"
-                raise AuthenticationFailed(
-                    f"{what}: permission denied ({exc.reason})", hint=hint
-                ) from exc
+                    message += "; no password was asked for (BatchMode or no terminal)"
+                message += "; check the user name and the key (-l, -i)"
+                raise AuthenticationFailed(message) from exc
             except asyncssh.ConnectionLost as exc:
                 raise ConnectFailed(
                     f"{what}: {exc.reason}",
                     hint="the server closed the connection before SSH was set up: is it an "
-                    "SSH server? check the port (-p)",
+                    f"SSH server? check {check}",
                 ) from exc
             except asyncssh.DisconnectError as exc:
                 raise ConnectFailed(f"{what}: {exc.reason}") from exc
             except TimeoutError as exc:
                 raise ConnectFailed(
                     f"{what}: connection timed out after {self.connect_timeout:g} s",
-                    hint="check the host and port, or raise -o ConnectTimeout",
+                    hint=f"check {check}, or raise -o ConnectTimeout"
+                    if jump
+                    else "check the host and port, or raise -o ConnectTimeout",
                 ) from exc
             except socket.gaierror as exc:
                 raise ConnectFailed(
@@ -1048,7 +831,8 @@ class Session:
                 port = kwargs.get("port", "from ssh_config, or 22")
                 raise ConnectFailed(
                     f"{what}: cannot connect to {dest.host} port {port}: {reason}",
-                    hint="is sshd running there? check the host and the port (-p)",
+                    hint="is sshd running there? "
+                    + (f"check {check}" if jump else "check the host and the port (-p)"),
                 ) from exc
             except asyncssh.ConfigParseError as exc:
                 # asyncssh reads ssh_config again for each connection, and some lines
@@ -1058,8 +842,9 @@ class Session:
                 raise AuthenticationFailed(f"{what}: cannot use key: {exc}") from exc
             else:
                 log.info(
-                    "%s: authenticated; cipher %s, mac %s, server %s",
+                    "%s: authenticated; kex %s, cipher %s, mac %s, server %s",
                     what,
+                    conn.get_extra_info("kex", "unknown"),
                     conn.get_extra_info("send_cipher"),
                     conn.get_extra_info("send_mac"),
                     conn.get_extra_info("server_version"),
@@ -1099,14 +884,16 @@ class Session:
         hops: list[asyncssh.SSHClientConnection] = []
         try:
             tunnel: asyncssh.SSHClientConnection | None = None
+            via = ""  # the jump host the next connection goes through
             for hop_session in self._hop_sessions:
                 hop = hop_session.config.destination
                 tunnel, _ = await hop_session._open_connection(
-                    hop, tunnel, f"jump host {hop}", self._proxies
+                    hop, tunnel, f"jump host {hop}", self._proxies, jump=True, via=via
                 )
                 hops.append(tunnel)
+                via = str(hop)
             conn, client = await self._open_connection(
-                cfg.destination, tunnel, self.server, self._proxies
+                cfg.destination, tunnel, self.server, self._proxies, via=via
             )
         except BaseException:
             for hop_conn in reversed(hops):
@@ -1124,7 +911,8 @@ class Session:
                 server=self.server,
                 server_version=str(conn.get_extra_info("server_version", "")),
                 cipher=str(conn.get_extra_info("send_cipher", "")),
-                kex="",
+                # Known through the fast path only (stock asyncssh does not say): "" there.
+                kex=str(conn.get_extra_info("kex", "")),
                 mac=str(conn.get_extra_info("send_mac", "")),
                 compression=str(conn.get_extra_info("send_compression", "")),
             )
@@ -1175,17 +963,21 @@ class Session:
 
     def _tried(self, client: _Client) -> str:
         ids = _expand(self.config.identities)
+        # A missing file was reported when it was found missing: not tried, not repeated.
         parts = [
             f"key {p} (encrypted, no passphrase given)" if p in self._locked else f"key {p}"
             for p in ids
-        ] or ["the default keys in ~/.ssh"]
+            if p not in self._missing
+        ]
+        if not ids:
+            parts = ["the default keys in ~/.ssh"]
         if os.environ.get("SSH_AUTH_SOCK") and not self.config.identities_only:
             parts.append("the ssh-agent's keys")
         if client.password_tries:
             parts.append(f"{client.password_tries} password(s)")
         if client.kbdint_rounds:
             parts.append("keyboard-interactive")
-        return ", ".join(parts)
+        return ", ".join(parts) or "no key (no identity file could be read)"
 
     async def _watch(
         self,
@@ -1249,10 +1041,10 @@ class Session:
         try:
             done, _ = await asyncio.wait({task}, timeout=max(0.0, deadline - loop.time()))
         except asyncio.CancelledError:
-            task.add_done_callback(_close_if_opened)
+            self._abandon(task)
             raise
         if not done:
-            task.add_done_callback(_close_if_opened)
+            self._abandon(task)
             raise ChannelOpenFailed(
                 ReplyReason.TTL_EXPIRED, f"no answer from the server within {timeout:g} s"
             )
@@ -1267,6 +1059,12 @@ class Session:
                 ReplyReason.GENERAL_FAILURE, f"SSH session failed: {exc}"
             ) from exc
         return chan
+
+    def _abandon(self, task: asyncio.Task[tuple[Any, Any]]) -> None:
+        """An open nobody waits for any more: closed if it succeeds, owned until done."""
+        task.add_done_callback(_close_if_opened)
+        self._opening.add(task)
+        task.add_done_callback(self._opening.discard)
 
     async def listen_tcp(self, host: str, port: int, handler: IncomingHandler) -> _Listening:
         """``tcpip-forward``: the server listens on host:port ("" every interface,
@@ -1386,6 +1184,10 @@ class Session:
         conn, self._conn = self._conn, None
         hops, self._hops = self._hops, []
         self._up.clear()
+        tasks = [*self._opening, *([self._watcher] if self._watcher is not None else [])]
+        self._watcher = None
+        for task in tasks:
+            task.cancel()
         for each in [c for c in (conn,) if c is not None] + hops[::-1]:
             each.close()
             with contextlib.suppress(Exception):
@@ -1393,66 +1195,9 @@ class Session:
         proxies, self._proxies = self._proxies, []
         for proxy in proxies:
             await proxy.wait_stopped()
-
-
-class SessionPool:
-    """``--connections N``: channels spread over up to N SSH connections to the same
-    server, so that one slow flow or one busy core does not hold up the others.
-
-    The first session is the one the supervisor keeps up (it decides readiness and what
-    is fatal). The others are opened only when every live one already carries a channel,
-    and a lost one is simply dropped: the next busy moment opens a new one.
-    """
-
-    def __init__(self, primary: Session, size: int) -> None:
-        self.primary = primary
-        self.size = size
-        self.extras: list[Session] = []
-        self._growing: asyncio.Task[None] | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    def pick(self) -> Session:
-        live = [s for s in (self.primary, *self.extras) if s.is_up]
-        if not live:
-            return self.primary  # it waits for the reconnect, within its bound
-        best = min(live, key=lambda s: s.channels)
-        if best.channels and 1 + len(self.extras) < self.size and self._growing is None:
-            self._growing = asyncio.get_running_loop().create_task(self._grow())
-        return best
-
-    async def open_tcp(
-        self, host: str, port: int, origin: tuple[str, int], sink: ChannelSink
-    ) -> Channel:
-        return await self.pick().open_tcp(host, port, origin, sink)
-
-    async def _grow(self) -> None:
-        # The extra connections report nothing of their own: the status view follows
-        # the primary, and a failure here only means fewer connections for a while.
-        extra = Session(self.primary.config, events.discard, None)
-        try:
-            await extra.connect()
-        except SessionError as exc:
-            log.info("extra connection failed: %s", exc)
-            return
-        finally:
-            self._growing = None
-        self.extras.append(extra)
-        task = asyncio.get_running_loop().create_task(self._forget_when_lost(extra))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _forget_when_lost(self, extra: Session) -> None:
-        error = await extra.wait_lost()
-        log.info("extra connection lost: %s", error)
-        if extra in self.extras:
-            self.extras.remove(extra)
-
-    async def close(self) -> None:
-        for task in [*self._tasks, *([self._growing] if self._growing else [])]:
-            task.cancel()
-        for extra in self.extras:
-            await extra.close()
-        self.extras.clear()
+        # The watcher and abandoned opens end with the connection; gather collects
+        # their outcomes (a cancelled open is what we asked for).
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def enable_protocol_debug() -> None:

@@ -175,6 +175,9 @@ class LineWriter:
             self.stream.flush()
 
 
+TIMESTAMP_FORMAT = "%Y-%m-%dT%H:%M:%S"  # the event lines' time, local; -v log lines use it too
+
+
 class PlainRenderer:
     """Timestamped lines for logs. ``quiet`` keeps only the lines that report problems."""
 
@@ -204,7 +207,7 @@ class PlainRenderer:
         self._line(text, batch)
 
     def _line(self, text: str, batch: bool) -> None:
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(self.clock()))
+        stamp = time.strftime(TIMESTAMP_FORMAT, time.localtime(self.clock()))
         self.out.write(f"{stamp} {text}\n", batch=batch)
 
     def flush(self) -> None:

@@ -599,3 +599,51 @@ def test_exit_255_when_ssh_fails(closed_port: int, sshd: SshdServer) -> None:
     assert "Traceback" not in result.stderr
     [line] = error_lines(result.stderr)
     assert "refused" in line.lower()
+
+
+def test_unknown_key_names_the_closest_and_the_man_page(usage_error: UsageError) -> None:
+    line = usage_error("-D", "1080", "-o", "StrictHostKeyCheking=no", "host")
+    assert "-o StrictHostKeyCheking: unsupported option" in line
+    assert "did you mean StrictHostKeyChecking?" in line
+    assert "man pytunnel" in line
+    # Not the whole list of keys on one line any more.
+    assert "UserKnownHostsFile" not in line
+
+
+def test_unknown_key_of_ssh_is_named_as_such(usage_error: UsageError) -> None:
+    # LocalForward is close to RemoteForward, which means something else entirely.
+    line = usage_error("-D", "1080", "-o", "LocalForward=8080:localhost:80", "host")
+    assert "LocalForward is an ssh option pytunnel does not use" in line
+    assert "did you mean" not in line
+    assert "man pytunnel" in line
+
+
+def test_unknown_key_far_from_any_suggests_nothing(usage_error: UsageError) -> None:
+    line = usage_error("-D", "1080", "-o", "Xyzzy=1", "host")
+    assert "did you mean" not in line
+    assert "man pytunnel" in line
+
+
+@pytest.mark.parametrize(
+    ("flag", "key", "field", "spec"),
+    [
+        ("-c", "Ciphers", "ciphers", "aes128-ctr,aes256-gcm@openssh.com"),
+        ("-m", "MACs", "macs", "hmac-sha2-256"),
+    ],
+)
+def test_cipher_and_mac_flags_are_their_o_keys(
+    recorded: Recorded, flag: str, key: str, field: str, spec: str
+) -> None:
+    by_flag = accepted(recorded, "-D", "1080", flag, spec, "host")
+    recorded.calls.clear()
+    by_option = accepted(recorded, "-D", "1080", "-o", f"{key}={spec}", "host")
+    assert by_flag.algorithms == by_option.algorithms == {field: spec}
+    recorded.calls.clear()
+    # As the other flags: the flag wins over -o.
+    both = accepted(recorded, "-D", "1080", "-o", f"{key}=+{spec}", flag, spec, "host")
+    assert both.algorithms == by_flag.algorithms
+
+
+@pytest.mark.parametrize("flag", ["-c", "-m"])
+def test_cipher_and_mac_flags_check_their_value(flag: str, usage_error: UsageError) -> None:
+    usage_error("-D", "1080", flag, "aes128-ctr,,aes256-ctr", "host")

@@ -28,7 +28,7 @@ from fixtures.targets import HttpTarget
 
 from tunnel.config import AddressFamily, Config, Destination, Forward, HostKeyPolicy
 from tunnel.errors import ConfigError
-from tunnel.session import apply_ssh_config
+from tunnel.sshconfig import apply_ssh_config
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -532,3 +532,46 @@ def test_bad_dynamic_forward_in_the_config_is_a_usage_error(write_config: WriteC
     result = run_pytunnel(["-F", str(path), "-D", "127.0.0.1:0", "myalias"])
     assert result.returncode == 2, result.describe()
     assert "in ssh_config" in error_line(result)
+
+
+# == keywords ssh does not know ============================================================
+
+
+def test_a_keyword_ssh_does_not_know_is_warned_about_with_file_and_line(
+    write_config: WriteConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = write_config("Host alias\n    HostNmae example.org\n    Port 2022\n")
+    with caplog.at_level("WARNING", logger="tunnel"):
+        config = merged(path)
+    assert config.destination == Destination("alias")
+    [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert f"{path} line 2" in warning
+    assert "unknown ssh_config keyword HostNmae" in warning
+
+
+def test_keywords_ssh_knows_stay_silent_even_where_pytunnel_does_not_use_them(
+    write_config: WriteConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A config shared with ssh: forwarding, agent, multiplexing, and a block for another
+    # host, in several spellings ssh accepts.
+    path = write_config(
+        "Host *\n    ForwardAgent no\n    ControlMaster auto\n    controlpath=~/.ssh/%C\n"
+        "Host other\n    LocalForward 8080 localhost:80\n    SendEnv LANG\n"
+        "Match host alias\n    AddKeysToAgent yes\n"
+    )
+    with caplog.at_level("WARNING", logger="tunnel"):
+        merged(path)
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == []
+
+
+def test_ignore_unknown_and_include_are_followed(
+    write_config: WriteConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    included = write_config("UseKeychain yes\nPortt 22\n")
+    path = write_config(f"IgnoreUnknown UseKeychain,Foo*\nInclude {included}\nFooBar 1\n")
+    with caplog.at_level("WARNING", logger="tunnel"):
+        merged(path)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [
+        f"{included} line 2: unknown ssh_config keyword Portt (ssh refuses it; ignored)"
+    ]

@@ -486,3 +486,32 @@ def test_plain_and_wildcard_patterns_agree(name: str, cut: int) -> None:
     assert hostkeys.names_match(name[:position] + "*", name)
     assert hostkeys.names_match("?" * len(name), name)
     assert not hostkeys.names_match("?" * (len(name) + 1), name)
+
+
+def test_a_changed_key_in_another_file_names_that_file_for_ssh_keygen(
+    tmp_path: Path, server_key: asyncssh.SSHKey, stranger_key: asyncssh.SSHKey
+) -> None:
+    # Plain `ssh-keygen -R` edits ~/.ssh/known_hosts: the wrong file here.
+    path = tmp_path / "custom_known_hosts"
+    path.write_text(f"[example.org]:2222 {public(stranger_key)}\n")
+    keys = _HostKeys(HostKeyPolicy.YES, [str(path)], [], None, set())
+    keys.match("example.org", "192.0.2.7", 2222)
+    assert not keys.decide("example.org", "192.0.2.7", 2222, server_key)
+    assert keys.error().hint is not None
+    assert f"`ssh-keygen -f '{path}' -R '[example.org]:2222'`" in keys.error().hint
+
+
+def test_a_changed_key_in_the_default_file_needs_no_f(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    server_key: asyncssh.SSHKey,
+    stranger_key: asyncssh.SSHKey,
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    path = tmp_path / ".ssh" / "known_hosts"
+    path.parent.mkdir()
+    path.write_text(f"[example.org]:2222 {public(stranger_key)}\n")
+    keys = _HostKeys(HostKeyPolicy.YES, ["~/.ssh/known_hosts"], [], None, set())
+    keys.match("example.org", "192.0.2.7", 2222)
+    assert not keys.decide("example.org", "192.0.2.7", 2222, server_key)
+    assert "`ssh-keygen -R '[example.org]:2222'`" in (keys.error().hint or "")

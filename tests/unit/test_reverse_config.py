@@ -23,7 +23,7 @@ from tunnel.config import (
     parse_reverse_forward,
 )
 from tunnel.errors import ConfigError
-from tunnel.session import apply_ssh_config
+from tunnel.sshconfig import apply_ssh_config
 
 DEST = Destination("server.example")
 

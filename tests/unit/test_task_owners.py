@@ -1,0 +1,48 @@
+"""Every task has an owner, and only the CLI exits: the pool starts no task when asked
+which session to use, and a second Ctrl-C is the CLI's to act on (issue 18)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import pytest
+
+from tunnel import app
+from tunnel.pool import SessionPool
+
+
+class BusySession:
+    """What the pool reads of a session: up, and already carrying a channel."""
+
+    is_up = True
+    channels = 1
+
+
+async def test_picking_a_session_starts_no_task() -> None:
+    pool = SessionPool(BusySession(), 4)  # type: ignore[arg-type]
+    before = asyncio.all_tasks()
+    assert pool.pick() is pool.primary
+    assert asyncio.all_tasks() == before
+    await pool.close()
+
+
+def test_a_second_ctrl_c_is_handed_to_the_caller_not_exited_below_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def no_exit(status: int) -> None:
+        raise AssertionError(f"os._exit({status}) below the CLI")
+
+    monkeypatch.setattr(os, "_exit", no_exit)
+    forced: list[str] = []
+
+    async def run() -> None:
+        stop = app._Stop(lambda: forced.append("forced"))
+        stop.request(signal.SIGINT)
+        assert stop.event.is_set()
+        assert forced == []
+        stop.request(signal.SIGINT)
+
+    asyncio.run(run())
+    assert forced == ["forced"]
