@@ -242,6 +242,8 @@ def event_record(event: events.Event, now: float) -> dict[str, Any]:
                 {"host": item.host, "port": item.port, "url": item.url, "remote": item.remote}
                 for item in value
             ]
+        elif isinstance(event, events.SessionUp) and field.name == "kex" and not value:
+            continue  # asyncssh tells it only where the fast path records it
         else:
             record[field.name] = value
     return record
