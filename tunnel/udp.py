@@ -155,15 +155,16 @@ class UdpAssociation(asyncio.DatagramProtocol):
         info: events.ConnectionInfo,
         client: tuple[str, int],
         *,
+        spawn: Spawn,
         user: str | None = None,
-        spawn: Spawn | None = None,
     ) -> None:
         self.settings = settings
         self.info = info
         self.user = user  # the proxy user of the control connection
         # Starts the links' channel opens as tasks of the control connection, which
-        # cancels them when it closes and whose proxy awaits them.
-        self.spawn: Spawn = spawn or asyncio.get_running_loop().create_task
+        # cancels them when it closes and whose proxy awaits them. Required: a bare
+        # create_task would leave them to nobody.
+        self.spawn = spawn
         # Datagrams are taken only from the control connection's address; the port from
         # the request, or else the first datagram's.
         self.client_host, self.client_port = client
