@@ -1,8 +1,9 @@
 """The seam between the proxy and the SSH session.
 
-The proxy asks an :class:`Opener` for a channel and hands it a :class:`ChannelSink` to
-report to; the session implements the opener with asyncssh, tests with plain sockets.
-Neither side imports the other.
+The proxy asks an upstream (:class:`tunnel.upstreams.Upstream`) for a :class:`Channel`
+and hands it a :class:`ChannelSink` to report to; the SSH upstream opens it with
+asyncssh, :class:`tunnel.upstreams.Direct` and tests with plain sockets. Neither side
+imports the other.
 
 Two more seams, which only the SSH session offers: a :class:`Binder` asks the server to
 listen (SOCKS BIND, ``-R``) and hands each connection that arrives to an
@@ -52,14 +53,6 @@ class Channel(Protocol):
     def pause_reading(self) -> None: ...
     def resume_reading(self) -> None: ...
     def close(self) -> None: ...
-
-
-class Opener(Protocol):
-    async def open_tcp(
-        self, host: str, port: int, origin: tuple[str, int], sink: ChannelSink
-    ) -> Channel:
-        """Open a channel to host:port; raise ChannelOpenFailed with the reason if not."""
-        ...
 
 
 class IncomingSink(ChannelSink, Protocol):

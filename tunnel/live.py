@@ -17,7 +17,7 @@ from rich.text import Text
 
 from . import events
 from .names import printable
-from .platform import RawKeys
+from .platform import RawKeys, on_signals
 from .stats import Stats
 from .ui import (
     DNS_HINT,
@@ -78,7 +78,8 @@ class LiveRenderer:
         self._raw: RawKeys | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reading = False
-        self._on_resize = False
+        # Undoes the SIGWINCH handler while one is installed.
+        self._unwatch: Callable[[], None] | None = None
         self._drawn_size: tuple[int, ...] = ()
 
     def __call__(self, event: events.Event) -> None:
@@ -173,20 +174,18 @@ class LiveRenderer:
 
     def _watch_resize(self) -> None:
         winch = getattr(signal, "SIGWINCH", None)
-        if winch is None or self._loop is None or self._on_resize:
+        if winch is None or self._loop is None or self._unwatch is not None:
             return
         try:
-            self._loop.add_signal_handler(winch, self._resized)
-        except (NotImplementedError, RuntimeError, ValueError):
-            return  # no SIGWINCH here, or not the main thread: frames keep their size
-        self._on_resize = True
+            self._unwatch = on_signals(self._loop, [winch], lambda _signum: self._resized())
+        except (RuntimeError, ValueError):
+            return  # not the main thread: frames keep their size
 
     def _unwatch_resize(self) -> None:
-        winch = getattr(signal, "SIGWINCH", None)
-        if self._on_resize and self._loop is not None and winch is not None:
-            self._on_resize = False
+        unwatch, self._unwatch = self._unwatch, None
+        if unwatch is not None:
             with contextlib.suppress(Exception):
-                self._loop.remove_signal_handler(winch)
+                unwatch()
 
     def _resized(self) -> None:
         """The terminal reflowed the last frame (or cut it) to its new width: rich can

@@ -44,7 +44,7 @@ from .datagrams import (
 from .errors import ChannelOpenFailed, RemoteProtocolError
 from .names import BadName, normalize_host
 from .rules import Rules, same_host
-from .socks import build_datagram, parse_datagram
+from .socks import AddressType, build_datagram, parse_datagram
 from .upstreams import Request, Upstream
 
 log = logging.getLogger(__name__)
@@ -155,15 +155,16 @@ class UdpAssociation(asyncio.DatagramProtocol):
         info: events.ConnectionInfo,
         client: tuple[str, int],
         *,
+        spawn: Spawn,
         user: str | None = None,
-        spawn: Spawn | None = None,
     ) -> None:
         self.settings = settings
         self.info = info
         self.user = user  # the proxy user of the control connection
         # Starts the links' channel opens as tasks of the control connection, which
-        # cancels them when it closes and whose proxy awaits them.
-        self.spawn: Spawn = spawn or asyncio.get_running_loop().create_task
+        # cancels them when it closes and whose proxy awaits them. Required: a bare
+        # create_task would leave them to nobody.
+        self.spawn = spawn
         # Datagrams are taken only from the control connection's address; the port from
         # the request, or else the first datagram's.
         self.client_host, self.client_port = client
@@ -199,12 +200,16 @@ class UdpAssociation(asyncio.DatagramProtocol):
         except RemoteProtocolError:
             self.drop(Drop.MALFORMED, "?")
             return
-        try:
+        host, port = datagram.host, datagram.port
+        if datagram.address_type is AddressType.DOMAINNAME:
             # The normal form is what the rules check and the server gets (tunnel.names).
-            host, port = normalize_host(datagram.host), datagram.port
-        except BadName:
-            self.drop(Drop.BAD_NAME, "?")
-            return
+            # Only a name needs it: the codec writes an address out in its normal form
+            # already, and this runs for every datagram.
+            try:
+                host = normalize_host(host)
+            except BadName:
+                self.drop(Drop.BAD_NAME, "?")
+                return
         where = _hostport(host, port)
         if datagram.frag:
             self.drop(Drop.FRAGMENT, where)

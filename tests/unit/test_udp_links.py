@@ -25,7 +25,9 @@ def association_with(
     settings = UdpSettings(upstream=opener, runner=None, rules=Rules(), emit=seen.append)
     settings.room = lambda: room
     info = events.ConnectionInfo(id=1, client="127.0.0.1:40000", started=0.0)
-    return UdpAssociation(settings, info, CLIENT), settings
+    # These tests look at links, not at who owns their opens: the loop may run them.
+    spawn = asyncio.get_running_loop().create_task
+    return UdpAssociation(settings, info, CLIENT, spawn=spawn), settings
 
 
 def query_to(association: UdpAssociation, host: str, qid: int = 1) -> None:
