@@ -92,17 +92,7 @@ def host_key_alias(config: Config, dest: Destination) -> str | None:
     if not paths:
         return None
     try:
-        loaded = _FileConfig.load(
-            None,
-            paths,
-            False,
-            False,
-            False,
-            getpass.getuser(),
-            dest.user or (),
-            dest.host,
-            dest.port or (),
-        )
+        loaded = _read(paths, dest)
     except (OSError, ConfigParseError):
         return None  # asyncssh meets the same error when it connects, and reports it
     alias = loaded.get("HostKeyAlias")
@@ -183,20 +173,24 @@ def unknown_keywords(paths: list[str]) -> list[tuple[str, str]]:
     return found
 
 
+def _read(paths: list[str], dest: Destination) -> SSHConfig:
+    """The ssh_config blocks for ``dest``, as asyncssh reads them when it connects."""
+    return _FileConfig.load(
+        None,
+        paths,
+        False,
+        False,
+        False,
+        getpass.getuser(),
+        dest.user or (),
+        dest.host,
+        dest.port or (),
+    )
+
+
 def _load(config: Config, paths: list[str]) -> SSHConfig:
-    dest = config.destination
     try:
-        return _FileConfig.load(
-            None,
-            paths,
-            False,
-            False,
-            False,
-            getpass.getuser(),
-            dest.user or (),
-            dest.host,
-            dest.port or (),
-        )
+        return _read(paths, config.destination)
     except OSError as exc:
         name = exc.filename or " ".join(paths)
         raise ConfigError(f"cannot read ssh_config {name}: {exc.strerror or exc}") from exc
