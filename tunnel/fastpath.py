@@ -131,12 +131,14 @@ class HoldingConnection(asyncssh.SSHClientConnection):
         dest_host = peek.get_string().decode("utf-8", "replace")
         dest_port = peek.get_uint32()
         origin = (peek.get_string().decode("utf-8", "replace"), peek.get_uint32())
-        try:
-            return super()._process_forwarded_tcpip_open(packet)
-        except asyncssh.ChannelOpenError as exc:
-            # No listener is registered for it; one we asked for may be on its way.
-            candidates = [a for a in self._asked if a.may_be(dest_host, dest_port)]
-            if not candidates:
+        candidates = [a for a in self._asked if a.may_be(dest_host, dest_port)]
+        # With no listener registered for exactly this port, asyncssh falls back to the
+        # last port-0 listener on the host: while one we asked for may be this port's,
+        # that could hand the peer to another BIND. Hold it for the answers instead.
+        if not candidates or (dest_host, dest_port) in self._remote_listeners:
+            try:
+                return super()._process_forwarded_tcpip_open(packet)
+            except asyncssh.ChannelOpenError as exc:
                 self._on_refused((dest_host, dest_port), origin, f"no such listener ({exc.reason})")
                 raise
         chan = self.create_tcp_channel()
