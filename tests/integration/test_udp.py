@@ -21,7 +21,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -888,14 +888,12 @@ class EventLog:
                 await self._changed.wait()
 
 
-async def test_in_process_late_dns_answer_is_still_passed_on(
-    sshd: SshdServer, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Short, so the query surely times out before the test lets the server answer.
-    monkeypatch.setattr(udp_module, "DNS_TIMEOUT", 0.2)
-    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
-    log = EventLog()
-    held = HeldDnsServer()
+@contextlib.asynccontextmanager
+async def in_process_udp_proxy(
+    sshd: SshdServer, log: EventLog, dns_server: tuple[str, int]
+) -> AsyncIterator[tuple[udp_module.UdpSettings, events.Listener]]:
+    """pytunnel's UDP ASSOCIATE in this event loop, through the real sshd, with its DNS
+    sent to ``dns_server``: the settings (to look at its links) and the listener."""
     config = Config(
         Destination(sshd.host, sshd.user, sshd.port),
         identities=(sshd.client_key,),
@@ -909,40 +907,53 @@ async def test_in_process_late_dns_answer_is_still_passed_on(
     session = Session(config, log)
     proxy: ProxyServer | None = None
     try:
-        dns_address = await held.start()
         await asyncio.wait_for(session.connect(), RECV_TIMEOUT)
         settings = udp_module.UdpSettings(
             upstream=SshUpstream(session),
             runner=session,
             rules=Rules(),
             emit=log,
-            dns_server=dns_address,
+            dns_server=dns_server,
         )
         proxy = ProxyServer(SshUpstream(session), log, udp=settings)
-        listener = (await proxy.listen([(LOOPBACK4, 0)]))[0]
-        association = await asyncio.to_thread(Socks5Udp.open, listener.host, listener.port)
-        try:
-            assert association.reply_code == 0
-            association.send(*ADDRESSED, build_query(KNOWN, 0x1A7E))
-            writer, query = await asyncio.wait_for(held.queries.get(), RECV_TIMEOUT)
-            dropped = await log.first(events.DatagramsDropped, UNANSWERED_TIMEOUT)
-            assert dropped.reason == udp_module.Drop.DNS_TIMEOUT
-            assert dropped.connection.dropped == 1
-
-            # Now answer: the client's resolver may still want it, so it is passed on.
-            writer.write(frame_tcp(dns_response(query, RECORDS) or b""))
-            host, port, payload = await asyncio.to_thread(association.recv, RECV_TIMEOUT)
-            assert (host, port) == ADDRESSED
-            assert parse_response(payload) == DnsAnswer(0x1A7E, 0, [RECORDS[KNOWN]])
-            assert dropped.connection.bytes_down == len(payload)
-        finally:
-            association.close()
-        closed = await log.first(events.ConnectionClosed, EVENT_TIMEOUT)
-        assert closed.connection.dropped == 1
+        yield settings, (await proxy.listen([(LOOPBACK4, 0)]))[0]
     finally:
         if proxy is not None:
             await proxy.close()
         await session.close()
+
+
+async def test_in_process_late_dns_answer_is_still_passed_on(
+    sshd: SshdServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Short, so the query surely times out before the test lets the server answer.
+    monkeypatch.setattr(udp_module, "DNS_TIMEOUT", 0.2)
+    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
+    log = EventLog()
+    held = HeldDnsServer()
+    try:
+        dns_address = await held.start()
+        async with in_process_udp_proxy(sshd, log, dns_address) as (_, listener):
+            association = await asyncio.to_thread(Socks5Udp.open, listener.host, listener.port)
+            try:
+                assert association.reply_code == 0
+                association.send(*ADDRESSED, build_query(KNOWN, 0x1A7E))
+                writer, query = await asyncio.wait_for(held.queries.get(), RECV_TIMEOUT)
+                dropped = await log.first(events.DatagramsDropped, UNANSWERED_TIMEOUT)
+                assert dropped.reason == udp_module.Drop.DNS_TIMEOUT
+                assert dropped.connection.dropped == 1
+
+                # Now answer: the client's resolver may still want it, so it is passed on.
+                writer.write(frame_tcp(dns_response(query, RECORDS) or b""))
+                host, port, payload = await asyncio.to_thread(association.recv, RECV_TIMEOUT)
+                assert (host, port) == ADDRESSED
+                assert parse_response(payload) == DnsAnswer(0x1A7E, 0, [RECORDS[KNOWN]])
+                assert dropped.connection.bytes_down == len(payload)
+            finally:
+                association.close()
+            closed = await log.first(events.ConnectionClosed, EVENT_TIMEOUT)
+            assert closed.connection.dropped == 1
+    finally:
         await held.close()
 
 
@@ -989,47 +1000,23 @@ async def test_in_process_idle_dns_link_is_closed_and_opened_again_when_needed(
     monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
     log = EventLog()
     server = AnsweringDnsServer()
-    config = Config(
-        Destination(sshd.host, sshd.user, sshd.port),
-        identities=(sshd.client_key,),
-        identities_only=True,
-        ssh_config=(),
-        known_hosts=(sshd.known_hosts,),
-        global_known_hosts=(),
-        host_key_policy=HostKeyPolicy.YES,
-        connect_timeout=10.0,
-    )
-    session = Session(config, log)
-    proxy: ProxyServer | None = None
     try:
         dns_address = await server.start()
-        await asyncio.wait_for(session.connect(), RECV_TIMEOUT)
-        settings = udp_module.UdpSettings(
-            upstream=SshUpstream(session),
-            runner=session,
-            rules=Rules(),
-            emit=log,
-            dns_server=dns_address,
-        )
-        proxy = ProxyServer(SshUpstream(session), log, udp=settings)
-        listener = (await proxy.listen([(LOOPBACK4, 0)]))[0]
-        association = await asyncio.to_thread(Socks5Udp.open, listener.host, listener.port)
-        try:
-            assert association.reply_code == 0
-            for qid in (0x1D1E, 0x1D1F):
-                association.send(*ADDRESSED, build_query(KNOWN, qid))
-                where = await asyncio.to_thread(association.recv, RECV_TIMEOUT)
-                assert where[:2] == ADDRESSED
-                assert parse_response(where[2]) == DnsAnswer(qid, 0, [RECORDS[KNOWN]])
-                # Quiet now: pytunnel closes the channel, and the server sees it end.
-                await asyncio.wait_for(server.ended.get(), EVENT_TIMEOUT)
-                assert settings.links == 0
-            # Each query after a quiet spell came over a channel of its own.
-            assert server.opened == 2
-        finally:
-            association.close()
+        async with in_process_udp_proxy(sshd, log, dns_address) as (settings, listener):
+            association = await asyncio.to_thread(Socks5Udp.open, listener.host, listener.port)
+            try:
+                assert association.reply_code == 0
+                for qid in (0x1D1E, 0x1D1F):
+                    association.send(*ADDRESSED, build_query(KNOWN, qid))
+                    where = await asyncio.to_thread(association.recv, RECV_TIMEOUT)
+                    assert where[:2] == ADDRESSED
+                    assert parse_response(where[2]) == DnsAnswer(qid, 0, [RECORDS[KNOWN]])
+                    # Quiet now: pytunnel closes the channel, and the server sees it end.
+                    await asyncio.wait_for(server.ended.get(), EVENT_TIMEOUT)
+                    assert settings.links == 0
+                # Each query after a quiet spell came over a channel of its own.
+                assert server.opened == 2
+            finally:
+                association.close()
     finally:
-        if proxy is not None:
-            await proxy.close()
-        await session.close()
         await server.close()
