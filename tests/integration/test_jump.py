@@ -31,6 +31,12 @@ def direct_tcpip_targets(log: str) -> list[tuple[str, int]]:
     return [(host, int(port)) for host, port in found]
 
 
+def assert_opened(server: SshdServer, mark: int, target: SshdServer) -> None:
+    """``server``'s log since ``mark`` shows one direct-tcpip open: to ``target``'s sshd."""
+    assert server.wait_log("server_request_direct_tcpip", since=mark)
+    assert direct_tcpip_targets(server.log_text(mark)) == [(target.host, target.port)]
+
+
 def known_hosts_for(tmp_path: Path, *servers: SshdServer) -> Path:
     """One known_hosts file trusting every server (each sshd wrote its own)."""
     path = tmp_path / "known_hosts_all"
@@ -61,8 +67,7 @@ def test_one_jump_host(
     )
     assert curl_hello(running, http_target) == http_target.hello_body.decode()
 
-    assert jump.wait_log("server_request_direct_tcpip", since=jump_mark)
-    assert direct_tcpip_targets(jump.log_text(jump_mark)) == [(sshd.host, sshd.port)]
+    assert_opened(jump, jump_mark, sshd)
     assert jump.wait_log(f"Accepted publickey for {jump.user}", since=jump_mark)
 
     assert sshd.wait_log(f"target 127.0.0.1 port {http_target.port}", since=target_mark)
@@ -85,10 +90,8 @@ def test_two_jump_hosts(
         ["-D", "127.0.0.1:0", "-J", jumps, *server_args(sshd, known_hosts=known)]
     )
     assert curl_hello(running, http_target) == http_target.hello_body.decode()
-    assert first.wait_log("server_request_direct_tcpip", since=marks[0])
-    assert second.wait_log("server_request_direct_tcpip", since=marks[1])
-    assert direct_tcpip_targets(first.log_text(marks[0])) == [(second.host, second.port)]
-    assert direct_tcpip_targets(second.log_text(marks[1])) == [(sshd.host, sshd.port)]
+    assert_opened(first, marks[0], second)
+    assert_opened(second, marks[1], sshd)
 
 
 def test_proxyjump_option(
@@ -104,8 +107,7 @@ def test_proxyjump_option(
         ["-D", "127.0.0.1:0", "-o", f"ProxyJump={hop(jump)}",
          *server_args(sshd, known_hosts=known)]
     )  # fmt: skip
-    assert jump.wait_log("server_request_direct_tcpip", since=mark)
-    assert direct_tcpip_targets(jump.log_text(mark)) == [(sshd.host, sshd.port)]
+    assert_opened(jump, mark, sshd)
 
 
 def test_unreachable_jump_host_is_named(sshd: SshdServer, closed_port: int) -> None:
@@ -192,8 +194,7 @@ def test_proxyjump_in_ssh_config_goes_through_the_jump_alias(
     running = pytunnel_factory([*strict_args(path, known), "behind"])
     assert curl_hello(running, http_target) == http_target.hello_body.decode()
     assert jump.wait_log(f"Accepted publickey for {jump.user}", since=jump_mark)
-    assert jump.wait_log("server_request_direct_tcpip", since=jump_mark)
-    assert direct_tcpip_targets(jump.log_text(jump_mark)) == [(sshd.host, sshd.port)]
+    assert_opened(jump, jump_mark, sshd)
     assert sshd.wait_log(f"target 127.0.0.1 port {http_target.port}", since=target_mark)
 
 
@@ -216,10 +217,8 @@ def test_proxyjump_chains_through_the_jump_hosts_own_proxyjump(
     marks = [server.log_mark() for server in (outer, inner)]
     running = pytunnel_factory([*strict_args(path, known), "behind"])
     assert curl_hello(running, http_target) == http_target.hello_body.decode()
-    assert outer.wait_log("server_request_direct_tcpip", since=marks[0])
-    assert inner.wait_log("server_request_direct_tcpip", since=marks[1])
-    assert direct_tcpip_targets(outer.log_text(marks[0])) == [(inner.host, inner.port)]
-    assert direct_tcpip_targets(inner.log_text(marks[1])) == [(sshd.host, sshd.port)]
+    assert_opened(outer, marks[0], inner)
+    assert_opened(inner, marks[1], sshd)
 
 
 def test_command_line_jump_beats_and_none_cancels_proxyjump_in_ssh_config(
@@ -246,8 +245,7 @@ def test_command_line_jump_beats_and_none_cancels_proxyjump_in_ssh_config(
     base = strict_args(path, known)
     # The destination's IdentityFile is not the jump host's: -i gives it one.
     pytunnel_factory([*base, "-i", sshd.client_key, "-J", hop(jump), "behind"])
-    assert jump.wait_log("server_request_direct_tcpip", since=jump_mark)
-    assert direct_tcpip_targets(jump.log_text(jump_mark)) == [(sshd.host, sshd.port)]
+    assert_opened(jump, jump_mark, sshd)
 
     # Reaching the server at all shows the unreachable jump host was not used.
     for none in (["-J", "none"], ["-o", "ProxyJump=none"], ["-o", "ProxyCommand=none"]):
