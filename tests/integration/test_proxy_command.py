@@ -39,6 +39,14 @@ def known_hosts_at(tmp_path: Path, sshd: SshdServer, port: int) -> Path:
     return path
 
 
+def proxy_command_config(tmp_path: Path, sshd: SshdServer, closed_port: int, command: str) -> Path:
+    """An ssh_config whose ``viaproxy`` reaches ``sshd`` through ``command`` (its own port
+    given as ``closed_port``, so only the command can get there), with a known_hosts
+    filed under that name and port."""
+    known = known_hosts_at(tmp_path, sshd, closed_port)
+    return config_file(tmp_path, sshd, closed_port, known, f"    ProxyCommand {command}\n")
+
+
 def config_file(tmp_path: Path, sshd: SshdServer, port: int, known: Path, extra: str) -> Path:
     path = tmp_path / "ssh_config"
     path.write_text(
@@ -75,8 +83,7 @@ def test_proxycommand_in_ssh_config_with_its_tokens(
 ) -> None:
     tokens = tmp_path / "tokens"
     command = f"sh -c 'echo %h %p %r %n 100%% > {tokens}; exec nc {sshd.host} {sshd.port}'"
-    known = known_hosts_at(tmp_path, sshd, closed_port)
-    path = config_file(tmp_path, sshd, closed_port, known, f"    ProxyCommand {command}\n")
+    path = proxy_command_config(tmp_path, sshd, closed_port, command)
     mark = sshd.log_mark()
     running = pytunnel_factory(["-F", str(path), "-D", "127.0.0.1:0", "viaproxy"])
     assert curl_hello(running, http_target) == http_target.hello_body.decode()
@@ -115,8 +122,7 @@ def test_failing_proxycommand_says_so_with_its_stderr(
     sshd: SshdServer, tmp_path: Path, closed_port: int
 ) -> None:
     command = "sh -c 'echo first line >&2; echo cannot reach %h >&2; exit 3'"
-    known = known_hosts_at(tmp_path, sshd, closed_port)
-    path = config_file(tmp_path, sshd, closed_port, known, f"    ProxyCommand {command}\n")
+    path = proxy_command_config(tmp_path, sshd, closed_port, command)
     result = run_pytunnel(["-F", str(path), "-D", "127.0.0.1:0", "viaproxy"])
     assert result.returncode == 255, result.describe()
     line = error_line(result)
@@ -159,8 +165,7 @@ def test_failing_proxycommand_is_retried_like_a_connect_failure(
         f"sh -c 'test -e {marker} || {{ touch {marker}; echo not yet >&2; exit 1; }}; "
         f"exec nc {sshd.host} {sshd.port}'"
     )
-    known = known_hosts_at(tmp_path, sshd, closed_port)
-    path = config_file(tmp_path, sshd, closed_port, known, f"    ProxyCommand {command}\n")
+    path = proxy_command_config(tmp_path, sshd, closed_port, command)
     running = pytunnel_factory(
         ["--retry-start", "-F", str(path), "-D", "127.0.0.1:0", "viaproxy"], wait_ready=False
     )
@@ -179,8 +184,7 @@ def test_the_command_ends_with_the_tunnel(
     # stops its ProxyCommand when it exits.
     pid_file = tmp_path / "proxy.pid"
     command = f"sh -c 'echo $$ > {pid_file}; nc {sshd.host} {sshd.port}; exec sleep 600'"
-    known = known_hosts_at(tmp_path, sshd, closed_port)
-    path = config_file(tmp_path, sshd, closed_port, known, f"    ProxyCommand {command}\n")
+    path = proxy_command_config(tmp_path, sshd, closed_port, command)
     running = pytunnel_factory(["-F", str(path), "-D", "127.0.0.1:0", "viaproxy"])
     pid = int(pid_file.read_text())
     assert Path(f"/proc/{pid}").exists()
@@ -243,8 +247,7 @@ def test_a_line_asyncssh_cannot_read_is_a_usage_error(
     # ssh leaves ${VAR} to the shell; asyncssh, reading the file again for each
     # connection, insists on the variable: a clear line, not a complaint about keys.
     command = "sh -c 'exec nc %h ${PYTUNNEL_TEST_UNSET_VARIABLE}'"
-    known = known_hosts_at(tmp_path, sshd, closed_port)
-    path = config_file(tmp_path, sshd, closed_port, known, f"    ProxyCommand {command}\n")
+    path = proxy_command_config(tmp_path, sshd, closed_port, command)
     result = run_pytunnel(["-F", str(path), "-D", "127.0.0.1:0", "viaproxy"])
     assert result.returncode == 2, result.describe()
     line = error_line(result)
