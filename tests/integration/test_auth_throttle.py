@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
+from fixtures.in_process import EventLog
 from fixtures.net import LOOPBACK4
 from fixtures.targets import EchoTarget, HttpTarget
 from python_socks.async_.asyncio import Proxy as AsyncProxy
@@ -38,38 +39,27 @@ DEADLINE = 10.0
 OTHER_SOURCE = "127.0.0.2"
 
 
-class EventLog:
-    """The proxy's events, with a wait for the n-th of a kind."""
-
-    def __init__(self) -> None:
-        self.seen: list[events.Event] = []
-        self._changed = asyncio.Event()
-
-    def __call__(self, event: events.Event) -> None:
-        self.seen.append(event)
-        self._changed.set()
+class ThrottleLog(EventLog):
+    """The proxy's events, with a wait for the n-th wrong password."""
 
     def auth_rejections(self) -> list[events.ClientRejected]:
         return [e for e in self.seen if isinstance(e, events.ClientRejected) and e.auth]
 
     async def wait_auth_rejections(self, count: int) -> None:
-        async with asyncio.timeout(DEADLINE):
-            while len(self.auth_rejections()) < count:
-                self._changed.clear()
-                await self._changed.wait()
+        await self.wait_until(lambda: len(self.auth_rejections()) >= count, DEADLINE)
 
 
 @dataclass
 class Tunnel:
     proxy: ProxyServer
-    log: EventLog
+    log: ThrottleLog
     host: str
     port: int
 
 
 @pytest.fixture
 async def tunnel() -> AsyncIterator[Tunnel]:
-    log = EventLog()
+    log = ThrottleLog()
     throttle = LoginThrottle(free=FREE, first=HOLD, cap=HOLD)
     proxy = ProxyServer(Direct(DEADLINE), log, credentials=(USER, PASSWORD), throttle=throttle)
     try:

@@ -8,11 +8,11 @@ import re
 from pathlib import Path
 
 import pytest
+from fixtures.in_process import sshd_config
 from fixtures.pytunnel_proc import run_pytunnel, server_args
 from fixtures.sshd import SshdServer
 
 from tunnel import events, fastpath
-from tunnel.config import Config, Destination, HostKeyPolicy
 from tunnel.session import Session
 
 
@@ -61,17 +61,7 @@ async def test_session_up_names_the_key_exchange(
 ) -> None:
     monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
     seen: list[events.Event] = []
-    config = Config(
-        Destination(sshd.host, sshd.user, sshd.port),
-        identities=(sshd.client_key,),
-        identities_only=True,
-        ssh_config=(),
-        known_hosts=(sshd.known_hosts,),
-        global_known_hosts=(),
-        host_key_policy=HostKeyPolicy.YES,
-        connect_timeout=30.0,
-        algorithms={"kex": "curve25519-sha256"},
-    )
+    config = sshd_config(sshd, connect_timeout=30.0, algorithms={"kex": "curve25519-sha256"})
     session = Session(config, seen.append)
     try:
         await asyncio.wait_for(session.connect(), 60)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fixtures.in_process import EventLog, sshd_config
 from fixtures.net import LOOPBACK4, LOOPBACK6, ipv6_loopback_available, wait_until
 from fixtures.pytunnel_proc import (
     EVENT_TIMEOUT,
@@ -57,7 +58,6 @@ from fixtures.udp_targets import (
 import tunnel.udp as udp_module
 from tunnel import events
 from tunnel.app import SshUpstream
-from tunnel.config import Config, Destination, HostKeyPolicy
 from tunnel.proxy import ProxyServer
 from tunnel.rules import Rules
 from tunnel.session import Session
@@ -867,44 +867,13 @@ class HeldDnsServer:
             await asyncio.wait_for(self._server.wait_closed(), JOIN_TIMEOUT)
 
 
-class EventLog:
-    """A pytunnel event sink that tests can wait on."""
-
-    def __init__(self) -> None:
-        self.seen: list[events.Event] = []
-        self._changed = asyncio.Event()
-
-    def __call__(self, event: events.Event) -> None:
-        self.seen.append(event)
-        self._changed.set()
-
-    async def first(self, kind: type[Any], seconds: float) -> Any:
-        async with asyncio.timeout(seconds):
-            while True:
-                found = [event for event in self.seen if isinstance(event, kind)]
-                if found:
-                    return found[0]
-                self._changed.clear()
-                await self._changed.wait()
-
-
 @contextlib.asynccontextmanager
 async def in_process_udp_proxy(
     sshd: SshdServer, log: EventLog, dns_server: tuple[str, int]
 ) -> AsyncIterator[tuple[udp_module.UdpSettings, events.Listener]]:
     """pytunnel's UDP ASSOCIATE in this event loop, through the real sshd, with its DNS
     sent to ``dns_server``: the settings (to look at its links) and the listener."""
-    config = Config(
-        Destination(sshd.host, sshd.user, sshd.port),
-        identities=(sshd.client_key,),
-        identities_only=True,
-        ssh_config=(),
-        known_hosts=(sshd.known_hosts,),
-        global_known_hosts=(),
-        host_key_policy=HostKeyPolicy.YES,
-        connect_timeout=10.0,
-    )
-    session = Session(config, log)
+    session = Session(sshd_config(sshd), log)
     proxy: ProxyServer | None = None
     try:
         await asyncio.wait_for(session.connect(), RECV_TIMEOUT)
