@@ -57,7 +57,7 @@ from fixtures.udp_targets import (
 
 import tunnel.udp as udp_module
 from tunnel import events
-from tunnel.app import SshUpstream
+from tunnel.keeper import SshUpstream
 from tunnel.proxy import ProxyServer
 from tunnel.rules import Rules
 from tunnel.session import Session
