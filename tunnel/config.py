@@ -544,8 +544,10 @@ def _yes_no(key: str) -> Callable[[str], bool]:
 # Every ssh option pytunnel understands, for -o and ssh_config both (apply_options here,
 # apply_ssh_config in sshconfig.py read only this table). To support another option, add
 # ONE row: its ssh_config name, the field it sets, the parser that checks its value, its
-# default and help; both readers, the man page and the completions follow. Keys are
-# matched case-insensitively, as ssh does.
+# default and help; both readers, the man page and the completions follow. Its Config
+# field defaults to None (an empty tuple or mapping for repeatable and ``item`` keys), so
+# that ssh_config fills it only where the command line left it open. Keys are matched
+# case-insensitively, as ssh does.
 OPTION_KEYS: dict[str, OptionKey] = {
     key.name.lower(): key
     for key in (
