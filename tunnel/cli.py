@@ -14,7 +14,7 @@ from typing import Any, NoReturn, TextIO
 
 import click
 
-from . import __version__, app, events
+from . import __version__, events
 from .config import LOG_LEVELS as LOG_LEVELS  # the docs generator reads these here
 from .config import OPTION_KEYS as OPTION_KEYS
 from .config import (
@@ -591,6 +591,10 @@ def command(ctx: click.Context, /, **params: Any) -> None:
         sinks.append(OnReady(_background()))
     emit = Tee(*sinks)
     try:
+        # Imported here, not at the top: the SSH side (asyncssh and the crypto it loads)
+        # is most of pytunnel's start-up time, and -V, -h and usage errors never need it.
+        from . import app
+
         status = app.run(config, emit, run_command, prompter, force_exit)
     except TunnelError as exc:
         if view is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import enum
+import functools
 import ipaddress
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -110,7 +111,8 @@ class Config:
     auth_methods: Mapping[str, bool] = field(default_factory=dict)
     preferred_auth: tuple[str, ...] | None = None
     batch_mode: bool | None = None
-    address_family: AddressFamily = AddressFamily.ANY
+    # None where nothing said (ssh_config, then any, decides).
+    address_family: AddressFamily | None = None
     gateway_ports: bool | None = None
     # -J / ProxyJump and ProxyCommand as given (None: not given, so ssh_config decides;
     # () and "none": none, which also keeps ssh_config's from applying).
@@ -456,32 +458,6 @@ def merge_forwards(forwards: Iterable[Forward]) -> tuple[Forward, ...]:
     return tuple(dict.fromkeys(forwards))
 
 
-# -o keys pytunnel understands, with what each one sets. Keys are matched
-# case-insensitively, as ssh does.
-_OptionSetter = Callable[[dict[str, Any], str], None]
-
-
-def _set(field: str, parse: Callable[[str], object]) -> _OptionSetter:
-    def setter(values: dict[str, Any], value: str) -> None:
-        values[field] = parse(value)
-
-    return setter
-
-
-def _set_auth(method: str, key: str) -> _OptionSetter:
-    def setter(values: dict[str, Any], value: str) -> None:
-        values.setdefault("auth_methods", {})[method] = parse_yes_no(key, value)
-
-    return setter
-
-
-def _set_algorithms(field: str, key: str) -> _OptionSetter:
-    def setter(values: dict[str, Any], value: str) -> None:
-        values.setdefault("algorithms", {})[field] = parse_algorithms(key, value)
-
-    return setter
-
-
 # LogLevel -> the -v count it means (-1 for quiet).
 LOG_LEVELS = {
     "QUIET": -1,
@@ -505,48 +481,80 @@ def parse_log_level(value: str) -> int:
         ) from None
 
 
-def _set_proxy(field: str, parse: Callable[[str], object]) -> _OptionSetter:
-    """ProxyJump and ProxyCommand compete: whichever is given first wins, and a later
-    value of either is only checked (ssh_config(5))."""
+class FromFile(enum.Enum):
+    """How a key's ssh_config value reaches the tunnel."""
 
-    def setter(values: dict[str, Any], value: str) -> None:
-        parsed = parse(value)
-        if "jump_hosts" not in values and "proxy_command" not in values:
-            values[field] = parsed
-
-    return setter
-
-
-def _add_forward(values: dict[str, Any], value: str) -> None:
-    values.setdefault("forwards", []).append(parse_forward(value))
-
-
-def _add_reverse_forward(values: dict[str, Any], value: str) -> None:
-    values.setdefault("reverse_forwards", []).append(parse_reverse_forward(value))
-
-
-def _add_identity(values: dict[str, Any], value: str) -> None:
-    values.setdefault("identities", []).append(value)
+    # apply_ssh_config sets the field where the command line left it open.
+    MERGED = "merged"
+    # asyncssh reads it when it connects (HostName, User, Port): the Host and Match
+    # blocks must keep matching the destination as given, so it is not copied into it.
+    AT_CONNECT = "at connect"
+    # Checked in ssh_config, used from -o only (LogLevel: logging is set up before
+    # ssh_config is read; ExitOnForwardFailure: pytunnel always exits).
+    CHECKED_ONLY = "checked only"
 
 
 @dataclass(frozen=True, slots=True)
 class OptionKey:
-    """One ``-o`` key: its ssh_config name, what it sets, its default and meaning (the
-    man page and completions are generated from these)."""
+    """One ssh option pytunnel understands, for ``-o KEY=VALUE`` and ssh_config alike:
+    the field it sets, the parser that checks and converts its value (the same for
+    both), and its default and meaning (the man page and completions come from these)."""
 
     name: str
-    setter: _OptionSetter
+    # The key in apply_options' result: a Config field, or one build_config folds into
+    # another (user, port and hostname into the destination; log_level into -v).
+    field: str
+    parse: Callable[[str], object]
     default: str
     help: str
+    # Every value adds (IdentityFile, DynamicForward); otherwise the first one wins.
     repeatable: bool = False
+    # The field is a mapping, and this key sets its entry ``item`` (auth methods,
+    # algorithm lists).
+    item: str | None = None
+    # Keys with the same slot compete: whichever is given first wins, and later values of
+    # any of them are only checked (ProxyJump and ProxyCommand, ssh_config(5)).
+    slot: str | None = None
+    from_file: FromFile = FromFile.MERGED
+    # In ssh_config, ``KEY none`` is the first value but sets nothing (the file's
+    # default stays), as asyncssh and earlier pytunnel read these lines.
+    none_unsets: bool = False
+    # ssh_config lines of this key that belong to other tools and are passed over (a
+    # shared file's static RemoteForward is ssh's, not a reverse dynamic one).
+    file_skips: Callable[[str], bool] | None = None
+
+    def setter(self, values: dict[str, Any], value: str) -> None:
+        """Put one value into ``values`` (apply_options' result), as the key says."""
+        parsed = self.parse(value)
+        if self.repeatable:
+            values.setdefault(self.field, []).append(parsed)
+        elif self.item is not None:
+            values.setdefault(self.field, {})[self.item] = parsed
+        elif self.slot is not None:
+            if not any(k.field in values for k in OPTION_KEYS.values() if k.slot == self.slot):
+                values[self.field] = parsed
+        else:
+            values[self.field] = parsed
 
 
+def _yes_no(key: str) -> Callable[[str], bool]:
+    return lambda value: parse_yes_no(key, value)
+
+
+# Every ssh option pytunnel understands, for -o and ssh_config both (apply_options here,
+# apply_ssh_config in sshconfig.py read only this table). To support another option, add
+# ONE row: its ssh_config name, the field it sets, the parser that checks its value, its
+# default and help; both readers, the man page and the completions follow. Its Config
+# field defaults to None (an empty tuple or mapping for repeatable and ``item`` keys), so
+# that ssh_config fills it only where the command line left it open. Keys are matched
+# case-insensitively, as ssh does.
 OPTION_KEYS: dict[str, OptionKey] = {
     key.name.lower(): key
     for key in (
         OptionKey(
             "StrictHostKeyChecking",
-            _set("host_key_policy", parse_host_key_policy),
+            "host_key_policy",
+            parse_host_key_policy,
             "ask",
             "ask: ask about unknown host keys on a terminal, refuse them without one; yes: "
             "refuse unknown and changed keys; accept-new: record unknown keys, refuse "
@@ -555,95 +563,132 @@ OPTION_KEYS: dict[str, OptionKey] = {
         ),
         OptionKey(
             "UserKnownHostsFile",
-            _set("known_hosts", split_paths),
+            "known_hosts",
+            split_paths,
             "~/.ssh/known_hosts ~/.ssh/known_hosts2",
             "known_hosts files to check (and to add accepted keys to, the first one)",
+            none_unsets=True,
         ),
         OptionKey(
             "GlobalKnownHostsFile",
-            _set("global_known_hosts", split_paths),
+            "global_known_hosts",
+            split_paths,
             "/etc/ssh/ssh_known_hosts /etc/ssh/ssh_known_hosts2",
             "system-wide known_hosts files",
+            none_unsets=True,
         ),
         OptionKey(
             "ConnectTimeout",
-            _set("connect_timeout", lambda v: parse_seconds("ConnectTimeout", v)),
+            "connect_timeout",
+            lambda v: parse_seconds("ConnectTimeout", v),
             "15",
             "seconds to wait for the SSH connection and login",
         ),
-        OptionKey("Port", _set("port", lambda v: parse_port(v, what="Port")), "22", "SSH port"),
-        OptionKey("User", _set("user", str), "the local user", "user to log in as"),
+        OptionKey(
+            "Port",
+            "port",
+            lambda v: parse_port(v, what="Port"),
+            "22",
+            "SSH port",
+            from_file=FromFile.AT_CONNECT,
+        ),
+        OptionKey(
+            "User",
+            "user",
+            str,
+            "the local user",
+            "user to log in as",
+            from_file=FromFile.AT_CONNECT,
+        ),
         OptionKey(
             "IdentityFile",
-            _add_identity,
+            "identities",
+            str,
             "~/.ssh/id_*",
             "private key file to authenticate with",
             repeatable=True,
         ),
         OptionKey(
             "DynamicForward",
-            _add_forward,
+            "forwards",
+            parse_forward,
             "none",
             "[bind_address:]port to serve SOCKS on, as -D",
             repeatable=True,
         ),
         OptionKey(
             "RemoteForward",
-            _add_reverse_forward,
+            "reverse_forwards",
+            parse_reverse_forward,
             "none",
             "[bind_address:]port for the server to serve SOCKS on, as -R",
             repeatable=True,
+            # Only one-field lines are reverse dynamic ones; the static kind (port
+            # host:hostport), common in a config shared with ssh, is ssh's.
+            file_skips=lambda value: len(value.split()) != 1,
         ),
         OptionKey(
             "ServerAliveInterval",
-            _set("keepalive_interval", lambda v: parse_interval("ServerAliveInterval", v)),
+            "keepalive_interval",
+            lambda v: parse_interval("ServerAliveInterval", v),
             "15",
             "seconds between keepalive requests when the server is quiet (0: off)",
         ),
         OptionKey(
             "ServerAliveCountMax",
-            _set("keepalive_count", lambda v: parse_count("ServerAliveCountMax", v, low=1)),
+            "keepalive_count",
+            lambda v: parse_count("ServerAliveCountMax", v, low=1),
             "3",
             "unanswered keepalives before the session counts as lost",
         ),
         OptionKey(
             "HostName",
-            _set("hostname", lambda v: parse_destination(v).host),
+            "hostname",
+            lambda v: parse_destination(v).host,
             "the destination",
             "real host name to connect to",
+            from_file=FromFile.AT_CONNECT,
         ),
         OptionKey(
             "IdentitiesOnly",
-            _set("identities_only", lambda v: parse_yes_no("IdentitiesOnly", v)),
+            "identities_only",
+            _yes_no("IdentitiesOnly"),
             "no",
             "use only the identity files given, not every key the agent holds",
         ),
         OptionKey(
             "ProxyJump",
-            _set_proxy("jump_hosts", parse_jump_hosts),
+            "jump_hosts",
+            parse_jump_hosts,
             "none",
             "[user@]host[:port][,...] jump hosts to reach the server through, as -J",
+            slot="proxy",
         ),
         OptionKey(
             "ProxyCommand",
-            _set_proxy("proxy_command", parse_proxy_command),
+            "proxy_command",
+            parse_proxy_command,
             "none",
             "shell command whose stdin and stdout reach the server (%h host, %p port, "
             "%r user, %n name as given, %% a %); ProxyJump and ProxyCommand: the first "
             "given wins",
+            slot="proxy",
         ),
         OptionKey(
             "BatchMode",
-            _set("batch_mode", lambda v: parse_yes_no("BatchMode", v)),
+            "batch_mode",
+            _yes_no("BatchMode"),
             "no",
             "never ask for a password, passphrase or host-key confirmation",
         ),
         *(
             OptionKey(
                 key,
-                _set_auth(method, key),
+                "auth_methods",
+                _yes_no(key),
                 "yes",
                 f"allow {method} authentication",
+                item=method,
             )
             for key, method in (
                 ("PubkeyAuthentication", "publickey"),
@@ -653,19 +698,28 @@ OPTION_KEYS: dict[str, OptionKey] = {
         ),
         OptionKey(
             "PreferredAuthentications",
-            _set("preferred_auth", parse_preferred_auth),
+            "preferred_auth",
+            parse_preferred_auth,
             "publickey,keyboard-interactive,password",
             "the order to try authentication methods in",
         ),
         OptionKey(
             "Compression",
-            _set("compression", lambda v: parse_yes_no("Compression", v)),
+            "compression",
+            _yes_no("Compression"),
             "no",
             "compress the SSH connection, as -C",
         ),
         *(
-            OptionKey(key, _set_algorithms(field, key), "asyncssh's list", help)
-            for key, field, help in (
+            OptionKey(
+                key,
+                "algorithms",
+                functools.partial(parse_algorithms, key),
+                "asyncssh's list",
+                help,
+                item=item,
+            )
+            for key, item, help in (
                 ("Ciphers", "ciphers", "ciphers, in order of preference (+, - or ^ edit)"),
                 ("KexAlgorithms", "kex", "key exchange algorithms"),
                 ("HostKeyAlgorithms", "host_key_algorithms", "host key algorithms"),
@@ -674,28 +728,34 @@ OPTION_KEYS: dict[str, OptionKey] = {
         ),
         OptionKey(
             "AddressFamily",
-            _set("address_family", parse_address_family),
+            "address_family",
+            parse_address_family,
             "any",
             "any, inet (IPv4 only, as -4) or inet6 (IPv6 only, as -6) for the SSH connection",
         ),
         OptionKey(
             "GatewayPorts",
-            _set("gateway_ports", lambda v: parse_yes_no("GatewayPorts", v)),
+            "gateway_ports",
+            _yes_no("GatewayPorts"),
             "no",
             "let -D without an address listen on every interface, as -g",
         ),
         OptionKey(
             "ExitOnForwardFailure",
-            _set("exit_on_forward_failure", lambda v: parse_yes_no("ExitOnForwardFailure", v)),
+            "exit_on_forward_failure",
+            _yes_no("ExitOnForwardFailure"),
             "yes",
             "accepted for compatibility: pytunnel always exits (status 3) when a listener "
             "cannot be bound",
+            from_file=FromFile.CHECKED_ONLY,
         ),
         OptionKey(
             "LogLevel",
-            _set("log_level", parse_log_level),
+            "log_level",
+            parse_log_level,
             "INFO",
             "QUIET, FATAL, ERROR (as -q), INFO, VERBOSE (as -v), DEBUG, DEBUG1-3 (as -vv, -vvv)",
+            from_file=FromFile.CHECKED_ONLY,
         ),
     )
 }

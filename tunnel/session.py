@@ -724,7 +724,7 @@ class Session:
             kwargs["agent_identities"] = _expand(cfg.identities)
         # Encrypted keys are decrypted by _client_keys (or skipped): asyncssh never asks.
         kwargs["ignore_encrypted"] = True
-        if cfg.address_family is not AddressFamily.ANY:
+        if cfg.address_family not in (None, AddressFamily.ANY):
             kwargs["family"] = _FAMILIES[cfg.address_family]
         return kwargs
 

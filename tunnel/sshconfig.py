@@ -14,66 +14,103 @@ import getpass
 import glob
 import logging
 import os
+from collections.abc import Callable
 from typing import Any, cast
 
 from asyncssh.config import ConfigParseError, SSHClientConfig, SSHConfig
 
 from .config import (
     DEFAULT_SSH_PORT,
+    OPTION_KEYS,
     SSH_CONFIG_KEYWORDS,
     Config,
     Destination,
+    FromFile,
+    OptionKey,
     expand_proxy_command,
-    merge_forwards,
-    parse_forward,
-    parse_host_key_policy,
-    parse_jump_hosts,
-    parse_proxy_command,
-    parse_reverse_forward,
 )
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 
-def _append_whole_line(config: SSHConfig, option: str, args: list[str]) -> None:
-    """Keep every argument of a repeatable line (``RemoteForward 8080 web:80`` is two)."""
-    value = " ".join(args)
-    args.clear()
-    if value.lower() != "none":
-        values: list[str] = config._options.setdefault(option, [])  # type: ignore[assignment]
-        values.append(value)
+def _table_line(key: OptionKey) -> Callable[[SSHConfig, str, list[str]], None]:
+    """The reader of one table key's lines: the value checked by the key's own parser
+    (the one -o uses; an error names the file and line) and kept as parsed, the first
+    value winning unless the key is repeatable, as ssh reads the file."""
+
+    def handler(config: SSHConfig, option: str, args: list[str]) -> None:
+        # The whole line: "RemoteForward 8080 web:80" is two arguments, and a ProxyCommand
+        # comes as the rest of the line ("=" included if used).
+        value = " ".join(args).strip().removeprefix("=").strip()
+        args.clear()
+        options: dict[str, object] = config._options
+        if key.repeatable:
+            if value.lower() == "none" or (key.file_skips is not None and key.file_skips(value)):
+                return
+            parsed = _checked(config, key, value)
+            cast(list[object], options.setdefault(option, [])).append(parsed)
+            return
+        if key.none_unsets and value.lower() == "none":
+            options.setdefault(option, None)
+            return
+        parsed = _checked(config, key, value)
+        if key.slot is not None:
+            # Keys of one slot compete for it: the first line of any of them wins, "none"
+            # included (ssh_config(5)); kept as written, its tokens expanded later.
+            options.setdefault(_slot(key.slot), (key.name, value))
+        else:
+            options.setdefault(option, parsed)
+
+    return handler
 
 
-def _proxy_line(config: SSHConfig, option: str, args: list[str]) -> None:
-    """ProxyJump and ProxyCommand compete for one slot: the first line of either wins,
-    ``none`` included (ssh_config(5)). The value is kept as written: ProxyCommand's
-    tokens are expanded later, ssh's way, not with asyncssh's wider set."""
-    # asyncssh hands ProxyCommand over as the rest of the line, "=" included if used.
-    value = " ".join(args).strip().removeprefix("=").strip()
-    args.clear()
-    if "Proxy" not in config._options:
-        config._options["Proxy"] = (option, value)
+def _connect_line(key: OptionKey) -> Callable[[SSHConfig, str, list[str]], None]:
+    """The reader of a key asyncssh resolves when it connects: asyncssh's own (tokens,
+    Match), the value checked by the table's parser as -o checks it."""
+    _, read = SSHClientConfig._handlers[key.name.lower()]
+
+    def handler(config: SSHConfig, option: str, args: list[str]) -> None:
+        first = option not in config._options
+        if len(args) == 1 and "%" not in args[0]:
+            _checked(config, key, args[0])
+        read(config, option, args)
+        if first and option in config._options:
+            # HostName's tokens are expanded as it is read: check what they made.
+            _checked(config, key, str(config._options[option]))
+
+    return handler
+
+
+def _checked(config: SSHConfig, key: OptionKey, value: str) -> object:
+    try:
+        return key.parse(value)
+    except ConfigError as exc:
+        # As for -o: the key and the value written, unless the message names them.
+        what = "" if key.name in exc.message else f"{key.name} {value!r}: "
+        config._error(f"{what}{exc.message}")
+
+
+def _slot(name: str) -> str:
+    return f"pytunnel slot {name}"
 
 
 class _FileConfig(SSHClientConfig):
     """asyncssh's ssh_config reader (Host and Match matching, Include, first value wins)
-    that also keeps the keys asyncssh has no use for but a tunnel does."""
+    that reads the keys of pytunnel's option table with the table's own parsers. The
+    keys asyncssh resolves when it connects (HostName, User, Port) keep its readers,
+    their values checked by the table's."""
 
     _handlers = {  # noqa: RUF012 (asyncssh declares it as a plain attribute)
         **SSHClientConfig._handlers,
         **{
-            option.lower(): (option, handler)
-            for option, handler in (
-                ("DynamicForward", SSHConfig._append_string),
-                ("RemoteForward", _append_whole_line),
-                ("StrictHostKeyChecking", SSHConfig._set_string),
-                ("BatchMode", SSHConfig._set_bool),
-                ("GatewayPorts", SSHConfig._set_bool),
-                ("ExitOnForwardFailure", SSHConfig._set_bool),
-                ("ProxyJump", _proxy_line),
-                ("ProxyCommand", _proxy_line),
+            # asyncssh's spelling (Hostname) for its keys: it reads them back by it.
+            name: (
+                (SSHClientConfig._handlers[name][0], _connect_line(key))
+                if key.from_file is FromFile.AT_CONNECT
+                else (key.name, _table_line(key))
             )
+            for name, key in OPTION_KEYS.items()
         },
     }
 
@@ -216,17 +253,15 @@ def _resolve(config: Config, paths: list[str], chain: tuple[str, ...]) -> Config
         jumps = config.jump_hosts
     elif config.proxy_command is not None:
         command = config.proxy_command
-    elif loaded is not None and loaded.get("Proxy") is not None:
-        option, value = cast(tuple[str, str], loaded.get("Proxy"))
-        try:
-            if option == "ProxyJump":
-                jumps = parse_jump_hosts(value)
-                here = (*chain, str(dest))
-            else:
-                command = parse_proxy_command(value)
-        except ConfigError as exc:
-            what = "" if option in exc.message else f"{option} {value!r}: "
-            raise ConfigError(f"in ssh_config: {what}{exc.message}", hint=exc.hint) from exc
+    elif loaded is not None and loaded.get(_slot("proxy")) is not None:
+        option, value = cast(tuple[str, str], loaded.get(_slot("proxy")))
+        # Checked when the line was read; parsed again here, as it was written.
+        route = OPTION_KEYS[option.lower()].parse(value)
+        if isinstance(route, tuple):
+            jumps = route
+            here = (*chain, str(dest))
+        else:
+            command = str(route)
     if jumps:
         # As ssh runs `ssh -J j1,...,jn-1 jn`: the first jump host's own ssh_config
         # route applies to it, the later ones go through the earlier ones. Only the
@@ -258,50 +293,26 @@ def _resolve(config: Config, paths: list[str], chain: tuple[str, ...]) -> Config
 
 
 def _merge(config: Config, loaded: SSHConfig) -> Config:
-    """The settings of the file that the command line left open."""
-
-    def get(option: str) -> Any:
-        return loaded.get(option)
-
+    """The settings of the file that the command line left open, key by key as the option
+    table says: a field the command line set stays; repeatable keys add the file's values
+    after the command line's; a mapping gets the entries the command line did not set."""
     changes: dict[str, Any] = {}
-    forwards = get("DynamicForward") or []
-    # Only one-field RemoteForward lines are reverse dynamic ones; the static kind
-    # (port host:hostport), common for other tools in a shared config, is ssh's.
-    reverse = [text for text in get("RemoteForward") or [] if len(text.split()) == 1]
-    try:
-        if forwards:
-            changes["forwards"] = merge_forwards(
-                [*config.forwards, *(parse_forward(text) for text in forwards)]
-            )
-        if reverse:
-            changes["reverse_forwards"] = merge_forwards(
-                [*config.reverse_forwards, *(parse_reverse_forward(text) for text in reverse)]
-            )
-        if config.host_key_policy is None and get("StrictHostKeyChecking") is not None:
-            changes["host_key_policy"] = parse_host_key_policy(get("StrictHostKeyChecking"))
-    except ConfigError as exc:
-        raise ConfigError(f"in ssh_config: {exc.message}") from exc
-    simple = {
-        "batch_mode": "BatchMode",
-        "gateway_ports": "GatewayPorts",
-        "compression": "Compression",
-        "keepalive_interval": "ServerAliveInterval",
-        "keepalive_count": "ServerAliveCountMax",
-        "connect_timeout": "ConnectTimeout",
-    }
-    for field, option in simple.items():
-        if getattr(config, field) is None and get(option) is not None:
-            changes[field] = get(option)
-    for field, option in (
-        ("known_hosts", "UserKnownHostsFile"),
-        ("global_known_hosts", "GlobalKnownHostsFile"),
-    ):
-        if getattr(config, field) is None and get(option):
-            changes[field] = tuple(get(option))
-    files = [f for f in get("IdentityFile") or [] if f not in config.identities]
-    if files:
-        # As ssh: -i files come first, then the config's; both are offered.
-        changes["identities"] = (*config.identities, *files)
-    if "ciphers" not in config.algorithms and get("Ciphers"):
-        changes["algorithms"] = {**config.algorithms, "ciphers": get("Ciphers")}
+    for key in OPTION_KEYS.values():
+        if key.from_file is not FromFile.MERGED or key.slot is not None:
+            continue  # the route (slot keys) is _resolve's
+        value = loaded.get(key.name)
+        if value is None:
+            continue
+        current = changes.get(key.field, getattr(config, key.field))
+        if key.repeatable:
+            # As ssh: the command line's first (-D, -R, -i), then the file's; a repeat
+            # is one listener, one key.
+            combined = tuple(dict.fromkeys([*current, *cast(list[object], value)]))
+            if combined != tuple(current):
+                changes[key.field] = combined
+        elif key.item is not None:
+            if key.item not in current:
+                changes[key.field] = {**current, key.item: value}
+        elif current is None:
+            changes[key.field] = value
     return dataclasses.replace(config, **changes) if changes else config

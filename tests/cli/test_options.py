@@ -69,7 +69,7 @@ def recorded(monkeypatch: pytest.MonkeyPatch) -> Recorded:
         record.calls.append((config, list(command)))
         return 0
 
-    monkeypatch.setattr(cli.app, "run", fake_run)
+    monkeypatch.setattr("tunnel.app.run", fake_run)
     return record
 
 

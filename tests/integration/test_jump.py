@@ -8,11 +8,11 @@ connection travelled through it), and the target's log the channels to the web t
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from fixtures.keys import generate_ed25519, public_key_line
+from fixtures.keys import SshKeys, generate_ed25519, public_key_line
 from fixtures.pytunnel_proc import PytunnelFactory, Running, run_pytunnel, server_args
 from fixtures.pytunnel_proc import curl_hello as fetch
 from fixtures.sshd import SshdServer
@@ -21,6 +21,23 @@ from fixtures.targets import HttpTarget
 pytestmark = pytest.mark.timeout(90)
 
 MakeSshd = Callable[..., SshdServer]
+
+
+@pytest.fixture(scope="module")
+def jumps(
+    sshd: SshdServer, ssh_keys: SshKeys, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[SshdServer, SshdServer]]:
+    """Two jump hosts for the tests that only read their logs (each since its own mark):
+    one pair of sshd for the module instead of one or two per test. Tests that change
+    a jump host (its authorized_keys) start their own with make_sshd."""
+    servers = [SshdServer(ssh_keys, tmp_path_factory.mktemp("jump")) for _ in range(2)]
+    try:
+        for server in servers:
+            server.start()
+        yield servers[0], servers[1]
+    finally:
+        for server in servers:
+            server.stop()
 
 
 def direct_tcpip_targets(log: str) -> list[tuple[str, int]]:
@@ -54,12 +71,12 @@ def curl_hello(running: Running, http_target: HttpTarget) -> str:
 
 def test_one_jump_host(
     sshd: SshdServer,
-    make_sshd: MakeSshd,
+    jumps: tuple[SshdServer, SshdServer],
     tmp_path: Path,
     pytunnel_factory: PytunnelFactory,
     http_target: HttpTarget,
 ) -> None:
-    jump = make_sshd()
+    jump = jumps[0]
     known = known_hosts_for(tmp_path, jump, sshd)
     jump_mark, target_mark = jump.log_mark(), sshd.log_mark()
     running = pytunnel_factory(
@@ -77,17 +94,17 @@ def test_one_jump_host(
 
 def test_two_jump_hosts(
     sshd: SshdServer,
-    make_sshd: MakeSshd,
+    jumps: tuple[SshdServer, SshdServer],
     tmp_path: Path,
     pytunnel_factory: PytunnelFactory,
     http_target: HttpTarget,
 ) -> None:
-    first, second = make_sshd(), make_sshd()
+    first, second = jumps
     known = known_hosts_for(tmp_path, first, second, sshd)
     marks = [server.log_mark() for server in (first, second)]
-    jumps = f"{hop(first)},{hop(second)}"
+    chain = f"{hop(first)},{hop(second)}"
     running = pytunnel_factory(
-        ["-D", "127.0.0.1:0", "-J", jumps, *server_args(sshd, known_hosts=known)]
+        ["-D", "127.0.0.1:0", "-J", chain, *server_args(sshd, known_hosts=known)]
     )
     assert curl_hello(running, http_target) == http_target.hello_body.decode()
     assert_opened(first, marks[0], second)
@@ -96,11 +113,11 @@ def test_two_jump_hosts(
 
 def test_proxyjump_option(
     sshd: SshdServer,
-    make_sshd: MakeSshd,
+    jumps: tuple[SshdServer, SshdServer],
     tmp_path: Path,
     pytunnel_factory: PytunnelFactory,
 ) -> None:
-    jump = make_sshd()
+    jump = jumps[0]
     known = known_hosts_for(tmp_path, jump, sshd)
     mark = jump.log_mark()
     pytunnel_factory(
@@ -124,9 +141,9 @@ def test_unreachable_jump_host_is_named(sshd: SshdServer, closed_port: int) -> N
 
 
 def test_unknown_jump_host_key_is_refused(
-    sshd: SshdServer, make_sshd: MakeSshd, tmp_path: Path
+    sshd: SshdServer, jumps: tuple[SshdServer, SshdServer], tmp_path: Path
 ) -> None:
-    jump = make_sshd()
+    jump = jumps[0]
     known = known_hosts_for(tmp_path, sshd)  # the target only
     mark = sshd.log_mark()
     result = run_pytunnel(
@@ -201,11 +218,13 @@ def test_proxyjump_in_ssh_config_goes_through_the_jump_alias(
 def test_proxyjump_chains_through_the_jump_hosts_own_proxyjump(
     sshd: SshdServer,
     make_sshd: MakeSshd,
+    jumps: tuple[SshdServer, SshdServer],
     tmp_path: Path,
     pytunnel_factory: PytunnelFactory,
     http_target: HttpTarget,
 ) -> None:
-    outer, inner = make_sshd(), make_sshd()
+    # The outer host gets a key of its own (own_key): a private sshd.
+    outer, inner = make_sshd(), jumps[1]
     outer_key = own_key(tmp_path, outer, "outer_key")
     known = known_hosts_for(tmp_path, outer, inner, sshd)
     path = tmp_path / "ssh_config"
@@ -223,12 +242,12 @@ def test_proxyjump_chains_through_the_jump_hosts_own_proxyjump(
 
 def test_command_line_jump_beats_and_none_cancels_proxyjump_in_ssh_config(
     sshd: SshdServer,
-    make_sshd: MakeSshd,
+    jumps: tuple[SshdServer, SshdServer],
     tmp_path: Path,
     pytunnel_factory: PytunnelFactory,
     closed_port: int,
 ) -> None:
-    jump = make_sshd()
+    jump = jumps[0]
     known = known_hosts_for(tmp_path, jump, sshd)
     path = tmp_path / "ssh_config"
     # The configured jump host cannot be reached: any run that used it would fail.
@@ -257,13 +276,13 @@ def test_command_line_jump_beats_and_none_cancels_proxyjump_in_ssh_config(
 @pytest.mark.parametrize("first", ["ProxyJump", "ProxyCommand"])
 def test_proxyjump_and_proxycommand_whichever_comes_first(
     sshd: SshdServer,
-    make_sshd: MakeSshd,
+    jumps: tuple[SshdServer, SshdServer],
     tmp_path: Path,
     pytunnel_factory: PytunnelFactory,
     closed_port: int,
     first: str,
 ) -> None:
-    jump = make_sshd()
+    jump = jumps[0]
     known = known_hosts_for(tmp_path, jump, sshd)
     lines = {
         "ProxyJump": "    ProxyJump jumpbox\n",
