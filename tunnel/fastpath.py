@@ -112,6 +112,10 @@ PADDING_POOL = 4096
 
 _EMPTY_STRING = String(b"")
 
+# Input handed to asyncssh's parser at a time: one full-size data packet (32 KiB of data
+# and its framing) fits, so most packets are parsed from a buffer of at most two.
+FEED = 36 * 1024
+
 
 class _PaddingPool:
     """Random padding from a buffer refilled from the OS CSPRNG. Every byte is handed out
@@ -147,6 +151,22 @@ class FastPackets(asyncssh.SSHClientConnection):
         # keepalive timer was armed with: the timer is moved only when it fires.
         self._heard = loop.time()
         self._armed_interval = 0.0
+
+    def data_received(self, data: bytes, datatype: int | None = None) -> None:
+        # asyncssh keeps unread input in one bytes object and slices the rest off it twice
+        # per packet: a 256 KiB read (uvloop's size) holding eight 32 KiB packets is
+        # copied about eight times over, in transient objects big enough to grow the heap.
+        # Fed a packet's worth at a time, as if TCP had delivered smaller segments (which
+        # asyncssh must handle anyway), the rest stays small and so do the copies.
+        if len(data) <= FEED:
+            super().data_received(data, datatype)
+            return
+        view = memoryview(data)
+        for at in range(0, len(data), FEED):
+            if self._transport is None:
+                # A packet closed the connection: nothing after it is read, as in stock.
+                return
+            super().data_received(view[at : at + FEED], datatype)  # type: ignore[arg-type]
 
     def send_packet(
         self, pkttype: int, *args: bytes, handler: SSHPacketLogger | None = None
