@@ -31,10 +31,10 @@ pytestmark = [
     pytest.mark.skipif(not sshd_available(), reason="OpenSSH server not installed"),
 ]
 
-# sshd starts a key exchange after every 64 KiB it sends, the client after 256 KiB.
+# sshd starts a key exchange after every 64 KiB it sends, the client after 128 KiB.
 SERVER_REKEY = "64K"
-CLIENT_REKEY = 256 * 1024
-PAYLOAD = 1536 * 1024
+CLIENT_REKEY = 128 * 1024
+PAYLOAD = 512 * 1024
 
 # (encryption, MAC): AEAD, AEAD, encrypt-then-MAC, and MAC-then-encrypt (CTR).
 CIPHERS = {
