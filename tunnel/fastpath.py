@@ -121,16 +121,17 @@ class _PaddingPool:
     """Random padding from a buffer refilled from the OS CSPRNG. Every byte is handed out
     once, so padding stays as unpredictable as ``os.urandom(padlen)`` per packet."""
 
-    __slots__ = ("_at", "_pool")
+    __slots__ = ("_at", "_pool", "_source")
 
-    def __init__(self) -> None:
+    def __init__(self, source: Callable[[int], bytes] = os.urandom) -> None:
+        self._source = source
         self._pool = b""
         self._at = 0
 
     def take(self, count: int) -> bytes:
         at = self._at
         if at + count > len(self._pool):
-            self._pool = os.urandom(max(PADDING_POOL, count))
+            self._pool = self._source(max(PADDING_POOL, count))
             at = 0
         self._at = at + count
         return self._pool[at : at + count]
