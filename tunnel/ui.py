@@ -235,6 +235,8 @@ def event_record(event: events.Event, now: float) -> dict[str, Any]:
                 isinstance(event, events.ConnectionClosed) and value.dropped
             ):
                 record["dropped"] = value.dropped
+            if value.upstream:  # known once the request is routed
+                record["upstream"] = value.upstream
         elif isinstance(value, events.Listener):
             record.update(host=value.host, port=value.port, url=value.url, remote=value.remote)
         elif isinstance(value, tuple) and value and isinstance(value[0], events.Listener):
@@ -244,6 +246,8 @@ def event_record(event: events.Event, now: float) -> dict[str, Any]:
             ]
         elif isinstance(event, events.SessionUp) and field.name == "kex" and not value:
             continue  # asyncssh tells it only where the fast path records it
+        elif field.name == "upstream" and not value:
+            continue  # the command line's own session: its events name no route
         else:
             record[field.name] = value
     return record

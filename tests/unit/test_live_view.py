@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from dataclasses import replace
 import io
 import json
 import re
@@ -453,17 +454,19 @@ REMOTE = events.Listener("127.0.0.1", 2080, remote=True)
 # Every kind of event, with every optional field both present and absent somewhere.
 SAMPLES: list[events.Event] = [
     SESSION_UP,
-    events.Ready((LISTENER, LISTENER6), "s"),
+    events.Ready((LISTENER, LISTENER6), "s", "bastion"),
     events.ListenerStarted(REMOTE),
     events.SessionConnecting("s", 2),
-    events.SessionLost("s", "EOF"),
-    events.ReconnectScheduled("s", 1.5, 2, "EOF"),
+    events.SessionConnecting("s", 1, upstream="lab"),
+    events.SessionLost("s", "EOF", upstream="lab"),
+    events.ReconnectScheduled("s", 1.5, 2, "EOF", upstream="lab"),
     events.ClientAccepted(fresh_info()),
     events.RequestParsed(sample_info(), "socks5", "CONNECT", "db.internal", 5432, True),
-    events.ChannelOpened(sample_info(), 0.5),
+    events.ChannelOpened(sample_info(upstream="lab"), 0.5),
+    events.ChannelFailed(sample_info(upstream="reject"), 2, "not allowed", "rejected by route"),
     events.ChannelFailed(sample_info(), 5, "connection refused", "Connection refused"),
     events.ConnectionClosed(sample_info(), 1, 2, 3.0),
-    events.ConnectionClosed(sample_info(protocol="socks5-udp", dropped=4), 1, 2, 3),
+    events.ConnectionClosed(sample_info(protocol="socks5-udp", dropped=4, upstream="a"), 1, 2, 3),
     events.DatagramsDropped(sample_info(dropped=1), "not DNS", "192.0.2.1:123"),
     events.IncomingRefused("127.0.0.1", 2080, "127.0.0.1:50000", "no such listener"),
     events.ClientRejected(sample_info(), "bad", auth=True),
@@ -504,7 +507,7 @@ def test_the_readme_table_is_read() -> None:
     assert SCHEMA["client_rejected"].sometimes == {"host": "string", "port": "integer"}
     assert SCHEMA["error"].always == {"message": "string", "exit_status": "integer"}
     assert len(SCHEMA["session_up"].always) == 5
-    assert SCHEMA["session_up"].sometimes == {"kex": "string"}
+    assert SCHEMA["session_up"].sometimes == {"kex": "string", "upstream": "string"}
 
 
 def test_schema_covers_every_event_type() -> None:
@@ -536,6 +539,10 @@ def test_session_up_after_ready_follows_the_readme() -> None:
     [_, record] = written([events.Ready((LISTENER,), "s"), SESSION_UP])
     check_record(record)
     assert record["kex"] == SESSION_UP.kex
+    # A route's destination's session names it.
+    [_, routed] = written([events.Ready((LISTENER,), "s"), replace(SESSION_UP, upstream="lab")])
+    check_record(routed)
+    assert routed["upstream"] == "lab"
 
 
 def test_fields_not_known_yet_are_left_out() -> None:
@@ -575,7 +582,7 @@ def test_json_record_values_follow_the_event() -> None:
     assert {k: up[k] for k in ("server_version", "cipher", "kex", "mac", "compression")} == {
         field.name: getattr(SESSION_UP, field.name)
         for field in dataclasses.fields(SESSION_UP)
-        if field.name != "server"
+        if field.name not in ("server", "upstream")
     }
     # A key exchange asyncssh did not tell is left out, not sent empty.
     unknown = dataclasses.replace(SESSION_UP, kex="")
