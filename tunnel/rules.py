@@ -261,7 +261,7 @@ def parse_route(text: str, where: str, check_destination: Callable[[str], object
     if not eq:
         raise ConfigError(f"{where}: bad route {text.strip()!r}: expected RULE=TARGET")
     try:
-        rule = parse_rule(Action.ROUTE, rule_text)
+        rule = parse_rule(Action.ROUTE, rule_text.strip())
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
     names = [name.strip() for name in target_text.split(",")]
