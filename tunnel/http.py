@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 from .errors import ReplyReason
 from .names import BadName, normalize_host
-from .rules import DIRECT, Route, Rule
+from .rules import DIRECT, Action, Route, Rule
 
 # RFC 9110 section 7.6.1 plus the proxy ones: never forwarded, whatever they say.
 HOP_BY_HOP = frozenset(
@@ -226,7 +226,7 @@ def pac_file(
     """Everything through the tunnel; loopback and plain host names direct; and what the
     routes send ``direct``, where a PAC can say so.
     ``listener`` is host:port as the client reached us; ``auth``: the proxy wants a
-    password; ``denied``: the --deny rules, ``routes``: the routes, in order.
+    password; ``denied``: the --allow/--deny rules, ``routes``: the routes, in order.
 
     Only what is surely loopback goes DIRECT: ``localhost``, a dotted-quad literal in
     127.0.0.0/8 (checked octet by octet, so a name like ``127.example.com`` goes
@@ -266,14 +266,24 @@ def _pac_routes(denied: Sequence[Rule], routes: Sequence[Route], proxies: str) -
     (the proxy routes it direct itself). Every route or --deny before it that sends
     elsewhere goes to the proxy, matched generously (ports ignored, any IPv6 literal),
     so the PAC never sends DIRECT what the proxy would send elsewhere or refuse."""
-    clauses: list[tuple[str, str]] = [
-        (_pac_match(rule, exact=False) or "true", proxies) for rule in denied
-    ]
+    clauses: list[tuple[str, str]] = []
+    allowed: list[str] = []  # earlier --allow rules a PAC can match exactly
+    for rule in denied:
+        if rule.action is Action.ALLOW:
+            exact = _pac_match(rule, exact=True)
+            if exact is not None:
+                allowed.append(exact)
+            continue
+        condition = _pac_match(rule, exact=False) or "true"
+        if allowed:
+            # An --allow before it wins for what it matches: those may still go direct.
+            condition = f"({condition}) && !({' || '.join(allowed)})"
+        clauses.append((condition, proxies))
     for route in routes:
         if route.target == (DIRECT,):
-            condition = _pac_match(route.rule, exact=True)
-            if condition is not None:
-                clauses.append((condition, "DIRECT"))
+            exact = _pac_match(route.rule, exact=True)
+            if exact is not None:
+                clauses.append((exact, "DIRECT"))
         else:
             clauses.append((_pac_match(route.rule, exact=False) or "true", proxies))
     # Proxy clauses after the last DIRECT say what the last line says anyway.

@@ -41,7 +41,7 @@ from .handlers.connect import ConnectHandler
 from .handlers.socks import CommandHandler, SocksHandshake, SocksSettings
 from .http_proxy import HttpSession
 from .router import Router, RouteWay
-from .rules import Action, Route, Rule, Rules
+from .rules import Route, Rule, Rules
 from .socks import Command
 from .throttle import LoginThrottle
 from .udp import UdpSettings
@@ -183,9 +183,8 @@ class ProxyClient(asyncio.Protocol):
 
     @property
     def routing(self) -> tuple[tuple[Rule, ...], tuple[Route, ...]]:
-        """The --deny rules and the routes, for the PAC file."""
-        rules = self._server.rules.rules
-        return tuple(r for r in rules if r.action is Action.DENY), self._server.routes
+        """The --allow/--deny rules and the routes, for the PAC file."""
+        return self._server.rules.rules, self._server.routes
 
     @property
     def transport(self) -> asyncio.Transport:

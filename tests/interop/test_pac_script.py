@@ -232,6 +232,19 @@ def test_routes_to_direct_go_direct_and_nothing_else_does(tmp_path: Path) -> Non
     assert answers["fd00::1"] == THROUGH
 
 
+def test_an_earlier_allow_lets_a_direct_route_through_a_later_deny(tmp_path: Path) -> None:
+    from tunnel.config import parse_destination
+    from tunnel.rules import Action, parse_route, parse_rules
+
+    rules = parse_rules([(Action.ALLOW, "*.corp.example"), (Action.DENY, "*")]).rules
+    routes = [parse_route("*.example=direct", "r", parse_destination)]
+    answers = evaluate(
+        tmp_path, pac_file(LISTENER, denied=rules, routes=routes), ["a.corp.example", "b.example"]
+    )
+    # b.example is denied (the proxy refuses it); a.corp.example is allowed, then direct.
+    assert answers == {"a.corp.example": "DIRECT", "b.example": THROUGH}
+
+
 def test_without_direct_routes_the_pac_is_as_before() -> None:
     from tunnel.config import parse_destination
     from tunnel.rules import parse_route
