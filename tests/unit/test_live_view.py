@@ -103,7 +103,7 @@ _ids = iter(range(1, 1_000_000))
 
 
 def connection(
-    clock: FakeClock, host: str, port: int, protocol: str = "socks5", **fields: int
+    clock: FakeClock, host: str, port: int, protocol: str = "socks5", **fields: Any
 ) -> events.ConnectionInfo:
     conn_id = next(_ids)
     return events.ConnectionInfo(
@@ -192,6 +192,30 @@ def test_open_connections_show_destination_protocol_and_bytes(
     # Newest first.
     order = [line.split()[0] for line in screen(view).splitlines() if line[:1].strip().isdigit()]
     assert order == sorted(order, key=int, reverse=True)
+
+
+def test_routes_show_each_destinations_state_and_each_connections_way(
+    view: LiveRenderer, clock: FakeClock
+) -> None:
+    bring_up(view, clock)
+    view(events.Ready((LISTENER,), SERVER, "main"))
+    view(events.SessionConnecting("tester@127.0.0.1:2222", 1, upstream="lab"))
+    view(events.SessionUp("tester@127.0.0.1:2222", "OpenSSH", "c", "k", "m", "none", "lab"))
+    view(events.SessionConnecting("tester@127.0.0.1:2223", 1, upstream="spare"))
+    view(events.SessionLost("tester@127.0.0.1:2223", "refused", upstream="spare"))
+    plain = open_one(view, clock, "intranet.example", 443)
+    routed = connection(clock, "db.lab", 5432, upstream="lab")
+    view(events.ChannelOpened(routed, 0.01))
+    text = screen(view)
+    first, _, ways = text.splitlines()[:3]
+    # The command line's session stays the header's; a route's does not replace it.
+    assert SERVER in first
+    assert "● up" in first
+    assert ways.split() == ["routes:", "lab", "●", "up", "spare", "●", "lost"]
+    rows = {line.split()[0]: line for line in text.splitlines() if line.strip()[:1].isdigit()}
+    assert "lab" in rows[str(routed.id)].split()
+    assert "way" in text.split()
+    assert str(plain.id) in rows
 
 
 @pytest.mark.parametrize("failures", [0, 3])
