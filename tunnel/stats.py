@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 
 from . import events
 
-
 _WAY_STATES: dict[type, str] = {
     events.SessionConnecting: "connecting",
     events.SessionUp: "up",
