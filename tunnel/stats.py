@@ -70,10 +70,10 @@ class Stats:
 
     def apply(self, event: events.Event, now: float) -> None:
         """Fold one event in. ``now`` is the time the event was received."""
-        if (
-            isinstance(event, events.SessionConnecting | events.SessionUp)
-            or isinstance(event, events.SessionLost | events.ReconnectScheduled)
-        ) and event.upstream:
+        session_event = (
+            events.SessionConnecting | events.SessionUp | events.SessionLost
+        ) | events.ReconnectScheduled
+        if isinstance(event, session_event) and event.upstream:
             self.ways[event.upstream] = _WAY_STATES[type(event)]
             return
         match event:
