@@ -79,7 +79,13 @@ def describe(event: events.Event) -> tuple[str, bool] | None:
     described = _describe(event)
     if described is None:
         return None
-    return printable(described[0]), described[1]
+    text = described[0]
+    session_event = (
+        events.SessionConnecting | events.SessionUp | events.SessionLost
+    ) | events.ReconnectScheduled
+    if isinstance(event, session_event) and event.upstream:
+        text = f"route {event.upstream}: {text}"  # not the command line's session
+    return printable(text), described[1]
 
 
 def _describe(event: events.Event) -> tuple[str, bool] | None:

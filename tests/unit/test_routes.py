@@ -267,3 +267,12 @@ def test_udp_rules_refuse_what_a_route_sends_elsewhere() -> None:
     assert rules.denies("x.lab", 53) is not None
     assert rules.denies("10.1.2.3", 53) is not None
     assert rules.denies("example.com", 53) is None
+
+
+def test_plain_lines_say_which_route_a_session_event_is_about() -> None:
+    from tunnel import events
+    from tunnel.ui import describe
+
+    lost = describe(events.SessionLost("u@127.0.0.1:2222", "EOF", upstream="lab"))
+    assert lost == ("route lab: lost u@127.0.0.1:2222: EOF", True)
+    assert describe(events.SessionLost("u@h", "EOF")) == ("lost u@h: EOF", True)
