@@ -242,3 +242,39 @@ def test_routes_file_errors_name_file_and_line(tmp_path: Path) -> None:
     assert f"{routes}:4:" in result.stderr
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_serve_leaves_no_task_behind(sshd: SshdServer, http_target: HttpTarget) -> None:
+    """Every task serve starts (the supervisor's keep_up, a route destination's, the
+    wait for a signal) is cancelled and awaited before it returns (issue 18)."""
+    import asyncio
+    import os
+    import signal
+
+    from fixtures.in_process import EventLog, sshd_config
+
+    from tunnel import app, events
+    from tunnel.config import Forward, parse_destination
+    from tunnel.rules import parse_route
+
+    way = f"{sshd.user}@{sshd.host}:{sshd.port}"
+
+    async def run() -> None:
+        log = EventLog()
+        route = parse_route(f"*:{http_target.port}={way}", "--route", parse_destination)
+        config = sshd_config(sshd, forwards=(Forward("127.0.0.1", 0),), routes=(route,))
+        serving = asyncio.ensure_future(app.serve(config, log))
+        ready = await log.first(events.Ready, 30)
+        listener = ready.listeners[0]
+        reader, writer = await asyncio.open_connection(listener.host, listener.port)
+        writer.write(b"\x05\x01\x00" + b"\x05\x01\x00\x01\x7f\x00\x00\x01")
+        writer.write(http_target.port.to_bytes(2, "big"))
+        assert await asyncio.wait_for(reader.readexactly(4), 30) == b"\x05\x00\x05\x00"
+        writer.close()
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert await asyncio.wait_for(serving, 30) == 0
+        opened = [e for e in log.seen if isinstance(e, events.ChannelOpened)]
+        assert [e.connection.upstream for e in opened] == [way]
+        assert asyncio.all_tasks() == {asyncio.current_task()}
+
+    asyncio.run(run())
