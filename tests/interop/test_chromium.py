@@ -234,14 +234,14 @@ def test_pac_file_follows_the_routes(
     args = ["-D", "127.0.0.1:0", "-F", str(config)]
     with running_pytunnel([*args, *routes, "main"]) as routed:
         pac = f"--proxy-pac-url=http://{routed.netloc}/proxy.pac"
-        before, mark = fence(routed), other.log_mark()
+        before, mark, main_mark = fence(routed), other.log_mark(), sshd.log_mark()
         dom = run_chromium(chromium, tmp_path, f"http://{THIS_HOST}:{port}/hello", pac)
         assert http_target.hello_body.decode().strip() in dom
         # (Chromium may ask for /favicon.ico too: every one went the route's way.)
         opened = wait_since(routed, before, "channel_opened", host=THIS_HOST, port=port)
         assert {event["upstream"] for event in opened} == {"other"}
         assert other.wait_log(f"target {THIS_HOST} port {port}", LOG_TIMEOUT, mark)
-        assert f"port {port}" not in sshd.log_text()
+        assert f"target {THIS_HOST} port {port}" not in sshd.log_text(main_mark)
 
         before = fence(routed)
         dom = run_chromium(
