@@ -75,7 +75,7 @@ end
 
 # Is the word being completed the destination (no destination yet, no "--")?
 function __pytunnel_wants_destination
-    set -l valued -D -R -p -l -i -J -F -o -c -m -E --pidfile --handshake-timeout --open-timeout --reconnect-wait --max-connections --connections --drain --proxy-auth --proxy-password-file --allow --deny --dns-server
+    set -l valued -D -R -p -l -i -J -F -o -c -m -E --pidfile --handshake-timeout --open-timeout --reconnect-wait --max-connections --connections --drain --proxy-auth --proxy-password-file --allow --deny --route --routes --dns-server
     set -l flags -4 -6 -C -g -N -T -f -q -v -V -h
     set -l expect 0
     set -l positional 0
@@ -228,6 +228,8 @@ complete -c pytunnel -l proxy-auth -x -d 'Require this user and a password (from
 complete -c pytunnel -l proxy-password-file -r -F -d 'File whose first line is the --proxy-auth password'
 complete -c pytunnel -l allow -x -d 'Allow destinations: host glob, CIDR or address, optionally :port or :low-high'
 complete -c pytunnel -l deny -x -d 'Refuse destinations (reply 0x02 / HTTP 403) before they reach the server'
+complete -c pytunnel -l route -x -d 'Send what RULE matches (as --allow) to TARGET: direct, reject, or SSH destinations separated by commas, the next used while one is down'
+complete -c pytunnel -l routes -r -F -d 'Read routes from FILE, one RULE=TARGET a line (\'#\' comments)'
 complete -c pytunnel -l udp-helper -d 'SOCKS5 UDP beyond DNS: run a small relay on the server over an exec channel (nothing is installed there)'
 complete -c pytunnel -l dns-server -x -a '(__pytunnel_host_words)' -d 'Send every UDP DNS query (SOCKS5 UDP to port 53) to this resolver, as DNS over TCP from the server, instead of where each query was addressed'
 complete -c pytunnel -l allow-open-proxy -d 'Listen on a non-loopback address without --proxy-auth, serving anyone who can reach it'

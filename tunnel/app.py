@@ -9,11 +9,12 @@ import dataclasses
 import logging
 import os
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 from urllib.parse import quote
 
 from . import events
+from .channels import Channel, ChannelSink
 from .config import (
     Config,
     Destination,
@@ -23,17 +24,21 @@ from .config import (
     literal_forward,
     merge_forwards,
     open_proxy_forwards,
+    parse_destination,
 )
-from .errors import CommandFailed, ConfigError, ExitStatus
+from .errors import CommandFailed, ConfigError, ExitStatus, SessionError
 from .keeper import SshUpstream, Supervisor
 from .platform import on_signals
 from .pool import SessionPool
 from .proxy import ProxyServer
+from .retry import is_retryable
 from .reverse import ReverseForwards
+from .router import Choice, RouteWay
+from .rules import DIRECT, REJECT, RoutedRules
 from .session import Session
 from .sshconfig import apply_ssh_config
 from .udp import UdpSettings
-from .upstreams import Direct
+from .upstreams import Direct, Reject, Request
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +63,212 @@ class _Stop:
         self.signal = signum
         self.status = ExitStatus.INTERRUPTED if signum == signal.SIGINT else ExitStatus.OK
         self.event.set()
+
+
+class _Owner:
+    """Owns the tasks started while serving (each route destination's supervisor):
+    ``close`` cancels and awaits them. A task that fails unexpectedly is logged."""
+
+    def __init__(self) -> None:
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(work)
+        self.tasks.add(task)
+        task.add_done_callback(self._done)
+        return task
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("a background task failed", exc_info=task.exception())
+
+    async def close(self) -> None:
+        tasks = list(self.tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+_SESSION_EVENTS = (
+    events.SessionConnecting,
+    events.SessionUp,
+    events.SessionLost,
+    events.ReconnectScheduled,
+)
+
+
+class SshWay:
+    """A route's SSH destination: its own session (or pool), supervisor and state. It
+    connects on first use, so a route to a host that is down never holds up the start;
+    after a failure its supervisor keeps retrying in the background, and the router
+    meanwhile sends the route's requests to the next destination of its list."""
+
+    def __init__(
+        self,
+        label: str,
+        config: Config,
+        emit: events.Sink,
+        prompter: events.Prompter | None,
+        owner: _Owner,
+    ) -> None:
+        self.name = label
+        self.config = config
+        self._emit_to = emit
+        self.session = Session(config, self.emit, prompter)
+        self.pool = (
+            SessionPool(self.session, config.ssh_connections)
+            if config.ssh_connections > 1
+            else None
+        )
+        self.upstream = SshUpstream(self.pool or self.session)
+        # A first connection that fails is retried like a lost one: this destination
+        # is one way among several, and never decides whether the tunnel runs.
+        self.supervisor = Supervisor(
+            self.session, dataclasses.replace(config, retry_start=True), self.emit
+        )
+        self.owner = owner
+        self.task: asyncio.Task[None] | None = None
+        self.down_reason: str | None = None  # set while known down
+        self.dead: str | None = None  # a failure retrying cannot fix
+        self._changed = asyncio.Event()
+
+    def emit(self, event: events.Event) -> None:
+        """The session's events, labelled with this destination; they also move its
+        state (the router reads it)."""
+        if isinstance(event, _SESSION_EVENTS):
+            event = dataclasses.replace(event, upstream=self.name)
+            if isinstance(event, events.SessionLost | events.ReconnectScheduled):
+                self.down_reason = event.reason
+            elif isinstance(event, events.SessionUp):
+                self.down_reason = None
+            self._emit_to(event)
+            self._wake()
+            return
+        self._emit_to(event)
+
+    def _wake(self) -> None:
+        # Everyone waiting sees the change; later waiters wait for the next one.
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    @property
+    def is_up(self) -> bool:
+        return self.session.is_up
+
+    @property
+    def is_down(self) -> bool:
+        return not self.is_up and (self.dead is not None or self.down_reason is not None)
+
+    def start(self) -> None:
+        if self.task is None:
+            self.task = self.owner.spawn(self._run())
+
+    async def _run(self) -> None:
+        try:
+            try:
+                await self.session.connect()
+            except SessionError as exc:
+                if not is_retryable(exc):
+                    raise
+                self.down_reason = exc.message
+                self._wake()
+                await self.supervisor.start()
+            await self.supervisor.keep_up()
+        except SessionError as exc:
+            self.dead = exc.message
+            self._emit_to(
+                events.Notice(
+                    f"route destination {self.name} failed for good: {exc.message}; "
+                    "what is routed to it fails until pytunnel is restarted"
+                )
+            )
+            self._wake()
+
+    async def _wait(self, within: float, done: Callable[[], bool]) -> bool:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        while not done():
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), remaining)
+        return self.is_up
+
+    async def settle(self) -> bool:
+        """Connect on first use; wait until up or known down, within --open-timeout."""
+        self.start()
+        return await self._wait(self.config.open_timeout, lambda: self.is_up or self.is_down)
+
+    async def wait_up(self, within: float) -> bool:
+        self.start()
+        return await self._wait(within, lambda: self.is_up or self.dead is not None)
+
+    async def open(self, request: Request, sink: ChannelSink) -> Channel:
+        return await self.upstream.open(request, sink)
+
+    async def close(self) -> None:
+        if self.pool is not None:
+            await self.pool.close()
+        await self.session.close()
+
+
+def route_config(base: Config, alias: str) -> Config:
+    """A route destination's own settings: the command line's SSH options (-o, -i, -c
+    and the like, which ssh applies to any host), but its own ssh_config block, host
+    keys, jump hosts and ProxyCommand. -J, ProxyJump and ProxyCommand on the command
+    line belong to the command line's destination."""
+    return apply_ssh_config(
+        dataclasses.replace(
+            base,
+            destination=parse_destination(alias),
+            jump_hosts=None,
+            proxy_command=None,
+            hops=(),
+            proxy_run=None,
+            forwards=(),
+            reverse_forwards=(),
+            routes=(),
+        )
+    )
+
+
+def make_way(
+    label: str,
+    config: Config,
+    emit: events.Sink,
+    prompter: events.Prompter | None,
+    owner: _Owner,
+) -> SshWay:
+    """The way out through one SSH destination of a route: the one place that decides
+    what carries it (an asyncssh session today)."""
+    return SshWay(label, route_config(config, label), emit, prompter, owner)
+
+
+def build_routes(
+    config: Config,
+    direct: Direct,
+    emit: events.Sink,
+    prompter: events.Prompter | None,
+    owner: _Owner,
+) -> tuple[list[RouteWay], list[SshWay]]:
+    """Each route with its target made concrete; a destination named in several routes
+    is one session, shared."""
+    ways: dict[str, SshWay] = {}
+    routed: list[RouteWay] = []
+    for route in config.routes:
+        if route.target == (DIRECT,):
+            choice = Choice(DIRECT, direct)
+        elif route.target == (REJECT,):
+            choice = Choice(REJECT, Reject(f"rejected by route {route}"))
+        else:
+            for alias in route.target:
+                if alias not in ways:
+                    ways[alias] = make_way(alias, config, emit, prompter, owner)
+            choice = Choice(route.label, standbys=tuple(ways[a] for a in route.target))
+        routed.append(RouteWay(route, choice))
+    return routed, list(ways.values())
 
 
 def listeners_to_open(config: Config) -> Config:
@@ -185,6 +396,10 @@ async def serve(
     undo_signals = on_signals(loop, (signal.SIGINT, signal.SIGTERM), stop.request)
     try:
         async with contextlib.AsyncExitStack() as stack:
+            # What no route matches goes to the command line's destination: its label
+            # is that destination as written (an ssh_config alias, say).
+            label = "demo" if config.demo else str(config.destination)
+            given = config
             if config.demo:
                 from .demo import demo_server
 
@@ -207,10 +422,20 @@ async def serve(
                 opener = pool = SessionPool(session, config.ssh_connections)
                 stack.push_async_callback(pool.close)
             upstream = SshUpstream(opener)
+            upstream.name = label
+            owner = _Owner()
+            direct = Direct(config.open_timeout)
+            routes, ways = build_routes(given, direct, emit, prompter, owner)
+            for way in ways:
+                stack.push_async_callback(way.close)
+            # Cancelled and awaited before the ways close (the stack unwinds in reverse).
+            stack.push_async_callback(owner.close)
             udp = UdpSettings(
                 upstream=upstream,
                 runner=session,
-                rules=config.rules,
+                # UDP goes through the command line's destination only: what a route
+                # sends elsewhere is refused there.
+                rules=RoutedRules(config.rules.rules, tuple(way.route for way in routes)),
                 emit=emit,
                 dns_server=config.dns_server,
                 helper=config.udp_helper,
@@ -224,6 +449,8 @@ async def serve(
                 credentials=config.proxy_credentials,
                 binder=session,
                 udp=udp,
+                routes=routes,
+                reconnect_wait=config.reconnect_wait,
             )
             stack.push_async_callback(session.close)
             stack.push_async_callback(proxy.close)
@@ -267,7 +494,7 @@ async def serve(
             # the local port took its first client.
             remote = await reverse.open() if reverse is not None else []
             listeners = proxy.start_accepting() + remote
-            emit(events.Ready(tuple(listeners), session.server))
+            emit(events.Ready(tuple(listeners), session.server, label))
             if config.demo and not command:
                 from .demo import DEMO_HOST
 

@@ -35,7 +35,7 @@ from .config import OptionKey as OptionKey
 from .errors import ConfigError, ExitStatus, TunnelError
 from .names import printable
 from .notify import OnReady, SystemdNotifier
-from .rules import Action, parse_rules
+from .rules import Action, Route, parse_route, parse_routes_file, parse_rules
 from .ui import TIMESTAMP_FORMAT, JsonRenderer, PlainRenderer, Tee, TerminalPrompter, error_record
 
 PROG = "pytunnel"
@@ -125,6 +125,7 @@ class _Command(click.Command):
             ctx.meta["pytunnel.command"] = args[cut + 1 :]
             args = args[:cut]
         ctx.meta["pytunnel.rules"] = _ordered_rules(args)
+        ctx.meta["pytunnel.routes"] = _ordered_routes(args)
         return super().parse_args(ctx, args)
 
 
@@ -141,6 +142,39 @@ def _ordered_rules(args: Sequence[str]) -> list[tuple[Action, str]]:
             elif index + 1 < len(args):
                 found.append((names[name], args[index + 1]))
     return found
+
+
+def _ordered_routes(args: Sequence[str]) -> list[tuple[str, str]]:
+    """--route and --routes in the order given, as --allow and --deny: the first route
+    that matches wins, whichever of the two options gave it."""
+    found: list[tuple[str, str]] = []
+    for index, arg in enumerate(args):
+        name, eq, value = arg.partition("=")
+        if name in ("--route", "--routes"):
+            if eq:
+                found.append((name, value))
+            elif index + 1 < len(args):
+                found.append((name, args[index + 1]))
+    return found
+
+
+def read_routes(ordered: Sequence[tuple[str, str]]) -> tuple[Route, ...]:
+    """Every route, in order; a bad one (or a file that cannot be read) is a
+    :class:`ConfigError` naming where it was given."""
+    routes: list[Route] = []
+    for option, value in ordered:
+        if option == "--route":
+            routes.append(parse_route(value, "--route", parse_destination))
+            continue
+        try:
+            with open(value, encoding="utf-8") as handle:
+                text = handle.read()
+        except OSError as exc:
+            raise ConfigError(f"cannot read --routes {value}: {exc.strerror}") from exc
+        except UnicodeDecodeError:
+            raise ConfigError(f"cannot read --routes {value}: not UTF-8 text") from None
+        routes.extend(parse_routes_file(text, value, parse_destination))
+    return tuple(routes)
 
 
 PASSWORD_ENV = "PYTUNNEL_PROXY_PASSWORD"
@@ -452,6 +486,23 @@ def _seconds(default: float, *, positive: bool = True) -> dict[str, Any]:
     "--deny '*' last makes an allowlist.",
 )
 @click.option(
+    "--route",
+    "route_specs",
+    multiple=True,
+    metavar="RULE=TARGET",
+    help="Send what RULE matches (as --allow) to TARGET: direct, reject, or SSH "
+    "destinations separated by commas, the next used while one is down. Repeatable; the "
+    "first match wins; the rest goes to the destination.",
+)
+@click.option(
+    "--routes",
+    "routes_files",
+    multiple=True,
+    type=click.Path(dir_okay=False),
+    metavar="FILE",
+    help="Read routes from FILE, one RULE=TARGET a line ('#' comments).",
+)
+@click.option(
     "--udp-helper",
     is_flag=True,
     help="SOCKS5 UDP beyond DNS: run a small relay on the server over an exec channel "
@@ -521,6 +572,7 @@ def command(ctx: click.Context, /, **params: Any) -> None:
             drain=params["drain"],
             ssh_connections=params["connections"],
             rules=parse_rules(ctx.meta.get("pytunnel.rules", [])),
+            routes=read_routes(ctx.meta.get("pytunnel.routes", [])),
             proxy_credentials=proxy_credentials(
                 params["proxy_auth"], params["proxy_password_file"]
             ),

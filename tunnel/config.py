@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigError
-from .rules import Rules
+from .rules import Route, Rules
 
 DEFAULT_SSH_PORT = 22
 DEFAULT_CONNECT_TIMEOUT = 15.0
@@ -124,6 +124,8 @@ class Config:
     hops: tuple[Config, ...] = ()
     proxy_run: str | None = None
     rules: Rules = field(default_factory=Rules)
+    # --route/--routes in the order given: first match wins, after --allow/--deny.
+    routes: tuple[Route, ...] = ()
     # --proxy-auth: clients of the listeners must log in (SOCKS5 RFC 1929, HTTP Basic).
     proxy_credentials: tuple[bytes, bytes] | None = field(default=None, repr=False)
     allow_open_proxy: bool = False

@@ -186,6 +186,8 @@ class ChannelOpenFailed(TunnelError):
     def __init__(self, reason: ReplyReason, message: str) -> None:
         super().__init__(message)
         self.reason = reason
+        # The label of the way out that failed (a route's target), set by the router.
+        self.upstream = ""
 
 
 class RemoteCommandEnded(TunnelError):

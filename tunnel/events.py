@@ -34,6 +34,9 @@ class ConnectionInfo:
     open: bool = False
     # UDP associations only: datagrams the relay could not pass on (see DatagramsDropped).
     dropped: int = 0
+    # The way out once routed: the destination's label (the alias as written in the
+    # route or on the command line), "direct" or "reject"; "" until then.
+    upstream: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,12 +64,16 @@ class Ready:
 
     listeners: tuple[Listener, ...]
     server: str
+    # The command line's destination as written: the label of what no route matches.
+    upstream: str = ""
 
 
 @dataclass(frozen=True, slots=True)
 class SessionConnecting:
     server: str
     attempt: int
+    # A route's destination: its label as written; "" for the command line's.
+    upstream: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,12 +84,16 @@ class SessionUp:
     kex: str
     mac: str
     compression: str
+    # A route's destination: its label as written; "" for the command line's.
+    upstream: str = ""
 
 
 @dataclass(frozen=True, slots=True)
 class SessionLost:
     server: str
     reason: str
+    # A route's destination: its label as written; "" for the command line's.
+    upstream: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +102,8 @@ class ReconnectScheduled:
     delay: float
     attempt: int
     reason: str
+    # A route's destination: its label as written; "" for the command line's.
+    upstream: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,12 +12,15 @@ import base64
 import binascii
 import enum
 import hmac
+import ipaddress
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from .errors import ReplyReason
 from .names import BadName, normalize_host
+from .rules import DIRECT, Action, Route, Rule
 
 # RFC 9110 section 7.6.1 plus the proxy ones: never forwarded, whatever they say.
 HOP_BY_HOP = frozenset(
@@ -213,16 +216,23 @@ def check_basic(header: bytes | None, username: bytes, password: bytes) -> bool:
     return same_user and same_secret
 
 
-def pac_file(listener: str, *, auth: bool = False) -> bytes:
-    """Everything through the tunnel; loopback and plain host names direct.
+def pac_file(
+    listener: str,
+    *,
+    auth: bool = False,
+    denied: Sequence[Rule] = (),
+    routes: Sequence[Route] = (),
+) -> bytes:
+    """Everything through the tunnel; loopback and plain host names direct; and what the
+    routes send ``direct``, where a PAC can say so.
     ``listener`` is host:port as the client reached us; ``auth``: the proxy wants a
-    password.
+    password; ``denied``: the --allow/--deny rules, ``routes``: the routes, in order.
 
     Only what is surely loopback goes DIRECT: ``localhost``, a dotted-quad literal in
     127.0.0.0/8 (checked octet by octet, so a name like ``127.example.com`` goes
-    through the tunnel), ``::1``, and plain names (no dots, no colons). No isInNet or
-    dnsResolve: browsers answer those with a local DNS lookup, which would leak the
-    name the tunnel is meant to carry.
+    through the tunnel), ``::1``, and plain names (no dots, no colons). No dnsResolve,
+    and isInNet only on an address literal: browsers answer those with a local DNS
+    lookup for a name, which would leak the name the tunnel is meant to carry.
 
     The proxies: SOCKS5 (Chromium, and Firefox since 128, let the proxy resolve the
     name) and then PROXY (an HTTP proxy always gets the name). Never plain ``SOCKS``:
@@ -239,6 +249,90 @@ def pac_file(listener: str, *, auth: bool = False) -> bytes:
         "      /^127(\\.(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])){3}$/.test(name) ||\n"
         '      name == "::1" || name == "[::1]")\n'
         '    return "DIRECT";\n'
+        f"{_pac_routes(denied, routes, proxies)}"
         f'  return "{proxies}";\n'
         "}\n"
     ).encode()
+
+
+_V4 = re.compile(r"[0-9]{1,3}(\.[0-9]{1,3}){3}")
+_PAC_GLOB = re.compile(r"[a-z0-9_.*?-]+")
+
+
+def _pac_routes(denied: Sequence[Rule], routes: Sequence[Route], proxies: str) -> str:
+    """The routes as PAC clauses, first match first: a ``direct`` route becomes DIRECT
+    where the PAC can match exactly what the route matches (a host glob on names, an
+    IPv4 block or address on IPv4 literals; no port part), and is left out otherwise
+    (the proxy routes it direct itself). Every route or --deny before it that sends
+    elsewhere goes to the proxy, matched generously (ports ignored, any IPv6 literal),
+    so the PAC never sends DIRECT what the proxy would send elsewhere or refuse."""
+    clauses: list[tuple[str, str]] = []
+    allowed: list[str] = []  # earlier --allow rules a PAC can match exactly
+    for rule in denied:
+        if rule.action is Action.ALLOW:
+            exact = _pac_match(rule, exact=True)
+            if exact is not None:
+                allowed.append(exact)
+            continue
+        condition = _pac_match(rule, exact=False) or "true"
+        if allowed:
+            # An --allow before it wins for what it matches: those may still go direct.
+            condition = f"({condition}) && !({' || '.join(allowed)})"
+        clauses.append((condition, proxies))
+    for route in routes:
+        if route.target == (DIRECT,):
+            exact = _pac_match(route.rule, exact=True)
+            if exact is not None:
+                clauses.append((exact, "DIRECT"))
+        else:
+            clauses.append((_pac_match(route.rule, exact=False) or "true", proxies))
+    # Proxy clauses after the last DIRECT say what the last line says anyway.
+    while clauses and clauses[-1][1] != "DIRECT":
+        clauses.pop()
+    if not clauses:
+        return ""
+    head = (
+        # The forms the routes see: no brackets, no trailing dot.
+        '  if (name.charAt(0) == "[") name = name.substring(1, name.length - 1);\n'
+        '  if (name.charAt(name.length - 1) == ".") name = name.substring(0, name.length - 1);\n'
+        f"  var v4 = /^{_V4.pattern}$/.test(name);\n"
+        '  var v6 = name.indexOf(":") != -1;\n'
+    )
+    return head + "".join(f'  if ({cond}) return "{answer}";\n' for cond, answer in clauses)
+
+
+def _pac_match(rule: Rule, *, exact: bool) -> str | None:
+    """A PAC condition on ``name`` for ``rule``: with ``exact``, one true for exactly the
+    hosts the rule matches, or None where a PAC cannot say it; otherwise one true for
+    at least those hosts (None: match everything)."""
+    if rule.ports != (0, 65535) and exact:
+        return None  # a PAC sees no port for most schemes
+    if rule.network is not None:
+        network = rule.network
+        if isinstance(network, ipaddress.IPv4Network):
+            inside = f'v4 && isInNet(name, "{network.network_address}", "{network.netmask}")'
+            # 0.0.0.0 and IPv4-mapped literals are IPv4 addresses to the rules.
+            return inside if exact else f'({inside}) || v6 || name == "0.0.0.0"'
+        return None if exact else "v6"
+    assert rule.glob is not None
+    if rule.glob == "*":
+        return "true"
+    try:
+        address = ipaddress.ip_address(rule.glob)
+    except ValueError:
+        address = None
+    if address is not None:
+        if address.version == 4:
+            same = f'name == "{address}"'
+            return same if exact else f'{same} || v6 || name == "0.0.0.0"'
+        return f'name == "{address}"' if exact else "v6"
+    glob = rule.glob.lower()
+    if not _PAC_GLOB.fullmatch(glob):
+        if exact:
+            return None
+        # A [class] matches one character: "?" matches at least as much.
+        glob = re.sub(r"\[[^\]]*\]", "?", glob)
+        if not _PAC_GLOB.fullmatch(glob):
+            return None
+    # A glob names hosts; the rules match an address only against an address.
+    return f'!v4 && !v6 && shExpMatch(name, "{glob}")'

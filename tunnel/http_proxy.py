@@ -40,6 +40,7 @@ from .http import (
     protocol_error_reason,
     status_for,
 )
+from .rules import Route, Rule
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,8 @@ class HttpClient(ChannelSink, Protocol):
     def transport(self) -> asyncio.Transport: ...
     @property
     def credentials(self) -> tuple[bytes, bytes] | None: ...
+    @property
+    def routing(self) -> tuple[tuple[Rule, ...], tuple[Route, ...]]: ...
     def spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]: ...
     async def drained(self) -> None: ...
     def parsed(
@@ -277,7 +280,13 @@ class HttpSession(_Fed):
             return False
         if target.kind is Kind.PAC:
             listener = self.client.info.listener
-            body = pac_file(listener, auth=self.client.credentials is not None)
+            denied, routes = self.client.routing
+            body = pac_file(
+                listener,
+                auth=self.client.credentials is not None,
+                denied=denied,
+                routes=routes,
+            )
             await self.respond(200, "", content_type=PAC_TYPE, body=body, close=False)
             return await self._finish_body()
         if target.kind is Kind.LOCAL:

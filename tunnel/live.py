@@ -81,11 +81,17 @@ class LiveRenderer:
         # Undoes the SIGWINCH handler while one is installed.
         self._unwatch: Callable[[], None] | None = None
         self._drawn_size: tuple[int, ...] = ()
+        # The label of what no route matches (from "ready"): connections going there
+        # need no "way" column.
+        self._default_way = ""
 
     def __call__(self, event: events.Event) -> None:
         now = self.clock()
         self.stats.apply(event, now)
-        if isinstance(event, events.SessionConnecting | events.Ready):
+        if isinstance(event, events.Ready):
+            self.server = event.server
+            self._default_way = event.upstream
+        elif isinstance(event, events.SessionConnecting) and not event.upstream:
             self.server = event.server
         if self.hint.check(event):
             self.console.print(Text(DNS_HINT, style="yellow"))
@@ -266,6 +272,7 @@ class LiveRenderer:
         # Header (2 lines), table heading, totals, the failures block, and a spare line
         # so the view never scrolls the terminal.
         used = 4 + len(totals) + (len(self.stats.failures) + 1 if failures is not None else 0)
+        used += 1 if self.stats.ways else 0
         parts = [self._header(now, width), self._connections(now, max(1, height - used), width)]
         if failures is not None:
             parts.append(failures)
@@ -302,7 +309,18 @@ class LiveRenderer:
         # One screen line each, whatever the width: the height budget counts on it.
         line.no_wrap = True
         line.overflow = "ellipsis"
-        return Group(line, self._listening(width))
+        if not self.stats.ways:
+            return Group(line, self._listening(width))
+        return Group(line, self._listening(width), self._ways())
+
+    def _ways(self) -> Text:
+        """Each route destination and its state, one line."""
+        colours = {"up": "green", "connecting": "yellow", "reconnecting": "yellow"}
+        line = Text("routes: ", style="dim", no_wrap=True, overflow="ellipsis")
+        for index, (label, state) in enumerate(self.stats.ways.items()):
+            line.append(("  " if index else "") + printable(label), style="bold")
+            line.append(f" ● {state}", style=colours.get(state, "red"))
+        return line
 
     def _listening(self, width: int) -> Text:
         """The listeners' URLs, each whole or not at all ("+N more"); the label goes
@@ -337,11 +355,14 @@ class LiveRenderer:
             "client": [printable(info.client) for info in shown],
             "destination": [printable(destination(info)) for info in shown],
             "via": [protocol_label(info.protocol) for info in shown],
+            "way": [printable(info.upstream) for info in shown],
             "age": [human_seconds(now - info.started) for info in shown],
             "up": [human_bytes(info.bytes_up) for info in shown],
             "down": [human_bytes(info.bytes_down) for info in shown],
             "rate": [_rate(self._conn_rates.get(info.id, 0.0)) for info in shown],
         }
+        if all(info.upstream in ("", self._default_way) for info in shown):
+            del cells["way"]  # no routes in play: one way out, said in the header
         more = len(open_now) - len(shown)
         columns = fit_columns(cells, width)
         lines = [_table_line(columns, None, style="bold dim")]
@@ -416,7 +437,7 @@ _RIGHT = frozenset({"#", "age", "up", "down", "rate"})
 # Dropped in this order when the terminal is too narrow for everything: who connected
 # and how matter less than where to and how much; the rate is last (the totals have it).
 _DROP_FIRST = ("client", "via", "age")
-_DROP_LAST = ("rate",)
+_DROP_LAST = ("rate", "way")
 
 
 def shorten_left(text: str, width: int) -> str:

@@ -28,7 +28,7 @@ import itertools
 import logging
 import socket
 import time
-from collections.abc import Callable, Coroutine, Iterable, Iterator
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
 from typing import Any, cast
 
 from . import events
@@ -40,8 +40,8 @@ from .handlers.bind import BindHandler
 from .handlers.connect import ConnectHandler
 from .handlers.socks import CommandHandler, SocksHandshake, SocksSettings
 from .http_proxy import HttpSession
-from .router import Router
-from .rules import Rules
+from .router import Router, RouteWay
+from .rules import Route, Rule, Rules
 from .socks import Command
 from .throttle import LoginThrottle
 from .udp import UdpSettings
@@ -182,6 +182,11 @@ class ProxyClient(asyncio.Protocol):
         return self._server.credentials
 
     @property
+    def routing(self) -> tuple[tuple[Rule, ...], tuple[Route, ...]]:
+        """The --allow/--deny rules and the routes, for the PAC file."""
+        return self._server.rules.rules, self._server.routes
+
+    @property
     def transport(self) -> asyncio.Transport:
         assert self._transport is not None
         return self._transport
@@ -240,8 +245,9 @@ class ProxyClient(asyncio.Protocol):
         request = self.request(normal_host(host), port)
         started = time.monotonic()
         try:
-            channel = await self._server.router.open(request, sink)
-        except ChannelOpenFailed:
+            channel, self.info.upstream = await self._server.router.open_labelled(request, sink)
+        except ChannelOpenFailed as exc:
+            self.info.upstream = exc.upstream
             raise
         except Exception as exc:  # a bug or an unexpected failure: answer, never hang
             log.debug("opening %s:%s failed", request.host, port, exc_info=True)
@@ -291,6 +297,7 @@ class ProxyClient(asyncio.Protocol):
         self.check_limit()
         request = self.request(normal_host(host), port)
         self._server.router.check(request)
+        self.info.upstream = self._server.router.name
         return request.host
 
     def login_failed(self) -> float:
@@ -459,6 +466,8 @@ class ProxyServer:
         reverse: bool = False,
         throttle: LoginThrottle | None = None,
         clock: Callable[[], float] = time.monotonic,
+        routes: Sequence[RouteWay] = (),
+        reconnect_wait: float = 10.0,
     ) -> None:
         # upstream: where the listeners' requests go unless a rule refuses them.
         # binder: SOCKS BIND through the SSH server; udp: UDP ASSOCIATE. Without them
@@ -471,7 +480,9 @@ class ProxyServer:
         self.handshake_timeout = handshake_timeout
         self.max_clients = max_clients
         self.rules = rules or Rules()
-        self.router = Router(self.rules, upstream)
+        self.router = Router(self.rules, upstream, routes, reconnect_wait=reconnect_wait)
+        # The routes as written, for the PAC file.
+        self.routes = tuple(way.route for way in routes)
         self.credentials = credentials
         # The handler of each SOCKS command this proxy offers (the others get 0x07).
         commands: dict[Command, CommandHandler] = {Command.CONNECT: ConnectHandler}

@@ -29,7 +29,7 @@ import ipaddress
 import re
 import socket
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from .errors import ConfigError
@@ -41,6 +41,7 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 class Action(enum.Enum):
     ALLOW = "allow"
     DENY = "deny"
+    ROUTE = "route"  # the rule part of a --route
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,3 +227,96 @@ def bind_peer_allowed(expected: str, peer: str) -> bool:
     if address is None:
         return is_loopback(peer) if expected.lower() == "localhost" else True
     return address.is_unspecified or same_host(expected, peer)
+
+
+DIRECT = "direct"
+REJECT = "reject"
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """``--route RULE=TARGET``: requests the rule matches go to ``target``: ``("direct",)``,
+    ``("reject",)``, or SSH destinations as written, tried in order (failover).
+    ``where`` says where it was given (``--route`` or ``FILE:LINE``), for messages."""
+
+    rule: Rule
+    target: tuple[str, ...]
+    where: str
+
+    @property
+    def label(self) -> str:
+        return ",".join(self.target)
+
+    def __str__(self) -> str:
+        return f"{self.where} {self.rule.text}={self.label}"
+
+
+def parse_route(text: str, where: str, check_destination: Callable[[str], object]) -> Route:
+    """One route. ``check_destination`` raises :class:`ConfigError` for a destination
+    that is no ``[user@]host[:port]`` (the config room's parser; this room stays pure).
+    A destination is an ssh_config alias or an address; ``direct`` and ``reject`` are
+    words of their own, never hosts, and never part of a failover list (a tunnel that is
+    down must not send anything direct)."""
+    rule_text, eq, target_text = text.strip().partition("=")
+    if not eq:
+        raise ConfigError(f"{where}: bad route {text.strip()!r}: expected RULE=TARGET")
+    try:
+        rule = parse_rule(Action.ROUTE, rule_text.strip())
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    names = [name.strip() for name in target_text.split(",")]
+    if not all(names):
+        raise ConfigError(
+            f"{where}: bad route {text.strip()!r}: TARGET is direct, reject or "
+            "destinations separated by commas"
+        )
+    words = [name for name in names if name.lower() in (DIRECT, REJECT)]
+    if words and len(names) > 1:
+        raise ConfigError(
+            f"{where}: bad route {text.strip()!r}: {words[0].lower()} stands alone "
+            "(direct is never a fallback for a tunnel that is down)"
+        )
+    if words:
+        return Route(rule, (words[0].lower(),), where)
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{where}: bad route {text.strip()!r}: a destination is named twice")
+    for name in names:
+        try:
+            check_destination(name)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+    return Route(rule, tuple(names), where)
+
+
+def parse_routes_file(
+    text: str, name: str, check_destination: Callable[[str], object]
+) -> tuple[Route, ...]:
+    """``--routes FILE``: one route per line; blank lines and ``#`` comments (whole
+    lines, or after whitespace) are skipped. Errors name FILE:LINE."""
+    routes: list[Route] = []
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw
+        hash_at = next(
+            (i for i, c in enumerate(line) if c == "#" and (i == 0 or line[i - 1].isspace())),
+            None,
+        )
+        if hash_at is not None:
+            line = line[:hash_at]
+        if line.strip():
+            routes.append(parse_route(line, f"{name}:{number}", check_destination))
+    return tuple(routes)
+
+
+@dataclass(frozen=True, slots=True)
+class RoutedRules(Rules):
+    """The rules for what goes through the command line's destination only (UDP): a
+    datagram a route would send elsewhere is refused, since it has no other way out."""
+
+    routes: tuple[Route, ...] = ()
+
+    def denies(self, host: str, port: int) -> Rule | None:
+        rule = self.check(host, port)
+        if rule is not None and rule.action is Action.DENY:
+            return rule
+        host = normalize_host(host)
+        return next((r.rule for r in self.routes if r.rule.matches(host, port)), None)

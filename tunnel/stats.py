@@ -13,6 +13,13 @@ from dataclasses import dataclass, field
 
 from . import events
 
+_WAY_STATES: dict[type, str] = {
+    events.SessionConnecting: "connecting",
+    events.SessionUp: "up",
+    events.SessionLost: "lost",
+    events.ReconnectScheduled: "reconnecting",
+}
+
 
 @dataclass(frozen=True, slots=True)
 class Failure:
@@ -52,6 +59,9 @@ class Stats:
     cipher: str = ""
     server_version: str = ""
     listeners: list[events.Listener] = field(default_factory=list)
+    # Each route destination's state by its label ("connecting", "up", "lost",
+    # "reconnecting"); the command line's is session_state.
+    ways: dict[str, str] = field(default_factory=dict)
     open: dict[int, events.ConnectionInfo] = field(default_factory=dict)
     failures: deque[Failure] = field(default_factory=lambda: deque(maxlen=5))
     _last_total: int = 0
@@ -60,6 +70,12 @@ class Stats:
 
     def apply(self, event: events.Event, now: float) -> None:
         """Fold one event in. ``now`` is the time the event was received."""
+        session_event = (
+            events.SessionConnecting | events.SessionUp | events.SessionLost
+        ) | events.ReconnectScheduled
+        if isinstance(event, session_event) and event.upstream:
+            self.ways[event.upstream] = _WAY_STATES[type(event)]
+            return
         match event:
             case events.ListenerStarted(listener=listener):
                 # A -R listener is announced again after each reconnect.

@@ -79,7 +79,13 @@ def describe(event: events.Event) -> tuple[str, bool] | None:
     described = _describe(event)
     if described is None:
         return None
-    return printable(described[0]), described[1]
+    text = described[0]
+    session_event = (
+        events.SessionConnecting | events.SessionUp | events.SessionLost
+    ) | events.ReconnectScheduled
+    if isinstance(event, session_event) and event.upstream:
+        text = f"route {event.upstream}: {text}"  # not the command line's session
+    return printable(text), described[1]
 
 
 def _describe(event: events.Event) -> tuple[str, bool] | None:
@@ -235,6 +241,8 @@ def event_record(event: events.Event, now: float) -> dict[str, Any]:
                 isinstance(event, events.ConnectionClosed) and value.dropped
             ):
                 record["dropped"] = value.dropped
+            if value.upstream:  # known once the request is routed
+                record["upstream"] = value.upstream
         elif isinstance(value, events.Listener):
             record.update(host=value.host, port=value.port, url=value.url, remote=value.remote)
         elif isinstance(value, tuple) and value and isinstance(value[0], events.Listener):
@@ -244,6 +252,8 @@ def event_record(event: events.Event, now: float) -> dict[str, Any]:
             ]
         elif isinstance(event, events.SessionUp) and field.name == "kex" and not value:
             continue  # asyncssh tells it only where the fast path records it
+        elif field.name == "upstream" and not value:
+            continue  # the command line's own session: its events name no route
         else:
             record[field.name] = value
     return record

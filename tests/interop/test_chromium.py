@@ -23,7 +23,7 @@ import shutil
 import signal
 import socket
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -201,3 +201,56 @@ def test_pac_file_with_a_password_sends_chromium_to_the_http_proxy(
     rejected = since(auth_tunnel, before, "client_rejected", auth=True)
     assert rejected, auth_tunnel.describe()
     assert {ev["reason"] for ev in rejected} == {"wrong proxy credentials (HTTP)"}
+
+
+def test_pac_file_follows_the_routes(
+    chromium: str,
+    sshd: SshdServer,
+    make_sshd: Callable[..., SshdServer],
+    http_target: HttpTarget,
+    tmp_path: Path,
+) -> None:
+    """One route direct, one through a second sshd: Chromium, told only the PAC URL,
+    fetches the first itself (the PAC says DIRECT; the name is mapped to loopback inside
+    Chromium, never looked up) and sends the second to pytunnel, which routes it."""
+    if not _reaches_target_at_this_host(http_target.port):
+        pytest.skip(f"a connect to {THIS_HOST} does not reach this host here")
+    other = make_sshd()
+    config = tmp_path / "ssh_config"
+    config.write_text(
+        "".join(
+            f"Host {alias}\n  HostName {server.host}\n  Port {server.port}\n"
+            f"  User {server.user}\n  IdentityFile {server.client_key}\n"
+            f"  UserKnownHostsFile {server.known_hosts}\n  GlobalKnownHostsFile /dev/null\n"
+            "  StrictHostKeyChecking yes\n  BatchMode yes\n"
+            for alias, server in (("main", sshd), ("other", other))
+        )
+    )
+    port = http_target.port
+    # Chromium's own background requests are refused here, so no name of theirs reaches
+    # sshd's resolver.
+    routes = ["--route", "direct.test=direct", "--route", f"*:{port}=other"]
+    routes += ["--route", "*=reject"]
+    args = ["-D", "127.0.0.1:0", "-F", str(config)]
+    with running_pytunnel([*args, *routes, "main"]) as routed:
+        pac = f"--proxy-pac-url=http://{routed.netloc}/proxy.pac"
+        before, mark, main_mark = fence(routed), other.log_mark(), sshd.log_mark()
+        dom = run_chromium(chromium, tmp_path, f"http://{THIS_HOST}:{port}/hello", pac)
+        assert http_target.hello_body.decode().strip() in dom
+        # (Chromium may ask for /favicon.ico too: every one went the route's way.)
+        opened = wait_since(routed, before, "channel_opened", host=THIS_HOST, port=port)
+        assert {event["upstream"] for event in opened} == {"other"}
+        assert other.wait_log(f"target {THIS_HOST} port {port}", LOG_TIMEOUT, mark)
+        assert f"target {THIS_HOST} port {port}" not in sshd.log_text(main_mark)
+
+        before = fence(routed)
+        dom = run_chromium(
+            chromium,
+            tmp_path,
+            f"http://direct.test:{port}/hello",
+            pac,
+            "--host-resolver-rules=MAP direct.test 127.0.0.1",
+        )
+        assert http_target.hello_body.decode().strip() in dom
+        # Chromium went there itself: pytunnel saw no request for it.
+        assert not since(routed, before, "request_parsed", host="direct.test")

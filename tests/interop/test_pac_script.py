@@ -152,3 +152,102 @@ def test_with_a_password_browsers_are_sent_to_the_http_proxy(tmp_path: Path) -> 
 def test_ipv6_listener_is_named_with_brackets(tmp_path: Path) -> None:
     answers = evaluate(tmp_path, pac_file("[::1]:1080"), ["example.com"])
     assert answers == {"example.com": "SOCKS5 [::1]:1080; PROXY [::1]:1080"}
+
+
+# -- routes: what --route sends direct, the PAC sends DIRECT where it can say so ---------
+
+# isInNet as browsers run it on an address literal (no lookup); a name still fails.
+IS_IN_NET = rb"""
+function isInNet(host, pattern, mask) {
+  if (!/^[0-9]{1,3}(\.[0-9]{1,3}){3}$/.test(host)) lookedUp(host);
+  function n(a) {
+    var p = a.split(".");
+    return ((+p[0] << 24) >>> 0) + (+p[1] << 16) + (+p[2] << 8) + (+p[3]);
+  }
+  return ((n(host) & n(mask)) >>> 0) == ((n(pattern) & n(mask)) >>> 0);
+}
+"""
+
+ROUTES = [
+    "*.ads.example=reject",
+    "*.lab:22=a",
+    "10.0.0.0/8=direct",
+    "*.corp.example=direct",
+    "*.lab=a,b",
+    "192.168.1.5=direct",
+    "[fd00::]/8=direct",
+    "host[0-9].example=a",
+    "*.example=direct",
+    "*:8080=direct",
+]
+ROUTE_HOSTS = [
+    "x.ads.example", "web.lab", "web.lab.", "10.1.2.3", "10.255.0.1", "11.0.0.1",
+    "wiki.corp.example", "WIKI.CORP.EXAMPLE", "192.168.1.5", "192.168.1.6", "fd00::1",
+    "[fd00::1]", "host1.example", "hostx.example", "a.example", "example.org", "0.0.0.0",
+    "db.evil", "lab", "::ffff:10.0.0.1", "10.example",
+]  # fmt: skip
+
+
+def oracle(host: str, port: int = 80) -> str:
+    """The way the proxy sends a request (the router's order: --deny, then the routes)."""
+    from tunnel.config import parse_destination
+    from tunnel.names import normalize_host
+    from tunnel.rules import Action, parse_route, parse_rules
+
+    name = normalize_host(host.strip("[]").rstrip("."))
+    if parse_rules([(Action.DENY, "*.evil")]).denies(name, port) is not None:
+        return "reject"
+    for text in ROUTES:
+        route = parse_route(text, "r", parse_destination)
+        if route.rule.matches(name, port):
+            return route.label
+    return "main"
+
+
+def test_routes_to_direct_go_direct_and_nothing_else_does(tmp_path: Path) -> None:
+    from tunnel.config import parse_destination
+    from tunnel.rules import Action, parse_route, parse_rule
+
+    routes = [parse_route(text, "r", parse_destination) for text in ROUTES]
+    pac = pac_file(LISTENER, denied=[parse_rule(Action.DENY, "*.evil")], routes=routes)
+    answers = evaluate(tmp_path, IS_IN_NET + pac, ROUTE_HOSTS)
+    for host, answer in answers.items():
+        assert answer in ("DIRECT", THROUGH), (host, answer)
+        if answer == "DIRECT" and host != "lab":  # plain names are direct, routes or not
+            # Never DIRECT what the proxy would send through SSH or refuse.
+            assert oracle(host) == "direct", host
+    direct = {host for host, answer in answers.items() if answer == "DIRECT"}
+    # What a PAC can say: names by glob, IPv4 literals by block or address (the plain
+    # name "lab" is direct as before routes).
+    assert direct == {
+        "10.1.2.3", "10.255.0.1", "wiki.corp.example", "WIKI.CORP.EXAMPLE", "192.168.1.5",
+        "a.example", "10.example", "lab",
+    }  # fmt: skip
+    # The rest that the routes send direct goes to the proxy, which sends it direct:
+    # an IPv6 block, a route by port, and a name an earlier route's [class] might
+    # match (the PAC widens it to "?", to the proxy's side).
+    assert oracle("hostx.example") == "direct"
+    assert answers["hostx.example"] == THROUGH
+    assert oracle("fd00::1") == "direct"
+    assert answers["fd00::1"] == THROUGH
+
+
+def test_an_earlier_allow_lets_a_direct_route_through_a_later_deny(tmp_path: Path) -> None:
+    from tunnel.config import parse_destination
+    from tunnel.rules import Action, parse_route, parse_rules
+
+    rules = parse_rules([(Action.ALLOW, "*.corp.example"), (Action.DENY, "*")]).rules
+    routes = [parse_route("*.example=direct", "r", parse_destination)]
+    answers = evaluate(
+        tmp_path, pac_file(LISTENER, denied=rules, routes=routes), ["a.corp.example", "b.example"]
+    )
+    # b.example is denied (the proxy refuses it); a.corp.example is allowed, then direct.
+    assert answers == {"a.corp.example": "DIRECT", "b.example": THROUGH}
+
+
+def test_without_direct_routes_the_pac_is_as_before() -> None:
+    from tunnel.config import parse_destination
+    from tunnel.rules import parse_route
+
+    routes = [parse_route("*.lab=a", "r", parse_destination)]
+    assert pac_file(LISTENER, routes=routes) == pac_file(LISTENER)

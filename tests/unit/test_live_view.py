@@ -13,6 +13,7 @@ import io
 import json
 import re
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +103,7 @@ _ids = iter(range(1, 1_000_000))
 
 
 def connection(
-    clock: FakeClock, host: str, port: int, protocol: str = "socks5", **fields: int
+    clock: FakeClock, host: str, port: int, protocol: str = "socks5", **fields: Any
 ) -> events.ConnectionInfo:
     conn_id = next(_ids)
     return events.ConnectionInfo(
@@ -191,6 +192,30 @@ def test_open_connections_show_destination_protocol_and_bytes(
     # Newest first.
     order = [line.split()[0] for line in screen(view).splitlines() if line[:1].strip().isdigit()]
     assert order == sorted(order, key=int, reverse=True)
+
+
+def test_routes_show_each_destinations_state_and_each_connections_way(
+    view: LiveRenderer, clock: FakeClock
+) -> None:
+    bring_up(view, clock)
+    view(events.Ready((LISTENER,), SERVER, "main"))
+    view(events.SessionConnecting("tester@127.0.0.1:2222", 1, upstream="lab"))
+    view(events.SessionUp("tester@127.0.0.1:2222", "OpenSSH", "c", "k", "m", "none", "lab"))
+    view(events.SessionConnecting("tester@127.0.0.1:2223", 1, upstream="spare"))
+    view(events.SessionLost("tester@127.0.0.1:2223", "refused", upstream="spare"))
+    plain = open_one(view, clock, "intranet.example", 443)
+    routed = connection(clock, "db.lab", 5432, upstream="lab")
+    view(events.ChannelOpened(routed, 0.01))
+    text = screen(view)
+    first, _, ways = text.splitlines()[:3]
+    # The command line's session stays the header's; a route's does not replace it.
+    assert SERVER in first
+    assert "● up" in first
+    assert ways.split() == ["routes:", "lab", "●", "up", "spare", "●", "lost"]
+    rows = {line.split()[0]: line for line in text.splitlines() if line.strip()[:1].isdigit()}
+    assert "lab" in rows[str(routed.id)].split()
+    assert "way" in text.split()
+    assert str(plain.id) in rows
 
 
 @pytest.mark.parametrize("failures", [0, 3])
@@ -453,17 +478,19 @@ REMOTE = events.Listener("127.0.0.1", 2080, remote=True)
 # Every kind of event, with every optional field both present and absent somewhere.
 SAMPLES: list[events.Event] = [
     SESSION_UP,
-    events.Ready((LISTENER, LISTENER6), "s"),
+    events.Ready((LISTENER, LISTENER6), "s", "bastion"),
     events.ListenerStarted(REMOTE),
     events.SessionConnecting("s", 2),
-    events.SessionLost("s", "EOF"),
-    events.ReconnectScheduled("s", 1.5, 2, "EOF"),
+    events.SessionConnecting("s", 1, upstream="lab"),
+    events.SessionLost("s", "EOF", upstream="lab"),
+    events.ReconnectScheduled("s", 1.5, 2, "EOF", upstream="lab"),
     events.ClientAccepted(fresh_info()),
     events.RequestParsed(sample_info(), "socks5", "CONNECT", "db.internal", 5432, True),
-    events.ChannelOpened(sample_info(), 0.5),
+    events.ChannelOpened(sample_info(upstream="lab"), 0.5),
+    events.ChannelFailed(sample_info(upstream="reject"), 2, "not allowed", "rejected by route"),
     events.ChannelFailed(sample_info(), 5, "connection refused", "Connection refused"),
     events.ConnectionClosed(sample_info(), 1, 2, 3.0),
-    events.ConnectionClosed(sample_info(protocol="socks5-udp", dropped=4), 1, 2, 3),
+    events.ConnectionClosed(sample_info(protocol="socks5-udp", dropped=4, upstream="a"), 1, 2, 3),
     events.DatagramsDropped(sample_info(dropped=1), "not DNS", "192.0.2.1:123"),
     events.IncomingRefused("127.0.0.1", 2080, "127.0.0.1:50000", "no such listener"),
     events.ClientRejected(sample_info(), "bad", auth=True),
@@ -504,7 +531,7 @@ def test_the_readme_table_is_read() -> None:
     assert SCHEMA["client_rejected"].sometimes == {"host": "string", "port": "integer"}
     assert SCHEMA["error"].always == {"message": "string", "exit_status": "integer"}
     assert len(SCHEMA["session_up"].always) == 5
-    assert SCHEMA["session_up"].sometimes == {"kex": "string"}
+    assert SCHEMA["session_up"].sometimes == {"kex": "string", "upstream": "string"}
 
 
 def test_schema_covers_every_event_type() -> None:
@@ -536,6 +563,10 @@ def test_session_up_after_ready_follows_the_readme() -> None:
     [_, record] = written([events.Ready((LISTENER,), "s"), SESSION_UP])
     check_record(record)
     assert record["kex"] == SESSION_UP.kex
+    # A route's destination's session names it.
+    [_, routed] = written([events.Ready((LISTENER,), "s"), replace(SESSION_UP, upstream="lab")])
+    check_record(routed)
+    assert routed["upstream"] == "lab"
 
 
 def test_fields_not_known_yet_are_left_out() -> None:
@@ -575,7 +606,7 @@ def test_json_record_values_follow_the_event() -> None:
     assert {k: up[k] for k in ("server_version", "cipher", "kex", "mac", "compression")} == {
         field.name: getattr(SESSION_UP, field.name)
         for field in dataclasses.fields(SESSION_UP)
-        if field.name != "server"
+        if field.name not in ("server", "upstream")
     }
     # A key exchange asyncssh did not tell is left out, not sent empty.
     unknown = dataclasses.replace(SESSION_UP, kex="")
