@@ -32,6 +32,7 @@ from .proxy import ProxyServer
 from .reverse import ReverseForwards
 from .session import Session
 from .sshconfig import apply_ssh_config
+from .stats import Stats
 from .udp import UdpSettings
 from .upstreams import Direct
 
@@ -182,6 +183,10 @@ async def serve(
             main.cancel()
 
     stop = _Stop(on_force_exit or cancel_serve)
+    # Counted for SIGUSR1's status line.
+    stats = Stats()
+    started = loop.time()
+    emit = _counting(emit, stats, loop.time)
     undo_signals = on_signals(loop, (signal.SIGINT, signal.SIGTERM), stop.request)
     try:
         async with contextlib.AsyncExitStack() as stack:
@@ -206,10 +211,13 @@ async def serve(
             if config.ssh_connections > 1:
                 opener = pool = SessionPool(session, config.ssh_connections)
                 stack.push_async_callback(pool.close)
-            upstream = SshUpstream(opener)
+            supervisor = Supervisor(session, config, emit)
+            # Every kind of request (CONNECT, HTTP, BIND, the UDP helper) goes through
+            # the upstream, which tells the supervisor a client is waiting.
+            upstream = SshUpstream(opener, supervisor.demand)
             udp = UdpSettings(
                 upstream=upstream,
-                runner=session,
+                runner=upstream,
                 rules=config.rules,
                 emit=emit,
                 dns_server=config.dns_server,
@@ -222,7 +230,7 @@ async def serve(
                 max_clients=config.max_connections,
                 rules=config.rules,
                 credentials=config.proxy_credentials,
-                binder=session,
+                binder=upstream,
                 udp=udp,
             )
             stack.push_async_callback(session.close)
@@ -251,7 +259,7 @@ async def serve(
                 ((f.host, f.port) for f in config.forwards),
                 check=lambda bound: guard_bound(config, bound),
             )
-            supervisor = Supervisor(session, config, emit)
+            stack.callback(_on_request_signals(loop, supervisor, stats, started))
 
             starting = loop.create_task(supervisor.start())
             stopping = loop.create_task(stop.event.wait())
@@ -303,6 +311,53 @@ async def serve(
             return stop.status
     finally:
         undo_signals()
+
+
+def _counting(emit: events.Sink, stats: Stats, clock: Callable[[], float]) -> events.Sink:
+    def counted(event: events.Event) -> None:
+        stats.apply(event, clock())
+        emit(event)
+
+    return counted
+
+
+# SIGHUP: how long the old session may carry its open channels when --drain is 0.
+_SIGHUP_KEEP_OPEN = 600.0
+
+
+def _on_request_signals(
+    loop: asyncio.AbstractEventLoop, supervisor: Supervisor, stats: Stats, started: float
+) -> Callable[[], None]:
+    """SIGHUP reconnects now (channels open on the old session finish on it, for up to
+    --drain seconds, or 10 minutes); SIGUSR1 emits a status line. Windows has neither."""
+    hup, usr1 = getattr(signal, "SIGHUP", None), getattr(signal, "SIGUSR1", None)
+    if hup is None or usr1 is None:
+        return lambda: None
+    keep_open = supervisor.config.drain or _SIGHUP_KEEP_OPEN
+
+    def handle(signum: int) -> None:
+        if signum == hup:
+            supervisor.reconnect_now(events.CAUSE_SIGHUP, keep_open=keep_open)
+            return
+        now = loop.time()
+        since = stats.session_since
+        supervisor.emit(
+            events.Status(
+                server=supervisor.session.server,
+                state=stats.session_state,
+                state_seconds=0.0 if since is None else now - since,
+                uptime=now - started,
+                reconnects=supervisor.reconnects,
+                open=len(stats.open),
+                served=stats.served,
+                failed=stats.failed,
+                rejected=stats.rejected,
+                bytes_up=stats.bytes_up,
+                bytes_down=stats.bytes_down,
+            )
+        )
+
+    return on_signals(loop, (hup, usr1), handle)
 
 
 async def _spawn(command: Sequence[str], env: dict[str, str]) -> asyncio.subprocess.Process:
