@@ -958,6 +958,14 @@ DESCRIPTION = [
     "backoff; new requests wait for the session up to `--reconnect-wait` seconds, then "
     "fail. pytunnel never connects anywhere directly. A refused login or a rejected host "
     "key is never retried, and `--no-reconnect` exits instead, as ssh does.",
+    "While the session is down, a request from a client starts a connection attempt at "
+    "once (at most one a second) instead of waiting out the backoff. `--give-up-after` "
+    "exits (status 255) once one outage has lasted that many seconds. SIGHUP reconnects "
+    "now: new connections use the new session at once, and connections open on the old "
+    "one finish on it (it is closed when the last one ends, or after `--drain` seconds, "
+    "10 minutes if that is 0). SIGUSR1 writes one status line: the session's state and "
+    "for how long, connections open, served, failed and rejected, bytes each way, "
+    "reconnects and the time pytunnel has run (a `status` event with `--json`).",
     "pytunnel reads <~/.ssh/config> (or the file given with `-F`) for host aliases, "
     "users, ports, keys and `DynamicForward` lines. It takes keys from the ssh-agent, "
     "`-i` and the default key files, asks on the terminal for passphrases and passwords "
@@ -1067,7 +1075,7 @@ def _exit_statuses() -> list[tuple[str, str]]:
         (
             str(int(ExitStatus.SSH)),
             "SSH failed: connection, host key or authentication, or the session was lost "
-            "with `--no-reconnect`.",
+            "with `--no-reconnect`, or stayed down for `--give-up-after` seconds.",
         ),
         (str(int(ExitStatus.INTERRUPTED)), "Interrupted (Ctrl-C, SIGINT)."),
         (

@@ -75,7 +75,7 @@ end
 
 # Is the word being completed the destination (no destination yet, no "--")?
 function __pytunnel_wants_destination
-    set -l valued -D -R -p -l -i -J -F -o -c -m -E --pidfile --handshake-timeout --open-timeout --reconnect-wait --max-connections --connections --drain --proxy-auth --proxy-password-file --allow --deny --route --routes --dns-server
+    set -l valued -D -R -p -l -i -J -F -o -c -m -E --pidfile --handshake-timeout --open-timeout --reconnect-wait --give-up-after --max-connections --connections --drain --proxy-auth --proxy-password-file --allow --deny --route --routes --dns-server
     set -l flags -4 -6 -C -g -N -T -f -q -v -V -h
     set -l expect 0
     set -l positional 0
@@ -221,6 +221,7 @@ complete -c pytunnel -l open-timeout -x -d 'Fail a request (reply 0x06) if the c
 complete -c pytunnel -l no-reconnect -d 'Exit (status 255) when the SSH session is lost, as ssh does, instead of reconnecting'
 complete -c pytunnel -l retry-start -d 'Keep retrying if the first connection fails (for services) instead of exiting'
 complete -c pytunnel -l reconnect-wait -x -d 'While reconnecting, how long a new request waits before it fails (reply 0x01)'
+complete -c pytunnel -l give-up-after -x -d 'Exit (status 255) when the SSH session has been down this long, for a service manager to restart pytunnel'
 complete -c pytunnel -l max-connections -x -d 'Clients served at once; more get a failure reply'
 complete -c pytunnel -l connections -x -d 'Spread channels over up to N SSH connections (opened as they are needed)'
 complete -c pytunnel -l drain -x -d 'On SIGTERM or Ctrl-C, let open connections finish for this long'

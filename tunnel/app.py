@@ -37,6 +37,7 @@ from .router import Choice, RouteWay
 from .rules import DIRECT, REJECT, RoutedRules
 from .session import Session
 from .sshconfig import apply_ssh_config
+from .stats import Stats
 from .udp import UdpSettings
 from .upstreams import Direct, Reject, Request
 
@@ -121,12 +122,12 @@ class SshWay:
             if config.ssh_connections > 1
             else None
         )
-        self.upstream = SshUpstream(self.pool or self.session)
         # A first connection that fails is retried like a lost one: this destination
         # is one way among several, and never decides whether the tunnel runs.
         self.supervisor = Supervisor(
             self.session, dataclasses.replace(config, retry_start=True), self.emit
         )
+        self.upstream = SshUpstream(self.pool or self.session, self.supervisor.demand)
         self.owner = owner
         self.task: asyncio.Task[None] | None = None
         self.down_reason: str | None = None  # set while known down
@@ -393,6 +394,10 @@ async def serve(
             main.cancel()
 
     stop = _Stop(on_force_exit or cancel_serve)
+    # Counted for SIGUSR1's status line.
+    stats = Stats()
+    started = loop.time()
+    emit = _counting(emit, stats, loop.time)
     undo_signals = on_signals(loop, (signal.SIGINT, signal.SIGTERM), stop.request)
     try:
         async with contextlib.AsyncExitStack() as stack:
@@ -421,7 +426,10 @@ async def serve(
             if config.ssh_connections > 1:
                 opener = pool = SessionPool(session, config.ssh_connections)
                 stack.push_async_callback(pool.close)
-            upstream = SshUpstream(opener)
+            supervisor = Supervisor(session, config, emit)
+            # Every kind of request (CONNECT, HTTP, BIND, the UDP helper) goes through
+            # the upstream, which tells the supervisor a client is waiting.
+            upstream = SshUpstream(opener, supervisor.demand)
             upstream.name = label
             owner = _Owner()
             direct = Direct(config.open_timeout)
@@ -432,7 +440,7 @@ async def serve(
             stack.push_async_callback(owner.close)
             udp = UdpSettings(
                 upstream=upstream,
-                runner=session,
+                runner=upstream,
                 # UDP goes through the command line's destination only: what a route
                 # sends elsewhere is refused there.
                 rules=RoutedRules(config.rules.rules, tuple(way.route for way in routes)),
@@ -447,7 +455,7 @@ async def serve(
                 max_clients=config.max_connections,
                 rules=config.rules,
                 credentials=config.proxy_credentials,
-                binder=session,
+                binder=upstream,
                 udp=udp,
                 routes=routes,
                 reconnect_wait=config.reconnect_wait,
@@ -478,7 +486,15 @@ async def serve(
                 ((f.host, f.port) for f in config.forwards),
                 check=lambda bound: guard_bound(config, bound),
             )
-            supervisor = Supervisor(session, config, emit)
+            stack.callback(
+                _on_request_signals(
+                    loop,
+                    supervisor,
+                    stats,
+                    started,
+                    lambda: [way.supervisor for way in ways if way.task is not None],
+                )
+            )
 
             starting = loop.create_task(supervisor.start())
             stopping = loop.create_task(stop.event.wait())
@@ -530,6 +546,59 @@ async def serve(
             return stop.status
     finally:
         undo_signals()
+
+
+def _counting(emit: events.Sink, stats: Stats, clock: Callable[[], float]) -> events.Sink:
+    def counted(event: events.Event) -> None:
+        stats.apply(event, clock())
+        emit(event)
+
+    return counted
+
+
+# SIGHUP: how long the old session may carry its open channels when --drain is 0.
+_SIGHUP_KEEP_OPEN = 600.0
+
+
+def _on_request_signals(
+    loop: asyncio.AbstractEventLoop,
+    supervisor: Supervisor,
+    stats: Stats,
+    started: float,
+    routed: Callable[[], Sequence[Supervisor]] = list,
+) -> Callable[[], None]:
+    """SIGHUP reconnects now (channels open on the old session finish on it, for up to
+    --drain seconds, or 10 minutes), and so does every route destination already in use
+    (``routed``); SIGUSR1 emits a status line. Windows has neither."""
+    hup, usr1 = getattr(signal, "SIGHUP", None), getattr(signal, "SIGUSR1", None)
+    if hup is None or usr1 is None:
+        return lambda: None
+    keep_open = supervisor.config.drain or _SIGHUP_KEEP_OPEN
+
+    def handle(signum: int) -> None:
+        if signum == hup:
+            for each in (supervisor, *routed()):
+                each.reconnect_now(events.CAUSE_SIGHUP, keep_open=keep_open)
+            return
+        now = loop.time()
+        since = stats.session_since
+        supervisor.emit(
+            events.Status(
+                server=supervisor.session.server,
+                state=stats.session_state,
+                state_seconds=0.0 if since is None else now - since,
+                uptime=now - started,
+                reconnects=supervisor.reconnects,
+                open=len(stats.open),
+                served=stats.served,
+                failed=stats.failed,
+                rejected=stats.rejected,
+                bytes_up=stats.bytes_up,
+                bytes_down=stats.bytes_down,
+            )
+        )
+
+    return on_signals(loop, (hup, usr1), handle)
 
 
 async def _spawn(command: Sequence[str], env: dict[str, str]) -> asyncio.subprocess.Process:

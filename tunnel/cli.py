@@ -437,6 +437,14 @@ def _seconds(default: float, *, positive: bool = True) -> dict[str, Any]:
     help="While reconnecting, how long a new request waits before it fails (reply 0x01).",
 )
 @click.option(
+    "--give-up-after",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    metavar="SECONDS",
+    help="Exit (status 255) when the SSH session has been down this long, for a service "
+    "manager to restart pytunnel.",
+)
+@click.option(
     "--max-connections",
     type=click.IntRange(min=1),
     default=4096,
@@ -568,6 +576,7 @@ def command(ctx: click.Context, /, **params: Any) -> None:
             reconnect=not params["no_reconnect"],
             retry_start=params["retry_start"],
             reconnect_wait=params["reconnect_wait"],
+            give_up_after=params["give_up_after"],
             max_connections=params["max_connections"],
             drain=params["drain"],
             ssh_connections=params["connections"],

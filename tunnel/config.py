@@ -98,6 +98,8 @@ class Config:
     retry_start: bool = False
     reconnect_wait: float = 10.0
     reconnect_cap: float = 60.0
+    # --give-up-after: seconds one outage may last before a fatal error (None: forever).
+    give_up_after: float | None = None
     max_connections: int = 4096
     # --connections: SSH connections to spread channels over.
     ssh_connections: int = 1

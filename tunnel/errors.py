@@ -9,7 +9,8 @@ The tree::
     │   ├── AuthenticationFailed     fatal, never retried
     │   ├── HostKeyRejected          fatal, never retried
     │   ├── ConnectFailed            retryable (refused, timeout, DNS, lost)
-    │   └── SessionClosed            retryable (server disconnect)
+    │   ├── SessionClosed            retryable (server disconnect)
+    │   └── OutageTooLong            --give-up-after ran out; never retried
     ├── CommandFailed                -- COMMAND could not start                 exit 126/127
     ├── ChannelOpenFailed(reason)    one request; never fatal
     ├── RemoteCommandEnded           a program on the server ended (the UDP helper)
@@ -168,6 +169,19 @@ class SessionClosed(SessionError):
 
     def __init__(self, server: str, reason: str) -> None:
         super().__init__(f"connection to {server} lost: {reason}")
+        self.reason = reason
+
+
+class OutageTooLong(SessionError):
+    """``--give-up-after``: the session stayed down longer than that; ``reason`` is the
+    last attempt's error."""
+
+    retryable = False
+
+    def __init__(self, server: str, limit: float, reason: str) -> None:
+        super().__init__(
+            f"gave up on {server}: down for {limit:g} s (--give-up-after); last: {reason}"
+        )
         self.reason = reason
 
 

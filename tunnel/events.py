@@ -68,10 +68,21 @@ class Ready:
     upstream: str = ""
 
 
+# Why a session was given up and made again (``cause`` of SessionLost, ReconnectScheduled
+# and SessionUp): it died; the machine resumed from sleep or its network changed and the
+# probe found it dead; SIGHUP (or another caller of Supervisor.reconnect_now) asked.
+CAUSE_LOST = "lost"
+CAUSE_SLEEP = "sleep"
+CAUSE_NETWORK = "network"
+CAUSE_SIGHUP = "sighup"
+
+
 @dataclass(frozen=True, slots=True)
 class SessionConnecting:
     server: str
     attempt: int
+    # A client's request cut the backoff short (it waits for this attempt).
+    demand: bool = False
     # A route's destination: its label as written; "" for the command line's.
     upstream: str = ""
 
@@ -84,6 +95,10 @@ class SessionUp:
     kex: str
     mac: str
     compression: str
+    # Set when this ends an outage: why the session was remade, and the seconds from
+    # the loss (or the request) to now, in which no channel could be opened.
+    cause: str | None = None
+    outage: float | None = None
     # A route's destination: its label as written; "" for the command line's.
     upstream: str = ""
 
@@ -92,6 +107,7 @@ class SessionUp:
 class SessionLost:
     server: str
     reason: str
+    cause: str = CAUSE_LOST
     # A route's destination: its label as written; "" for the command line's.
     upstream: str = ""
 
@@ -102,8 +118,28 @@ class ReconnectScheduled:
     delay: float
     attempt: int
     reason: str
+    cause: str = CAUSE_LOST
     # A route's destination: its label as written; "" for the command line's.
     upstream: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """The answer to SIGUSR1 (as ``dd`` gives one): where the session is and what went
+    through it. ``state`` is Stats' (up, lost, connecting, waiting); ``state_seconds``
+    how long it has been so (the session's uptime when up, the outage otherwise)."""
+
+    server: str
+    state: str
+    state_seconds: float
+    uptime: float
+    reconnects: int
+    open: int
+    served: int
+    failed: int
+    rejected: int
+    bytes_up: int
+    bytes_down: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,6 +242,7 @@ Event = (
     | IncomingRefused
     | Stopping
     | Notice
+    | Status
 )
 
 Sink = Callable[[Event], None]

@@ -108,8 +108,9 @@ class LiveRenderer:
             | events.SessionLost
             | events.ReconnectScheduled
             | events.DatagramsDropped
-            | events.IncomingRefused,
-        ):
+            | events.IncomingRefused
+            | events.Status,
+        ) or (isinstance(event, events.SessionUp) and event.outage is not None):
             described = describe(event)
             if described is not None:
                 # A Text, not a markup string: "[bold]" in a server's message is text.

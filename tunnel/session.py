@@ -16,7 +16,7 @@ import logging
 import os
 import re
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -105,16 +105,20 @@ GLOBAL_KNOWN_HOSTS = ("/etc/ssh/ssh_known_hosts", "/etc/ssh/ssh_known_hosts2")
 class _Bridge(ReportsToSink, asyncssh.SSHTCPSession[bytes]):
     """Hands what arrives on a direct-tcpip channel to the proxy's sink."""
 
-    __slots__ = ("_session", "_sink")
+    __slots__ = ("_conn", "_session", "_sink")
 
     def __init__(self, sink: ChannelSink, session: Session) -> None:
         self._sink = sink
         self._session = session
+        self._conn: object = None
 
     def connection_made(self, chan: asyncssh.SSHTCPChannel[bytes]) -> None:
         # Counted here and uncounted in connection_lost, so that an open nobody waited
         # for (timed out, then closed) balances too.
         self._session.channels += 1
+        # Per connection too: a retired one is closed when its last channel ends.
+        self._conn = chan.get_extra_info("connection")
+        self._session._channel_opened(self._conn)
         # Hold data back until the proxy has written its SOCKS reply; it resumes then.
         chan.pause_reading()
 
@@ -123,6 +127,7 @@ class _Bridge(ReportsToSink, asyncssh.SSHTCPSession[bytes]):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._session.channels -= 1
+        self._session._channel_closed(self._conn)
         self._sink.remote_closed(exc)
 
 
@@ -674,6 +679,11 @@ class Session:
         # Channels open now, for the pool's "least loaded first".
         self.channels = 0
         self.attempts = 0
+        # Channels open on each connection, and the retired connections' waits for
+        # their last one to end (SIGHUP: old channels finish on the old connection).
+        self._open_on: dict[object, int] = {}
+        self._idle: dict[object, asyncio.Event] = {}
+        self._retiring: set[asyncio.Task[None]] = set()
 
     @property
     def connect_timeout(self) -> float:
@@ -874,12 +884,20 @@ class Session:
             raise
         return conn
 
-    async def connect(self) -> None:
+    async def connect(
+        self,
+        *,
+        demand: bool = False,
+        cause: str | None = None,
+        outage: Callable[[], float | None] | None = None,
+    ) -> None:
         """Connect (through any jump hosts) and authenticate once; raise a
-        :class:`SessionError` if that fails."""
+        :class:`SessionError` if that fails. The keeper says why it connects now:
+        ``demand`` (a client waits), ``cause`` of the reconnect, and ``outage`` (read
+        as the session comes up: how long service was out) for the events."""
         cfg = self.config
         self.attempts += 1
-        self.emit(events.SessionConnecting(self.server, self.attempts))
+        self.emit(events.SessionConnecting(self.server, self.attempts, demand))
         loop = asyncio.get_running_loop()
         hops: list[asyncssh.SSHClientConnection] = []
         try:
@@ -915,6 +933,8 @@ class Session:
                 kex=str(conn.get_extra_info("kex", "")),
                 mac=str(conn.get_extra_info("send_mac", "")),
                 compression=str(conn.get_extra_info("send_compression", "")),
+                cause=cause,
+                outage=None if outage is None else outage(),
             )
         )
 
@@ -997,6 +1017,66 @@ class Session:
                 self._stop_proxies()
             if not lost.done():
                 lost.set_result(SessionClosed(self.server, client.lost_reason))
+
+    def _channel_opened(self, conn: object) -> None:
+        self._open_on[conn] = self._open_on.get(conn, 0) + 1
+
+    def _channel_closed(self, conn: object) -> None:
+        left = self._open_on.get(conn, 0) - 1
+        if left > 0:
+            self._open_on[conn] = left
+            return
+        self._open_on.pop(conn, None)
+        idle = self._idle.get(conn)
+        if idle is not None:
+            idle.set()
+
+    def retire(self, keep_open: float) -> None:
+        """Take the live connection out of service: new requests wait for the next
+        :meth:`connect`, while channels open on it run on until the last one ends, for
+        at most ``keep_open`` seconds; then it is closed with its jump hosts and
+        ProxyCommand. Owned by the session (``close`` ends it at once)."""
+        conn = self._conn
+        if conn is None:
+            return
+        self._conn = None
+        self._up.clear()
+        hops, self._hops = self._hops, []
+        proxies, self._proxies = self._proxies, []
+        watcher, self._watcher = self._watcher, None
+        idle = self._idle[conn] = asyncio.Event()
+        if not self._open_on.get(conn):
+            idle.set()
+        task = asyncio.get_running_loop().create_task(
+            self._retire(conn, hops, proxies, watcher, idle, keep_open)
+        )
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def _retire(
+        self,
+        conn: asyncssh.SSHClientConnection,
+        hops: list[asyncssh.SSHClientConnection],
+        proxies: list[_ProxyCommand],
+        watcher: asyncio.Task[None] | None,
+        idle: asyncio.Event,
+        keep_open: float,
+    ) -> None:
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(idle.wait(), keep_open)
+        finally:
+            self._idle.pop(conn, None)
+            self._open_on.pop(conn, None)
+            conn.close()
+            for hop in reversed(hops):
+                hop.close()
+            for proxy in proxies:
+                proxy.stop()
+            if watcher is not None:
+                # It ends with the connection (and resolves the old wait_lost then).
+                watcher.cancel()
+                await asyncio.gather(watcher, return_exceptions=True)
 
     def _stop_proxies(self) -> None:
         proxies, self._proxies = self._proxies, []
@@ -1184,7 +1264,11 @@ class Session:
         conn, self._conn = self._conn, None
         hops, self._hops = self._hops, []
         self._up.clear()
-        tasks = [*self._opening, *([self._watcher] if self._watcher is not None else [])]
+        tasks = [
+            *self._opening,
+            *self._retiring,
+            *([self._watcher] if self._watcher is not None else []),
+        ]
         self._watcher = None
         for task in tasks:
             task.cancel()

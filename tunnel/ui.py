@@ -71,6 +71,27 @@ def destination(info: events.ConnectionInfo) -> str:
     return f"{host}:{info.port}"
 
 
+# What each cause of a reconnect is called in a line.
+_CAUSES = {
+    events.CAUSE_LOST: "lost",
+    events.CAUSE_SLEEP: "resumed from sleep",
+    events.CAUSE_NETWORK: "the network changed",
+    events.CAUSE_SIGHUP: "SIGHUP",
+}
+
+
+def status_line(status: events.Status) -> str:
+    """SIGUSR1's line: the session's state and for how long, then the counters."""
+    reconnects = f"{status.reconnects} reconnect{'s' if status.reconnects != 1 else ''}"
+    return (
+        f"status: {status.server} {status.state} for {human_seconds(status.state_seconds)}, "
+        f"{status.open} open, {status.served} served, {status.failed} failed, "
+        f"{status.rejected} rejected, {human_bytes(status.bytes_up)} up, "
+        f"{human_bytes(status.bytes_down)} down, {reconnects}, "
+        f"running {human_seconds(status.uptime)}"
+    )
+
+
 def describe(event: events.Event) -> tuple[str, bool] | None:
     """One line of text for an event, and whether it reports a problem; None for events
     that are only worth a line in JSON. The line is safe to show: names, user names and
@@ -97,10 +118,20 @@ def _describe(event: events.Event) -> tuple[str, bool] | None:
         case events.SessionConnecting(server=server, attempt=attempt):
             again = f" (attempt {attempt})" if attempt > 1 else ""
             return f"connecting to {server}{again}", False
-        case events.SessionUp(server=server, server_version=version, cipher=cipher):
-            return f"connected to {server} ({version}, {cipher})", False
+        case events.SessionUp(
+            server=server, server_version=version, cipher=cipher, cause=cause, outage=outage
+        ):
+            back = ""
+            if outage is not None:
+                why = _CAUSES.get(cause or "", cause)
+                back = f", back after {human_seconds(outage)} ({why})"
+            return f"connected to {server} ({version}, {cipher}){back}", False
+        case events.SessionLost(server=server, cause=cause) if cause != events.CAUSE_LOST:
+            return f"reconnecting to {server} now: {_CAUSES.get(cause, cause)}", False
         case events.SessionLost(server=server, reason=reason):
             return f"lost {server}: {reason}", True
+        case events.Status() as status:
+            return status_line(status), False
         case events.ReconnectScheduled(delay=delay, attempt=attempt, reason=reason):
             return f"reconnecting in {delay:.1f} s (attempt {attempt}): {reason}", True
         case events.ClientRejected(connection=info, empty=True):
@@ -208,7 +239,8 @@ class PlainRenderer:
         if described is None:
             return
         text, problem = described
-        if self.quiet and not problem:
+        # SIGUSR1's line was asked for: -q does not hide it.
+        if self.quiet and not problem and not isinstance(event, events.Status):
             return
         self._line(text, batch)
 
@@ -254,6 +286,8 @@ def event_record(event: events.Event, now: float) -> dict[str, Any]:
             continue  # asyncssh tells it only where the fast path records it
         elif field.name == "upstream" and not value:
             continue  # the command line's own session: its events name no route
+        elif value is None:
+            continue  # not known, or not meant here (session_up's outage before a loss)
         else:
             record[field.name] = value
     return record

@@ -60,7 +60,7 @@ def test_udp_bench_runs_every_subject() -> None:
     ]
 
 
-@pytest.mark.parametrize("script", ["run.py", "udp.py", "connections.py"])
+@pytest.mark.parametrize("script", ["run.py", "udp.py", "connections.py", "recovery.py"])
 def test_bench_help_prints(script: str) -> None:
     """--help renders every option's text (a bare % in one made argparse raise)."""
     done = subprocess.run(

@@ -200,7 +200,9 @@ def test_routes_show_each_destinations_state_and_each_connections_way(
     bring_up(view, clock)
     view(events.Ready((LISTENER,), SERVER, "main"))
     view(events.SessionConnecting("tester@127.0.0.1:2222", 1, upstream="lab"))
-    view(events.SessionUp("tester@127.0.0.1:2222", "OpenSSH", "c", "k", "m", "none", "lab"))
+    view(
+        events.SessionUp("tester@127.0.0.1:2222", "OpenSSH", "c", "k", "m", "none", upstream="lab")
+    )
     view(events.SessionConnecting("tester@127.0.0.1:2223", 1, upstream="spare"))
     view(events.SessionLost("tester@127.0.0.1:2223", "refused", upstream="spare"))
     plain = open_one(view, clock, "intranet.example", 443)
@@ -496,6 +498,7 @@ SAMPLES: list[events.Event] = [
     events.ClientRejected(sample_info(), "bad", auth=True),
     events.ClientRejected(fresh_info(), "client closed without sending a request", empty=True),
     events.Notice("hello", "dns"),
+    events.Status("s", "up", 61.5, 120.0, 1, 2, 30, 4, 5, 6000, 70000),
     events.Stopping("interrupted"),
 ]
 
@@ -531,7 +534,12 @@ def test_the_readme_table_is_read() -> None:
     assert SCHEMA["client_rejected"].sometimes == {"host": "string", "port": "integer"}
     assert SCHEMA["error"].always == {"message": "string", "exit_status": "integer"}
     assert len(SCHEMA["session_up"].always) == 5
-    assert SCHEMA["session_up"].sometimes == {"kex": "string", "upstream": "string"}
+    assert SCHEMA["session_up"].sometimes == {
+        "kex": "string",
+        "cause": "string",
+        "outage": "number",
+        "upstream": "string",
+    }
 
 
 def test_schema_covers_every_event_type() -> None:
@@ -567,6 +575,15 @@ def test_session_up_after_ready_follows_the_readme() -> None:
     [_, routed] = written([events.Ready((LISTENER,), "s"), replace(SESSION_UP, upstream="lab")])
     check_record(routed)
     assert routed["upstream"] == "lab"
+    assert "cause" not in record
+    assert "outage" not in record
+
+
+def test_session_up_after_an_outage_says_why_and_how_long() -> None:
+    back = dataclasses.replace(SESSION_UP, cause="sighup", outage=0.75)
+    [_, record] = written([events.Ready((LISTENER,), "s"), back])
+    check_record(record)
+    assert (record["cause"], record["outage"]) == ("sighup", 0.75)
 
 
 def test_fields_not_known_yet_are_left_out() -> None:
@@ -606,7 +623,7 @@ def test_json_record_values_follow_the_event() -> None:
     assert {k: up[k] for k in ("server_version", "cipher", "kex", "mac", "compression")} == {
         field.name: getattr(SESSION_UP, field.name)
         for field in dataclasses.fields(SESSION_UP)
-        if field.name not in ("server", "upstream")
+        if field.name not in ("server", "upstream", "cause", "outage")
     }
     # A key exchange asyncssh did not tell is left out, not sent empty.
     unknown = dataclasses.replace(SESSION_UP, kex="")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -79,6 +80,15 @@ DESCRIBE: list[tuple[str, events.Event, list[str], bool]] = [
      ["lost user@host:22", "Connection reset by peer"], True),
     ("reconnect", events.ReconnectScheduled("user@host:22", 2.5, 4, "Connection refused"),
      ["reconnecting in 2.5 s", "attempt 4", "Connection refused"], True),
+    ("session-replaced", events.SessionLost("user@host:22", "reconnecting now (sighup)",
+                                            events.CAUSE_SIGHUP),
+     ["reconnecting to user@host:22 now: SIGHUP"], False),
+    ("session-back", dataclasses.replace(SESSION_UP, cause=events.CAUSE_SLEEP, outage=3.25),
+     ["connected to user@host:22", "back after 3.2", "(resumed from sleep)"], False),
+    ("status", events.Status("user@host:22", "up", 125.0, 3600.0, 2, 3, 40, 1, 0, 2048,
+                             3 * 1024 * 1024),
+     ["status: user@host:22 up for 2m05s", "3 open", "40 served", "1 failed", "0 rejected",
+      "2.0 KiB up", "3.0 MiB down", "2 reconnects", "running 1h"], False),
     ("client-rejected", events.ClientRejected(info(), "not a SOCKS client (first byte 0x47)"),
      ["#7", "127.0.0.1:50000", "rejected", "first byte 0x47"], True),
     # A port probe or a spare preconnect: it sent nothing and left. Not a problem.
@@ -206,16 +216,18 @@ def test_plain_renderer_quiet_keeps_only_problems(utc: None) -> None:
         "datagrams-dropped",
         "incoming-refused",
     ]
+    # And SIGUSR1's status line, which was asked for.
     assert [line.split(" ", 2)[1] for line in lines] == [
         "lost",
         "reconnecting",
+        "status:",
         "#7",
         "#7",
         "clients",
         "#7",
         "127.0.0.1:50000",
     ]
-    assert lines[3].endswith("failed: connection refused (0x05): Connection refused")
+    assert lines[4].endswith("failed: connection refused (0x05): Connection refused")
     assert all(line.startswith("2023-11-14T22:13:20 ") for line in lines)
 
 
@@ -334,7 +346,7 @@ def test_json_renderer_stopping_before_ready_is_printed() -> None:
           "url": "socks5h://[::1]:1080", "remote": False}),
         (events.ReconnectScheduled("h", 2.0, 3, "EOF"),
          {"event": "reconnect_scheduled", "time": 1.5, "server": "h", "delay": 2.0,
-          "attempt": 3, "reason": "EOF"}),
+          "attempt": 3, "reason": "EOF", "cause": "lost"}),
         (events.ChannelFailed(info(), 4, "host unreachable", "No route to host"),
          {"event": "channel_failed", "time": 1.5, "id": 7, "client": "127.0.0.1:50000",
           "host": "example.com", "port": 443, "reply": 4, "reply_label": "host unreachable",
