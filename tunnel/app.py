@@ -34,6 +34,7 @@ from .session import Session
 from .sshconfig import apply_ssh_config
 from .udp import UdpSettings
 from .upstreams import Direct
+from .watch import Wake, watch
 
 log = logging.getLogger(__name__)
 
@@ -279,6 +280,9 @@ async def serve(
                     command, command_environment(listeners, config.proxy_credentials)
                 )
             keeping = loop.create_task(supervisor.keep_up())
+            # Sleep and network changes: probe the session at once, reconnect if silent.
+            waking = loop.create_task(watch(Wake(session, supervisor, emit, session.server)))
+            stack.callback(waking.cancel)
             if reverse is not None:
                 relisten = loop.create_task(reverse.keep())
                 stack.callback(relisten.cancel)

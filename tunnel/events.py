@@ -94,6 +94,17 @@ class ReconnectScheduled:
 
 
 @dataclass(frozen=True, slots=True)
+class SessionProbed:
+    """The session was probed at once because the machine slept (``cause`` "sleep") or
+    the network changed ("network-change"); without an answer it is dropped and made
+    again."""
+
+    server: str
+    cause: str
+    answered: bool
+
+
+@dataclass(frozen=True, slots=True)
 class ClientAccepted:
     connection: ConnectionInfo
 
@@ -183,6 +194,7 @@ Event = (
     | SessionUp
     | SessionLost
     | ReconnectScheduled
+    | SessionProbed
     | ClientAccepted
     | ClientRejected
     | RequestParsed

@@ -70,6 +70,12 @@ class Supervisor:
                 raise error
             await self._reconnect(reason)
 
+    def reconnect_now(self, cause: str) -> None:
+        """The session stopped answering after ``cause`` (a sleep, a network change):
+        drop it, so that keep_up reconnects at once (its first attempt has no delay)."""
+        what = "resume from sleep" if cause == "sleep" else cause.replace("-", " ")
+        self.session.drop(f"no answer to a probe after a {what}")
+
     async def _reconnect(self, reason: str) -> None:
         schedule = backoff(cap=self.config.reconnect_cap, random=self.random)
         for delay in schedule:

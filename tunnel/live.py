@@ -101,6 +101,7 @@ class LiveRenderer:
             events.Notice
             | events.SessionLost
             | events.ReconnectScheduled
+            | events.SessionProbed
             | events.DatagramsDropped
             | events.IncomingRefused,
         ):

@@ -1003,6 +1003,38 @@ class Session:
         for proxy in proxies:
             proxy.stop()
 
+    async def probe(self, within: float) -> bool:
+        """Whether the server answers a keepalive request within ``within`` seconds
+        (any answer counts: OpenSSH replies "failure" to keepalive@openssh.com). False
+        when there is no connection."""
+        conn = self._conn
+        if conn is None:
+            return False
+        # asyncssh sends its own keepalives through this method and has no public one
+        # that waits for the reply (present in every asyncssh pytunnel supports).
+        request = conn._make_global_request
+        try:
+            await asyncio.wait_for(request(b"keepalive@openssh.com"), within)
+        except (TimeoutError, asyncssh.Error, OSError):
+            return False
+        return conn is self._conn
+
+    def drop(self, reason: str) -> None:
+        """Abort the live connection now (it stopped answering): wait_lost() returns a
+        SessionClosed with ``reason``, and connect() may be called at once."""
+        conn, lost = self._conn, self._lost
+        if conn is None:
+            return
+        self._conn = None
+        self._up.clear()
+        for hop in reversed(self._hops):
+            hop.abort()
+        self._hops = []
+        self._stop_proxies()
+        if lost is not None and not lost.done():
+            lost.set_result(SessionClosed(self.server, reason))
+        conn.abort()
+
     async def wait_lost(self) -> SessionError:
         """Wait until the live connection ends; return why."""
         assert self._lost is not None, "wait_lost() before connect()"

@@ -458,6 +458,7 @@ SAMPLES: list[events.Event] = [
     events.SessionConnecting("s", 2),
     events.SessionLost("s", "EOF"),
     events.ReconnectScheduled("s", 1.5, 2, "EOF"),
+    events.SessionProbed("s", "sleep", False),
     events.ClientAccepted(fresh_info()),
     events.RequestParsed(sample_info(), "socks5", "CONNECT", "db.internal", 5432, True),
     events.ChannelOpened(sample_info(), 0.5),
