@@ -24,7 +24,7 @@ from typing import Any
 import asyncssh
 from asyncssh.public_key import get_default_certificate_algs, get_default_public_key_algs
 
-from . import events, fastpath, hostkeys
+from . import events, eyeballs, fastpath, hostkeys
 from .channels import Channel, ChannelSink, IncomingHandler, IncomingSink, ReportsToSink
 from .config import (
     DEFAULT_CONNECT_TIMEOUT,
@@ -787,6 +787,8 @@ class Session:
                 proxies.append(proxy)
                 kwargs["sock"] = proxy.sock
             try:
+                if tunnel is None and proxy is None:
+                    await self._dial(dest, kwargs)
                 conn = await self._connect_once(dest.host, client, kwargs, proxy)
             except asyncssh.HostKeyNotVerifiable as exc:
                 if (
@@ -850,6 +852,25 @@ class Session:
                     conn.get_extra_info("server_version"),
                 )
                 return conn, client
+
+    async def _dial(self, dest: Destination, kwargs: dict[str, Any]) -> None:
+        """Connect the TCP socket by Happy Eyeballs (IPv6 first, the next address after
+        250 ms) and put it in ``kwargs`` for asyncssh, with what is left of the
+        ConnectTimeout for the SSH handshake (as ssh counts it)."""
+        loop = asyncio.get_running_loop()
+        host, port, _ = connect_target(self.config, dest)
+        family = _FAMILIES.get(self.config.address_family, socket.AF_UNSPEC)
+
+        def attempt(info: eyeballs.AddrInfo) -> None:
+            log.info("trying %s port %d", info[4][0], info[4][1])
+
+        deadline = loop.time() + self.connect_timeout
+        sock = await asyncio.wait_for(
+            eyeballs.open_socket(host, port, family, on_attempt=attempt), self.connect_timeout
+        )
+        log.info("connected to %s port %d", *sock.getpeername()[:2])
+        kwargs["sock"] = sock
+        kwargs["connect_timeout"] = max(deadline - loop.time(), 0.001)
 
     async def _connect_once(
         self, host: str, client: _Client, kwargs: dict[str, Any], proxy: _ProxyCommand | None
