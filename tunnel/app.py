@@ -40,6 +40,7 @@ from .sshconfig import apply_ssh_config
 from .stats import Stats
 from .udp import UdpSettings
 from .upstreams import Direct, Reject, Request
+from .watch import Wake, watch
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +161,10 @@ class SshWay:
     @property
     def is_down(self) -> bool:
         return not self.is_up and (self.dead is not None or self.down_reason is not None)
+
+    def in_use(self) -> bool:
+        """Asked for at least once (it connects on first use)."""
+        return self.task is not None
 
     def start(self) -> None:
         if self.task is None:
@@ -522,6 +527,24 @@ async def serve(
                     command, command_environment(listeners, config.proxy_credentials)
                 )
             keeping = loop.create_task(supervisor.keep_up())
+            # Sleep and network changes: probe the session at once, reconnect if silent.
+            # Each route destination's session too, once it is in use.
+            waking = loop.create_task(
+                watch(
+                    Wake(session, supervisor, emit, session.server),
+                    *(
+                        Wake(
+                            way.session,
+                            way.supervisor,
+                            way.emit,
+                            way.name,
+                            active=way.in_use,
+                        )
+                        for way in ways
+                    ),
+                )
+            )
+            stack.callback(waking.cancel)
             if reverse is not None:
                 relisten = loop.create_task(reverse.keep())
                 stack.callback(relisten.cancel)

@@ -143,6 +143,17 @@ class Status:
 
 
 @dataclass(frozen=True, slots=True)
+class SessionProbed:
+    """The session was probed at once because the machine slept (``cause`` "sleep") or
+    the network changed ("network"); without an answer it is dropped and made
+    again."""
+
+    server: str
+    cause: str
+    answered: bool
+
+
+@dataclass(frozen=True, slots=True)
 class ClientAccepted:
     connection: ConnectionInfo
 
@@ -232,6 +243,7 @@ Event = (
     | SessionUp
     | SessionLost
     | ReconnectScheduled
+    | SessionProbed
     | ClientAccepted
     | ClientRejected
     | RequestParsed

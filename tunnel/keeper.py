@@ -24,6 +24,12 @@ from .upstreams import Request
 # clients against a server that is still away costs one attempt a second, not one each.
 DEMAND_GAP = 1.0
 
+# The reason a replaced session's loss gives, by cause: a probe found it dead, or asked.
+_ASKED_REASONS = {
+    events.CAUSE_SLEEP: "no answer to a probe after resume from sleep",
+    events.CAUSE_NETWORK: "no answer to a probe after a network change",
+}
+
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
 
@@ -149,7 +155,7 @@ class Supervisor:
                 # Asked: the session may be fine; it is replaced all the same.
                 self._asked.clear()
                 cause = self._asked_cause
-                reason = f"reconnecting now ({cause})"
+                reason = _ASKED_REASONS.get(cause, f"reconnecting now ({cause})")
                 self._down_since = self.clock()
                 self.emit(events.SessionLost(self.session.server, reason, cause))
                 self.session.retire(self._asked_keep_open)

@@ -107,6 +107,7 @@ class LiveRenderer:
             events.Notice
             | events.SessionLost
             | events.ReconnectScheduled
+            | events.SessionProbed
             | events.DatagramsDropped
             | events.IncomingRefused
             | events.Status,

@@ -24,7 +24,7 @@ from typing import Any
 import asyncssh
 from asyncssh.public_key import get_default_certificate_algs, get_default_public_key_algs
 
-from . import events, fastpath, hostkeys
+from . import events, eyeballs, fastpath, hostkeys
 from .channels import Channel, ChannelSink, IncomingHandler, IncomingSink, ReportsToSink
 from .config import (
     DEFAULT_CONNECT_TIMEOUT,
@@ -797,6 +797,8 @@ class Session:
                 proxies.append(proxy)
                 kwargs["sock"] = proxy.sock
             try:
+                if tunnel is None and proxy is None:
+                    await self._dial(dest, kwargs)
                 conn = await self._connect_once(dest.host, client, kwargs, proxy)
             except asyncssh.HostKeyNotVerifiable as exc:
                 if (
@@ -860,6 +862,26 @@ class Session:
                     conn.get_extra_info("server_version"),
                 )
                 return conn, client
+
+    async def _dial(self, dest: Destination, kwargs: dict[str, Any]) -> None:
+        """Connect the TCP socket by Happy Eyeballs (IPv6 first, the next address after
+        250 ms) and put it in ``kwargs`` for asyncssh, with what is left of the
+        ConnectTimeout for the SSH handshake (as ssh counts it)."""
+        loop = asyncio.get_running_loop()
+        host, port, _ = connect_target(self.config, dest)
+        chosen = self.config.address_family
+        family = socket.AF_UNSPEC if chosen is None else _FAMILIES.get(chosen, socket.AF_UNSPEC)
+
+        def attempt(info: eyeballs.AddrInfo) -> None:
+            log.info("trying %s port %d", info[4][0], info[4][1])
+
+        deadline = loop.time() + self.connect_timeout
+        sock = await asyncio.wait_for(
+            eyeballs.open_socket(host, port, family, on_attempt=attempt), self.connect_timeout
+        )
+        log.info("connected to %s port %d", *sock.getpeername()[:2])
+        kwargs["sock"] = sock
+        kwargs["connect_timeout"] = max(deadline - loop.time(), 0.001)
 
     async def _connect_once(
         self, host: str, client: _Client, kwargs: dict[str, Any], proxy: _ProxyCommand | None
@@ -1082,6 +1104,22 @@ class Session:
         proxies, self._proxies = self._proxies, []
         for proxy in proxies:
             proxy.stop()
+
+    async def probe(self, within: float) -> bool:
+        """Whether the server answers a keepalive request within ``within`` seconds
+        (any answer counts: OpenSSH replies "failure" to keepalive@openssh.com). False
+        when there is no connection."""
+        conn = self._conn
+        if conn is None:
+            return False
+        # asyncssh sends its own keepalives through this method and has no public one
+        # that waits for the reply (present in every asyncssh pytunnel supports).
+        request = conn._make_global_request
+        try:
+            await asyncio.wait_for(request(b"keepalive@openssh.com"), within)
+        except (TimeoutError, asyncssh.Error, OSError):
+            return False
+        return conn is self._conn
 
     async def wait_lost(self) -> SessionError:
         """Wait until the live connection ends; return why."""

@@ -134,6 +134,11 @@ def _describe(event: events.Event) -> tuple[str, bool] | None:
             return status_line(status), False
         case events.ReconnectScheduled(delay=delay, attempt=attempt, reason=reason):
             return f"reconnecting in {delay:.1f} s (attempt {attempt}): {reason}", True
+        case events.SessionProbed(server=server, cause=cause, answered=answered):
+            why = _CAUSES.get(cause, cause)
+            if answered:
+                return f"{why}: {server} still answers", False
+            return f"{why}: {server} did not answer, reconnecting now", True
         case events.ClientRejected(connection=info, empty=True):
             # A port probe or a browser's spare preconnect: worth a line, not a warning.
             return f"#{info.id} {info.client} closed without sending a request", False

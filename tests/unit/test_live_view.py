@@ -486,6 +486,7 @@ SAMPLES: list[events.Event] = [
     events.SessionConnecting("s", 1, upstream="lab"),
     events.SessionLost("s", "EOF", upstream="lab"),
     events.ReconnectScheduled("s", 1.5, 2, "EOF", upstream="lab"),
+    events.SessionProbed("s", "sleep", False),
     events.ClientAccepted(fresh_info()),
     events.RequestParsed(sample_info(), "socks5", "CONNECT", "db.internal", 5432, True),
     events.ChannelOpened(sample_info(upstream="lab"), 0.5),
