@@ -26,12 +26,13 @@ from .config import (
 )
 from .errors import CommandFailed, ConfigError, ExitStatus
 from .keeper import SshUpstream, Supervisor
+from .master import MasterUpstream, master_upstream
 from .platform import on_signals
 from .pool import SessionPool
 from .proxy import ProxyServer
 from .reverse import ReverseForwards
 from .session import Session
-from .sshconfig import apply_ssh_config
+from .sshconfig import apply_ssh_config, resolve_control_path
 from .udp import UdpSettings
 from .upstreams import Direct
 
@@ -201,20 +202,26 @@ async def serve(
             else:
                 config = apply_ssh_config(config)
             config = listeners_to_open(config)
+            master = await _master(config, emit)
+            if master is not None:
+                stack.callback(master.close)
             session = Session(config, emit, prompter)
             opener: Session | SessionPool = session
-            if config.ssh_connections > 1:
+            if config.ssh_connections > 1 and master is None:
                 opener = pool = SessionPool(session, config.ssh_connections)
                 stack.push_async_callback(pool.close)
-            upstream = SshUpstream(opener)
-            udp = UdpSettings(
-                upstream=upstream,
-                runner=session,
-                rules=config.rules,
-                emit=emit,
-                dns_server=config.dns_server,
-                helper=config.udp_helper,
-            )
+            upstream: SshUpstream | MasterUpstream = master or SshUpstream(opener)
+            # Through a master: no BIND or UDP ASSOCIATE (0x07, see the README).
+            udp = None
+            if master is None:
+                udp = UdpSettings(
+                    upstream=upstream,
+                    runner=session,
+                    rules=config.rules,
+                    emit=emit,
+                    dns_server=config.dns_server,
+                    helper=config.udp_helper,
+                )
             proxy = ProxyServer(
                 upstream,
                 emit,
@@ -222,7 +229,7 @@ async def serve(
                 max_clients=config.max_connections,
                 rules=config.rules,
                 credentials=config.proxy_credentials,
-                binder=session,
+                binder=session if master is None else None,
                 udp=udp,
             )
             stack.push_async_callback(session.close)
@@ -251,7 +258,7 @@ async def serve(
                 ((f.host, f.port) for f in config.forwards),
                 check=lambda bound: guard_bound(config, bound),
             )
-            supervisor = Supervisor(session, config, emit)
+            supervisor: Supervisor | MasterUpstream = master or Supervisor(session, config, emit)
 
             starting = loop.create_task(supervisor.start())
             stopping = loop.create_task(stop.event.wait())
@@ -267,7 +274,10 @@ async def serve(
             # the local port took its first client.
             remote = await reverse.open() if reverse is not None else []
             listeners = proxy.start_accepting() + remote
-            emit(events.Ready(tuple(listeners), session.server))
+            if master is None:
+                emit(events.Ready(tuple(listeners), session.server))
+            else:
+                emit(events.Ready(tuple(listeners), master.server, master.name, master.pid))
             if config.demo and not command:
                 from .demo import DEMO_HOST
 
@@ -303,6 +313,20 @@ async def serve(
             return stop.status
     finally:
         undo_signals()
+
+
+async def _master(config: Config, emit: events.Sink) -> MasterUpstream | None:
+    """The OpenSSH master to ride for the destination (-S / ControlPath), or None to log
+    in ourselves."""
+    path = resolve_control_path(config)
+    if path is None:
+        return None
+    if config.reverse_forwards:
+        raise ConfigError(
+            "-R is not available through an OpenSSH master",
+            hint="drop -S/ControlPath to log in yourself, or add the forward to the master",
+        )
+    return await master_upstream(path, config, emit)
 
 
 async def _spawn(command: Sequence[str], env: dict[str, str]) -> asyncio.subprocess.Process:

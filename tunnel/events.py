@@ -61,6 +61,9 @@ class Ready:
 
     listeners: tuple[Listener, ...]
     server: str
+    # "ssh" (our own login) or "openssh-master" (riding ssh -M), with the master's PID.
+    transport: str = "ssh"
+    master_pid: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,6 +25,8 @@ from .config import (
     Destination,
     expand_proxy_command,
     merge_forwards,
+    parse_control_master,
+    parse_control_path,
     parse_forward,
     parse_host_key_policy,
     parse_jump_hosts,
@@ -73,6 +75,8 @@ class _FileConfig(SSHClientConfig):
                 ("ExitOnForwardFailure", SSHConfig._set_bool),
                 ("ProxyJump", _proxy_line),
                 ("ProxyCommand", _proxy_line),
+                ("ControlPath", SSHConfig._set_string),
+                ("ControlMaster", SSHConfig._set_string),
             )
         },
     }
@@ -120,6 +124,30 @@ def connect_target(config: Config, dest: Destination) -> tuple[str, int, str | N
     port = int(dest.port or get("Port") or DEFAULT_SSH_PORT)
     user = dest.user or get("User")
     return host, port, None if user is None else str(user)
+
+
+def resolve_control_path(config: Config) -> str | None:
+    """The ControlPath of ``config`` (after :func:`apply_ssh_config`) with its tokens
+    expanded for the destination as asyncssh will reach it; None without one."""
+    if config.control_path is None or config.control_path.lower() == "none":
+        return None
+    import socket
+
+    from .config import expand_control_path
+
+    host, port, user = connect_target(config, config.destination)
+    local_user = getpass.getuser()
+    return expand_control_path(
+        config.control_path,
+        host=host,
+        original_host=config.destination.host,
+        port=port,
+        user=user or local_user,
+        local_host=socket.gethostname(),
+        local_user=local_user,
+        home=os.path.expanduser("~"),
+        uid=os.getuid(),
+    )
 
 
 def apply_ssh_config(config: Config) -> Config:
@@ -277,6 +305,10 @@ def _merge(config: Config, loaded: SSHConfig) -> Config:
             changes["reverse_forwards"] = merge_forwards(
                 [*config.reverse_forwards, *(parse_reverse_forward(text) for text in reverse)]
             )
+        if config.control_path is None and get("ControlPath") is not None:
+            changes["control_path"] = parse_control_path(get("ControlPath"))
+        if config.control_master is None and get("ControlMaster") is not None:
+            changes["control_master"] = parse_control_master(get("ControlMaster"))
         if config.host_key_policy is None and get("StrictHostKeyChecking") is not None:
             changes["host_key_policy"] = parse_host_key_policy(get("StrictHostKeyChecking"))
     except ConfigError as exc:

@@ -86,6 +86,9 @@ def _describe(event: events.Event) -> tuple[str, bool] | None:
     match event:
         case events.ListenerStarted(listener=listener):
             return f"listening on {listener_text(listener)}", False
+        case events.Ready(listeners=listeners, transport="openssh-master", master_pid=pid):
+            where = " ".join(listener_text(item) for item in listeners)
+            return f"ready: {where} (through the OpenSSH master, pid {pid})", False
         case events.Ready(listeners=listeners):
             return "ready: " + " ".join(listener_text(item) for item in listeners), False
         case events.SessionConnecting(server=server, attempt=attempt):
