@@ -247,6 +247,8 @@ def event_record(event: events.Event, now: float) -> dict[str, Any]:
             ]
         elif isinstance(event, events.SessionUp) and field.name == "kex" and not value:
             continue  # asyncssh tells it only where the fast path records it
+        elif isinstance(event, events.Ready) and field.name == "master_pid" and value is None:
+            continue  # only through an OpenSSH master
         else:
             record[field.name] = value
     return record

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from fixtures.net import wait_until
-from fixtures.pytunnel_proc import PytunnelFactory, Running, run_pytunnel
+from fixtures.pytunnel_proc import PytunnelFactory, Running, run_pytunnel, server_args
 from fixtures.replies import SOCKS5_OK, socks5_failure
 from fixtures.sshd import SshdServer
 from fixtures.targets import HttpTarget
@@ -178,3 +178,36 @@ def test_explicit_socket_without_master_exits_255(tmp_path: Path) -> None:
     assert done.returncode == 255
     assert "no OpenSSH master" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_control_path_from_ssh_config_with_tokens(
+    sshd: SshdServer, tmp_path: Path, http_target: HttpTarget,
+    pytunnel_factory: PytunnelFactory,
+) -> None:  # fmt: skip
+    # ssh and pytunnel expand the same template to the same socket.
+    sock = tmp_path / f"{sshd.user}@{sshd.host}-{sshd.port}.sock"
+    start_master(sshd, sock)
+    try:
+        config = tmp_path / "ssh_config"
+        config.write_text(f"Host {sshd.host}\n  ControlPath {tmp_path}/%r@%h-%p.sock\n")
+        tunnel = pytunnel_factory(
+            ["-D", "127.0.0.1:0", "-F", str(config), "-p", str(sshd.port),
+             f"{sshd.user}@{sshd.host}"]
+        )  # fmt: skip
+        assert tunnel.ready["transport"] == "openssh-master"
+        reply, conn = socks5_connect(tunnel.address, "127.0.0.1", http_target.port)
+        conn.close()
+        assert reply == SOCKS5_OK
+    finally:
+        stop_master(sock)
+
+
+def test_control_master_auto_without_master_logs_in_itself(
+    sshd: SshdServer, tmp_path: Path, pytunnel_factory: PytunnelFactory
+) -> None:
+    tunnel = pytunnel_factory(
+        ["-D", "127.0.0.1:0", "-S", str(tmp_path / "none.sock"), "-o", "ControlMaster=auto",
+         *server_args(sshd)]
+    )  # fmt: skip
+    assert tunnel.ready["transport"] == "ssh"
+    assert tunnel.wait_stderr("logging in as usual")

@@ -470,6 +470,8 @@ SAMPLES: list[events.Event] = [
     events.ClientRejected(fresh_info(), "client closed without sending a request", empty=True),
     events.Notice("hello", "dns"),
     events.Stopping("interrupted"),
+    # Riding an OpenSSH master: its PID instead of the session's facts.
+    events.Ready((LISTENER,), "m", "openssh-master", 4242),
 ]
 
 
