@@ -71,7 +71,7 @@ def test_encoders_match_the_named_vectors() -> None:
     assert encode_eof(5) == EOF_5
     assert encode_close(5) == CLOSE_5
     assert encode_window_adjust(5, 0x10000) == ADJUST_5
-    assert encode_open_direct_tcpip(3, "example.com", 80, ("127.0.0.1", 54321)) == OPEN_3
+    assert encode_open_direct_tcpip(3, "example.com", 80, ("127.0.0.1", 54321), 0x200000) == OPEN_3
 
 
 # What a master sends, as (frame on the wire, what it parses to).
