@@ -194,3 +194,122 @@ def test_unknown_token_is_a_config_error() -> None:
             "/tmp/%z", host="h", original_host="h", port=22, user="u",
             local_host="l", local_user="u", home="/home/u", uid=1,
         )  # fmt: skip
+
+
+# -- the channel layer, driven by hand (no sockets) -------------------------------------
+
+
+class _Transport:
+    """Collects what MuxClient writes."""
+
+    def __init__(self) -> None:
+        self.written = bytearray()
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class _Sink:
+    def __init__(self) -> None:
+        self.data: list[bytes] = []
+        self.log: list[str] = []
+
+    def remote_data(self, data: bytes) -> None:
+        self.data.append(data)
+
+    def remote_eof(self) -> None:
+        self.log.append("eof")
+
+    def remote_pause(self) -> None:
+        self.log.append("pause")
+
+    def remote_resume(self) -> None:
+        self.log.append("resume")
+
+    def remote_closed(self, exc: BaseException | None) -> None:
+        self.log.append("closed")
+
+
+def _proxy_frame(kind: int, payload: bytes) -> bytes:
+    return (len(payload) + 2).to_bytes(4, "big") + bytes((0, kind)) + payload
+
+
+async def _opened_channel() -> tuple[object, _Transport, _Sink, object]:
+    import asyncio
+    import struct as _struct
+
+    from tunnel.mux import MuxClient
+
+    loop = asyncio.get_running_loop()
+    client = MuxClient(loop)
+    transport = _Transport()
+    client.connection_made(transport)  # type: ignore[arg-type]
+    assert bytes(transport.written) == HELLO + ALIVE_CHECK_7[:8] + (1).to_bytes(4, "big") + PROXY_2
+    client.data_received(
+        HELLO
+        + bytes.fromhex("0000000c800000050000000100000929")
+        + bytes.fromhex("000000088000000f00000002")
+    )
+    assert client.pid == 0x929
+    sink = _Sink()
+    opening = loop.create_task(client.open_tcp("h", 80, ("127.0.0.1", 1), sink, 30.0))
+    await asyncio.sleep(0)
+    # The server's confirmation: our id 0, its id 77, a 64-byte window, 32-byte packets.
+    client.data_received(_proxy_frame(91, _struct.pack(">IIII", 0, 77, 64, 32)))
+    channel = await opening
+    transport.written.clear()
+    return client, transport, sink, channel
+
+
+async def test_data_waits_while_paused_and_the_window_is_kept() -> None:
+    from tunnel.mux import WINDOW
+
+    client, transport, sink, channel = await _opened_channel()
+    client.data_received(encode_data(0, b"early"))  # type: ignore[attr-defined]
+    assert sink.data == []  # handed over paused: held until the reply is written
+    channel.resume_reading()  # type: ignore[attr-defined]
+    assert sink.data == [b"early"]
+    # Beyond the window we granted: the master is broken; the control connection ends.
+    client.data_received(encode_data(0, b"x" * (WINDOW + 1)))  # type: ignore[attr-defined]
+    assert transport.closed
+
+
+async def test_writes_respect_the_servers_window_and_packet_size() -> None:
+    client, transport, _sink, channel = await _opened_channel()
+    channel.write(b"a" * 100)  # type: ignore[attr-defined]
+    # 64 bytes of window, 32 per packet: two packets, 36 bytes wait.
+    assert bytes(transport.written) == encode_data(77, b"a" * 32) * 2
+    channel.write_eof()  # type: ignore[attr-defined]
+    assert bytes(transport.written).count(encode_eof(77)) == 0  # not before the data
+    transport.written.clear()
+    client.data_received(encode_window_adjust(0, 100))  # type: ignore[attr-defined]
+    assert bytes(transport.written) == encode_data(77, b"a" * 32) + encode_data(
+        77, b"a" * 4
+    ) + encode_eof(77)
+
+
+async def test_open_failure_maps_to_the_reply_table() -> None:
+    import asyncio
+
+    from tunnel.errors import ChannelOpenFailed, ReplyReason
+    from tunnel.mux import MuxClient
+
+    loop = asyncio.get_running_loop()
+    client = MuxClient(loop)
+    client.connection_made(_Transport())  # type: ignore[arg-type]
+    client.data_received(HELLO + bytes.fromhex("000000088000000f00000002"))
+    opening = loop.create_task(client.open_tcp("h", 80, ("127.0.0.1", 1), _Sink(), 30.0))
+    await asyncio.sleep(0)
+    failure = bytes.fromhex("0000000000000001") + (0).to_bytes(4, "big")
+    client.data_received(_proxy_frame(92, failure))
+    with pytest.raises(ChannelOpenFailed) as info:
+        await opening
+    assert info.value.reason is ReplyReason.CONNECTION_NOT_ALLOWED
+    assert "no reason" in info.value.message
