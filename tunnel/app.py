@@ -277,7 +277,9 @@ async def serve(
             if master is None:
                 emit(events.Ready(tuple(listeners), session.server))
             else:
-                emit(events.Ready(tuple(listeners), master.server, master.name, master.pid))
+                # The live view shows ``server``: say there which master, and its PID.
+                server = f"{master.server} (pid {master.pid})"
+                emit(events.Ready(tuple(listeners), server, master.name, master.pid))
             if config.demo and not command:
                 from .demo import DEMO_HOST
 
