@@ -61,6 +61,7 @@ LABELS = {
     "pytunnel": "pytunnel",
     "asyncssh": "asyncssh forward_socks",
     "pytunnel-live": "pytunnel, live view on",
+    "pytunnel-master": "pytunnel via ssh -M master (CPU: both)",
 }
 # The live view's cost does not depend on the cipher: measure it once, in "default".
 LIVE = "pytunnel-live"
@@ -293,10 +294,10 @@ class Round:
     def _bulk(self, name: str) -> None:
         subject = self.subjects[name]
         size = self.plan.size
-        cpu_before = subjects.cpu_seconds(subject.pid)
+        cpu_before = subject.cpu_seconds()
         down = socks_client.download(subject.port, self.ports["source"], size)
         up = socks_client.upload(subject.port, self.ports["sink"], size)
-        cpu = subjects.cpu_seconds(subject.pid) - cpu_before
+        cpu = subject.cpu_seconds() - cpu_before
         self.results[name].update(
             down_mibs=size / MIB / down,
             up_mibs=size / MIB / up,
@@ -306,12 +307,12 @@ class Round:
 
     def _concurrent(self, name: str, *, k: int) -> None:
         subject = self.subjects[name]
-        cpu_before = subjects.cpu_seconds(subject.pid)
+        cpu_before = subject.cpu_seconds()
         elapsed = socks_client.concurrent_download(
             subject.port, self.ports["source"], k, self.plan.conc_size
         )
         self.results[name][f"conc{k}_s"] = elapsed
-        self.results[name][f"conc{k}_cpu_s"] = subjects.cpu_seconds(subject.pid) - cpu_before
+        self.results[name][f"conc{k}_cpu_s"] = subject.cpu_seconds() - cpu_before
 
     def _open(self, name: str) -> None:
         subject = self.subjects[name]

@@ -195,6 +195,10 @@ class Subject:
     def start(self) -> None:
         raise NotImplementedError
 
+    def cpu_seconds(self) -> float:
+        """CPU of every process that does this subject's work."""
+        return cpu_seconds(self.pid)
+
     def check_alive(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
             code = None if self.proc is None else self.proc.returncode
@@ -367,9 +371,47 @@ class AsyncsshSubject(Subject):
         self._ready_roundtrip(time.monotonic() + READY_TIMEOUT)
 
 
+class PytunnelMasterSubject(PytunnelSubject):
+    """pytunnel riding an ``ssh -M`` master (``-S``, no key of its own). CPU is
+    pytunnel's and the master's together: the master does the cryptography."""
+
+    master_pid: int = 0
+
+    def argv(self) -> list[str]:
+        sock = self.server.workdir / f"{self.name}.sock"
+        return [PYTUNNEL, "-D", "127.0.0.1:0", "--json", "-F", "none", "-S", str(sock),
+                f"{self.server.user}@{self.server.host}"]  # fmt: skip
+
+    def start(self) -> None:
+        sock = self.server.workdir / f"{self.name}.sock"
+        argv = [SSH, "-M", "-S", str(sock), "-o", "ControlPersist=no", "-N", "-f"]
+        argv += ssh_base_args(self.server)
+        if self.cipher:
+            argv += ["-c", self.cipher]
+        argv.append(f"{self.server.user}@{self.server.host}")
+        subprocess.run(argv, timeout=30, env=clean_env(), check=True, stdin=subprocess.DEVNULL)
+        check = subprocess.run(
+            [SSH, "-S", str(sock), "-O", "check", "x"],
+            capture_output=True, text=True, timeout=30, env=clean_env(), check=True,
+        )  # fmt: skip
+        self.master_pid = int(check.stderr.split("pid=")[1].split(")")[0])
+        super().start()
+        self.negotiated = ssh_negotiated_cipher(self.server, self.cipher)
+
+    def cpu_seconds(self) -> float:
+        return cpu_seconds(self.pid) + cpu_seconds(self.master_pid)
+
+    def stop(self) -> None:
+        super().stop()
+        if self.master_pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.master_pid, signal.SIGTERM)
+
+
 SUBJECTS: dict[str, type[Subject]] = {
     "ssh": SshSubject,
     "pytunnel": PytunnelSubject,
     "asyncssh": AsyncsshSubject,
     "pytunnel-live": PytunnelLiveSubject,
+    "pytunnel-master": PytunnelMasterSubject,
 }

@@ -47,7 +47,7 @@ __pytunnel_reply()
 __pytunnel_takes_value()
 {
     case $1 in
-        -D|-R|-p|-l|-i|-J|-F|-o|-c|-m|-E|--pidfile|--handshake-timeout|--open-timeout|--reconnect-wait|--give-up-after|--max-connections|--connections|--drain|--proxy-auth|--proxy-password-file|--allow|--deny|--route|--routes|--dns-server) return 0 ;;
+        -D|-R|-p|-l|-i|-J|-F|-o|-S|-c|-m|-E|--pidfile|--handshake-timeout|--open-timeout|--reconnect-wait|--give-up-after|--max-connections|--connections|--drain|--proxy-auth|--proxy-password-file|--allow|--deny|--route|--routes|--dns-server) return 0 ;;
     esac
     return 1
 }
@@ -159,7 +159,7 @@ __pytunnel_option()
 {
     local word=$1 key item
     if [[ $word != *=* ]]; then
-        for item in StrictHostKeyChecking UserKnownHostsFile GlobalKnownHostsFile ConnectTimeout Port User IdentityFile DynamicForward RemoteForward ServerAliveInterval ServerAliveCountMax HostName IdentitiesOnly ProxyJump ProxyCommand BatchMode PubkeyAuthentication PasswordAuthentication KbdInteractiveAuthentication PreferredAuthentications Compression Ciphers KexAlgorithms HostKeyAlgorithms MACs AddressFamily GatewayPorts ExitOnForwardFailure LogLevel; do
+        for item in StrictHostKeyChecking UserKnownHostsFile GlobalKnownHostsFile ConnectTimeout Port User IdentityFile DynamicForward RemoteForward ServerAliveInterval ServerAliveCountMax HostName IdentitiesOnly ProxyJump ProxyCommand BatchMode PubkeyAuthentication PasswordAuthentication KbdInteractiveAuthentication PreferredAuthentications Compression Ciphers KexAlgorithms HostKeyAlgorithms MACs AddressFamily GatewayPorts ExitOnForwardFailure ControlPath ControlMaster LogLevel; do
             [[ ${item,,} == "${word,,}"* ]] && found+=("$item=")
         done
         compopt -o nospace 2>/dev/null
@@ -183,6 +183,7 @@ __pytunnel_option()
         addressfamily) while IFS= read -r item; do found+=("$item"); done < <(compgen -W 'any inet inet6' -- "$word") ;;
         gatewayports) while IFS= read -r item; do found+=("$item"); done < <(compgen -W 'yes no' -- "$word") ;;
         exitonforwardfailure) while IFS= read -r item; do found+=("$item"); done < <(compgen -W 'yes no' -- "$word") ;;
+        controlmaster) while IFS= read -r item; do found+=("$item"); done < <(compgen -W 'yes no ask' -- "$word") ;;
         loglevel) while IFS= read -r item; do found+=("$item"); done < <(compgen -W 'QUIET FATAL ERROR INFO VERBOSE DEBUG DEBUG1 DEBUG2 DEBUG3' -- "$word") ;;
     esac
     found=("${found[@]/#/$key=}")
@@ -193,7 +194,7 @@ __pytunnel_value()
 {
     local item
     case $1 in
-        -i|-F|-E|--pidfile|--proxy-password-file|--routes) __pytunnel_files "$2" ;;
+        -i|-F|-S|-E|--pidfile|--proxy-password-file|--routes) __pytunnel_files "$2" ;;
         --dns-server) __pytunnel_host_words "$2" ;;
         -J) __pytunnel_host_words "$2" list ;;
         -l) while IFS= read -r item; do found+=("$item"); done < <(compgen -u -- "$2") ;;
@@ -257,7 +258,7 @@ _pytunnel()
         __pytunnel_value "$opt" "$rest"
         __pytunnel_reply "${cur%"$rest"}"
     elif [[ $cur == -* ]]; then
-        for item in --allow --allow-open-proxy --connections --demo --deny --dns-server --drain --give-up-after --handshake-timeout --help --json --max-connections --no-reconnect --open-timeout --pidfile --proxy-auth --proxy-password-file --reconnect-wait --retry-start --route --routes --udp-helper --version -4 -6 -C -D -E -F -J -N -R -T -V -c -f -g -h -i -l -m -o -p -q -v; do
+        for item in --allow --allow-open-proxy --connections --demo --deny --dns-server --drain --give-up-after --handshake-timeout --help --json --max-connections --no-reconnect --open-timeout --pidfile --proxy-auth --proxy-password-file --reconnect-wait --retry-start --route --routes --udp-helper --version -4 -6 -C -D -E -F -J -N -R -S -T -V -c -f -g -h -i -l -m -o -p -q -v; do
             [[ $item == "$cur"* ]] && found+=("$item")
         done
         __pytunnel_reply ""

@@ -62,7 +62,7 @@ end
 # The word being completed, less short options it starts with (-Jhost, -oKey=Value):
 # fish puts those back itself.
 function __pytunnel_word
-    string replace -r -- '^-[^-=,@]*?[DRpliJFocmE]' '' (commandline -ct)
+    string replace -r -- '^-[^-=,@]*?[DRpliJFoScmE]' '' (commandline -ct)
 end
 
 # The current word completed as [user@]host, or the last of a [user@]host,... list.
@@ -75,7 +75,7 @@ end
 
 # Is the word being completed the destination (no destination yet, no "--")?
 function __pytunnel_wants_destination
-    set -l valued -D -R -p -l -i -J -F -o -c -m -E --pidfile --handshake-timeout --open-timeout --reconnect-wait --give-up-after --max-connections --connections --drain --proxy-auth --proxy-password-file --allow --deny --route --routes --dns-server
+    set -l valued -D -R -p -l -i -J -F -o -S -c -m -E --pidfile --handshake-timeout --open-timeout --reconnect-wait --give-up-after --max-connections --connections --drain --proxy-auth --proxy-password-file --allow --deny --route --routes --dns-server
     set -l flags -4 -6 -C -g -N -T -f -q -v -V -h
     set -l expect 0
     set -l positional 0
@@ -149,6 +149,8 @@ function __pytunnel_option
         printf '%s\t%s\n' 'AddressFamily=' 'any, inet (IPv4 only, as -4) or inet6 (IPv6 only, as -6) for the SSH connection'
         printf '%s\t%s\n' 'GatewayPorts=' 'let -D without an address listen on every interface, as -g'
         printf '%s\t%s\n' 'ExitOnForwardFailure=' 'accepted for compatibility: pytunnel always exits (status 3) when a listener cannot be bound'
+        printf '%s\t%s\n' 'ControlPath=' 'an OpenSSH master\'s socket to ride instead of logging in, as -S (tokens %h %p %r %C %L %l %u %n %d %i %%)'
+        printf '%s\t%s\n' 'ControlMaster=' 'auto or autoask: without a master at ControlPath, log in as usual; no: a missing master is an error (pytunnel never becomes a master itself)'
         printf '%s\t%s\n' 'LogLevel=' 'QUIET, FATAL, ERROR (as -q), INFO, VERBOSE (as -v), DEBUG, DEBUG1-3 (as -vv, -vvv)'
         return
     end
@@ -185,6 +187,8 @@ function __pytunnel_option
             printf '%s\n' $key={yes,no}
         case exitonforwardfailure
             printf '%s\n' $key={yes,no}
+        case controlmaster
+            printf '%s\n' $key={yes,no,ask}
         case loglevel
             printf '%s\n' $key={QUIET,FATAL,ERROR,INFO,VERBOSE,DEBUG,DEBUG1,DEBUG2,DEBUG3}
     end
@@ -201,6 +205,7 @@ complete -c pytunnel -s i -r -F -d 'Private key file'
 complete -c pytunnel -s J -x -a '(__pytunnel_host_words)' -d 'Connect through these jump hosts'
 complete -c pytunnel -s F -r -F -d 'ssh_config file to read (\'none\' for none)'
 complete -c pytunnel -s o -x -a '(__pytunnel_option)' -d 'ssh_config option'
+complete -c pytunnel -s S -r -F -d 'Ride the OpenSSH master connection listening on this control socket instead of logging in, as -o ControlPath='
 complete -c pytunnel -s 4 -d 'Connect to the SSH server over IPv4 only'
 complete -c pytunnel -s 6 -d 'Connect to the SSH server over IPv6 only'
 complete -c pytunnel -s C -d 'Compress the SSH connection'

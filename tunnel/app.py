@@ -28,6 +28,7 @@ from .config import (
 )
 from .errors import CommandFailed, ConfigError, ExitStatus, SessionError
 from .keeper import SshUpstream, Supervisor
+from .master import MasterUpstream, master_upstream
 from .platform import on_signals
 from .pool import SessionPool
 from .proxy import ProxyServer
@@ -36,7 +37,7 @@ from .reverse import ReverseForwards
 from .router import Choice, RouteWay
 from .rules import DIRECT, REJECT, RoutedRules
 from .session import Session
-from .sshconfig import apply_ssh_config
+from .sshconfig import apply_ssh_config, resolve_control_path
 from .stats import Stats
 from .udp import UdpSettings
 from .upstreams import Direct, Reject, Request
@@ -426,16 +427,20 @@ async def serve(
             else:
                 config = apply_ssh_config(config)
             config = listeners_to_open(config)
+            master = await _master(config, emit)
+            if master is not None:
+                stack.callback(master.close)
             session = Session(config, emit, prompter)
             opener: Session | SessionPool = session
-            if config.ssh_connections > 1:
+            if config.ssh_connections > 1 and master is None:
                 opener = pool = SessionPool(session, config.ssh_connections)
                 stack.push_async_callback(pool.close)
             supervisor = Supervisor(session, config, emit)
             # Every kind of request (CONNECT, HTTP, BIND, the UDP helper) goes through
             # the upstream, which tells the supervisor a client is waiting.
-            upstream = SshUpstream(opener, supervisor.demand)
-            upstream.name = label
+            ssh = SshUpstream(opener, supervisor.demand)
+            ssh.name = label
+            upstream: SshUpstream | MasterUpstream = master or ssh
             owner = _Owner()
             direct = Direct(config.open_timeout)
             routes, ways = build_routes(given, direct, emit, prompter, owner)
@@ -443,16 +448,19 @@ async def serve(
                 stack.push_async_callback(way.close)
             # Cancelled and awaited before the ways close (the stack unwinds in reverse).
             stack.push_async_callback(owner.close)
-            udp = UdpSettings(
-                upstream=upstream,
-                runner=upstream,
-                # UDP goes through the command line's destination only: what a route
-                # sends elsewhere is refused there.
-                rules=RoutedRules(config.rules.rules, tuple(way.route for way in routes)),
-                emit=emit,
-                dns_server=config.dns_server,
-                helper=config.udp_helper,
-            )
+            # Through a master: no BIND or UDP ASSOCIATE (0x07, see the README).
+            udp = None
+            if master is None:
+                udp = UdpSettings(
+                    upstream=ssh,
+                    runner=ssh,
+                    # UDP goes through the command line's destination only: what a route
+                    # sends elsewhere is refused there.
+                    rules=RoutedRules(config.rules.rules, tuple(way.route for way in routes)),
+                    emit=emit,
+                    dns_server=config.dns_server,
+                    helper=config.udp_helper,
+                )
             proxy = ProxyServer(
                 upstream,
                 emit,
@@ -460,7 +468,7 @@ async def serve(
                 max_clients=config.max_connections,
                 rules=config.rules,
                 credentials=config.proxy_credentials,
-                binder=upstream,
+                binder=ssh if master is None else None,
                 udp=udp,
                 routes=routes,
                 reconnect_wait=config.reconnect_wait,
@@ -491,17 +499,18 @@ async def serve(
                 ((f.host, f.port) for f in config.forwards),
                 check=lambda bound: guard_bound(config, bound),
             )
+            keeper: Supervisor | MasterUpstream = master or supervisor
             stack.callback(
                 _on_request_signals(
                     loop,
-                    supervisor,
+                    keeper,
                     stats,
                     started,
-                    lambda: [way.supervisor for way in ways if way.task is not None],
+                    lambda: [way.supervisor for way in ways if way.in_use()],
                 )
             )
 
-            starting = loop.create_task(supervisor.start())
+            starting = loop.create_task(keeper.start())
             stopping = loop.create_task(stop.event.wait())
             await _first(starting, stopping)
             if not starting.done():
@@ -515,7 +524,20 @@ async def serve(
             # the local port took its first client.
             remote = await reverse.open() if reverse is not None else []
             listeners = proxy.start_accepting() + remote
-            emit(events.Ready(tuple(listeners), session.server, label))
+            if master is None:
+                emit(events.Ready(tuple(listeners), session.server, label))
+            else:
+                # The live view shows ``server``: say there which master, and its PID.
+                server = f"{master.server} (pid {master.pid})"
+                emit(
+                    events.Ready(
+                        tuple(listeners),
+                        server,
+                        upstream=label,
+                        transport=master.name,
+                        master_pid=master.pid,
+                    )
+                )
             if config.demo and not command:
                 from .demo import DEMO_HOST
 
@@ -526,24 +548,17 @@ async def serve(
                 child = await _spawn(
                     command, command_environment(listeners, config.proxy_credentials)
                 )
-            keeping = loop.create_task(supervisor.keep_up())
-            # Sleep and network changes: probe the session at once, reconnect if silent.
-            # Each route destination's session too, once it is in use.
-            waking = loop.create_task(
-                watch(
-                    Wake(session, supervisor, emit, session.server),
-                    *(
-                        Wake(
-                            way.session,
-                            way.supervisor,
-                            way.emit,
-                            way.name,
-                            active=way.in_use,
-                        )
-                        for way in ways
-                    ),
-                )
-            )
+            keeping = loop.create_task(keeper.keep_up())
+            # Sleep and network changes: probe each session at once (the command line's
+            # unless a master carries it, a route destination's once it is in use), and
+            # reconnect the ones that are silent.
+            wakes = [
+                Wake(way.session, way.supervisor, way.emit, way.name, active=way.in_use)
+                for way in ways
+            ]
+            if master is None:
+                wakes.append(Wake(session, supervisor, emit, session.server))
+            waking = loop.create_task(watch(*wakes))
             stack.callback(waking.cancel)
             if reverse is not None:
                 relisten = loop.create_task(reverse.keep())
@@ -585,14 +600,15 @@ _SIGHUP_KEEP_OPEN = 600.0
 
 def _on_request_signals(
     loop: asyncio.AbstractEventLoop,
-    supervisor: Supervisor,
+    supervisor: Supervisor | MasterUpstream,
     stats: Stats,
     started: float,
     routed: Callable[[], Sequence[Supervisor]] = list,
 ) -> Callable[[], None]:
     """SIGHUP reconnects now (channels open on the old session finish on it, for up to
     --drain seconds, or 10 minutes), and so does every route destination already in use
-    (``routed``); SIGUSR1 emits a status line. Windows has neither."""
+    (``routed``); through an OpenSSH master there is no session of ours to remake (see
+    MasterUpstream.reconnect_now). SIGUSR1 emits a status line. Windows has neither."""
     hup, usr1 = getattr(signal, "SIGHUP", None), getattr(signal, "SIGUSR1", None)
     if hup is None or usr1 is None:
         return lambda: None
@@ -607,7 +623,7 @@ def _on_request_signals(
         since = stats.session_since
         supervisor.emit(
             events.Status(
-                server=supervisor.session.server,
+                server=supervisor.server,
                 state=stats.session_state,
                 state_seconds=0.0 if since is None else now - since,
                 uptime=now - started,
@@ -622,6 +638,20 @@ def _on_request_signals(
         )
 
     return on_signals(loop, (hup, usr1), handle)
+
+
+async def _master(config: Config, emit: events.Sink) -> MasterUpstream | None:
+    """The OpenSSH master to ride for the destination (-S / ControlPath), or None to log
+    in ourselves."""
+    path = resolve_control_path(config)
+    if path is None:
+        return None
+    if config.reverse_forwards:
+        raise ConfigError(
+            "-R is not available through an OpenSSH master",
+            hint="drop -S/ControlPath to log in yourself, or add the forward to the master",
+        )
+    return await master_upstream(path, config, emit)
 
 
 async def _spawn(command: Sequence[str], env: dict[str, str]) -> asyncio.subprocess.Process:

@@ -65,6 +65,8 @@ def build_config(
     # -c and -m are -o Ciphers= and -o MACs= (checked the same way), ahead of every -o.
     flags = [f"{key}={value}" for key, value in (("Ciphers", ciphers), ("MACs", macs)) if value]
     opts = apply_options([*flags, *options])
+    # From the command line (-S or -o ControlPath): a missing master is an error.
+    opts["control_path_explicit"] = "control_path" in opts
     if demo:
         if destination:
             raise ConfigError("--demo runs its own server: give no destination with it")
@@ -374,6 +376,13 @@ def _seconds(default: float, *, positive: bool = True) -> dict[str, Any]:
     "-F", "config_file", metavar="configfile", help="ssh_config file to read ('none' for none)."
 )
 @click.option("-o", "options", multiple=True, metavar="Key=Value", help="ssh_config option.")
+@click.option(
+    "-S",
+    "control_socket",
+    metavar="ctl_path",
+    help="Ride the OpenSSH master connection listening on this control socket instead of "
+    "logging in, as -o ControlPath=.",
+)
 @click.option("-4", "ipv4", is_flag=True, help="Connect to the SSH server over IPv4 only.")
 @click.option("-6", "ipv6", is_flag=True, help="Connect to the SSH server over IPv6 only.")
 @click.option("-C", "compression", is_flag=True, help="Compress the SSH connection.")
@@ -557,7 +566,11 @@ def command(ctx: click.Context, /, **params: Any) -> None:
             login=params["login"],
             identities=params["identities"],
             config_file=params["config_file"],
-            options=params["options"],
+            # -S is a flag: it wins over -o ControlPath, as -c over -o Ciphers.
+            options=[
+                *((f"ControlPath={params['control_socket']}",) if params["control_socket"] else ()),
+                *params["options"],
+            ],
             ciphers=params["cipher_spec"],
             macs=params["mac_spec"],
             jump=params["jump"],

@@ -133,6 +133,11 @@ class Config:
     allow_open_proxy: bool = False
     demo: bool = False
     options: Mapping[str, str] = field(default_factory=dict)
+    # -S / ControlPath (tokens not yet expanded) and ControlMaster as given; explicit:
+    # the path came from the command line, so a missing master is an error there.
+    control_path: str | None = None
+    control_master: str | None = None
+    control_path_explicit: bool = False
 
 
 def parse_port(text: str, *, what: str = "port", allow_zero: bool = False) -> int:
@@ -396,6 +401,83 @@ def expand_proxy_command(
             )
     parts.append(rest)
     return "".join(parts)
+
+
+CONTROL_MASTER_VALUES = ("yes", "no", "ask", "auto", "autoask")
+
+
+def parse_control_master(value: str) -> str:
+    lowered = value.lower()
+    if lowered not in CONTROL_MASTER_VALUES:
+        raise ConfigError(
+            f"bad value {value!r} for ControlMaster: expected one of "
+            + ", ".join(CONTROL_MASTER_VALUES)
+        )
+    return lowered
+
+
+def parse_control_path(value: str) -> str:
+    if not value:
+        raise ConfigError("ControlPath needs a path (or none)")
+    return value
+
+
+def control_path_hash(local_host: str, host: str, port: int, user: str) -> str:
+    """ssh's %C: the SHA-1 of %l%h%p%r in hex (ssh_connection_hash in OpenSSH)."""
+    import hashlib
+
+    return hashlib.sha1(f"{local_host}{host}{port}{user}".encode()).hexdigest()
+
+
+def expand_control_path(
+    template: str,
+    *,
+    host: str,
+    original_host: str,
+    port: int,
+    user: str,
+    local_host: str,
+    local_user: str,
+    home: str,
+    uid: int,
+) -> str:
+    """ControlPath's tokens as ssh expands them: %h is the host name to connect to in
+    lower case, %n the one given, %L the local host name up to its first dot."""
+    host = host.lower()
+    values = {
+        "h": host,
+        "n": original_host,
+        "p": str(port),
+        "r": user,
+        "l": local_host,
+        "L": local_host.split(".", 1)[0],
+        "u": local_user,
+        "d": home,
+        "i": str(uid),
+        "C": control_path_hash(local_host, host, port, user),
+        "%": "%",
+    }
+    out: list[str] = []
+    i = 0
+    while i < len(template):
+        char = template[i]
+        if char != "%":
+            out.append(char)
+            i += 1
+            continue
+        token = template[i + 1 : i + 2]
+        if token not in values:
+            what = f"unknown token %{token}" if token else "a lone % at the end"
+            raise ConfigError(
+                f"bad ControlPath {template!r}: {what}",
+                hint="ControlPath takes %h %p %r %C %L %l %u %n %d %i and %%",
+            )
+        out.append(values[token])
+        i += 2
+    path = "".join(out)
+    if path.startswith("~/") or path == "~":
+        path = home + path[1:]
+    return path
 
 
 def split_paths(value: str) -> tuple[str, ...]:
@@ -752,6 +834,22 @@ OPTION_KEYS: dict[str, OptionKey] = {
             "accepted for compatibility: pytunnel always exits (status 3) when a listener "
             "cannot be bound",
             from_file=FromFile.CHECKED_ONLY,
+        ),
+        OptionKey(
+            "ControlPath",
+            "control_path",
+            parse_control_path,
+            "none",
+            "an OpenSSH master's socket to ride instead of logging in, as -S (tokens "
+            "%h %p %r %C %L %l %u %n %d %i %%)",
+        ),
+        OptionKey(
+            "ControlMaster",
+            "control_master",
+            parse_control_master,
+            "no",
+            "auto or autoask: without a master at ControlPath, log in as usual; no: a "
+            "missing master is an error (pytunnel never becomes a master itself)",
         ),
         OptionKey(
             "LogLevel",

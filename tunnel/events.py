@@ -66,6 +66,9 @@ class Ready:
     server: str
     # The command line's destination as written: the label of what no route matches.
     upstream: str = ""
+    # "ssh" (our own login) or "openssh-master" (riding ssh -M), with the master's PID.
+    transport: str = "ssh"
+    master_pid: int | None = None
 
 
 # Why a session was given up and made again (``cause`` of SessionLost, ReconnectScheduled

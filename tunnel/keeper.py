@@ -123,6 +123,10 @@ class Supervisor:
         self._asked.set()
 
     @property
+    def server(self) -> str:
+        return self.session.server
+
+    @property
     def down_for(self) -> float | None:
         """Seconds the service has been out, None while the session is up."""
         return None if self._down_since is None else self.clock() - self._down_since

@@ -159,6 +159,30 @@ def connect_target(config: Config, dest: Destination) -> tuple[str, int, str | N
     return host, port, None if user is None else str(user)
 
 
+def resolve_control_path(config: Config) -> str | None:
+    """The ControlPath of ``config`` (after :func:`apply_ssh_config`) with its tokens
+    expanded for the destination as asyncssh will reach it; None without one."""
+    if config.control_path is None or config.control_path.lower() == "none":
+        return None
+    import socket
+
+    from .config import expand_control_path
+
+    host, port, user = connect_target(config, config.destination)
+    local_user = getpass.getuser()
+    return expand_control_path(
+        config.control_path,
+        host=host,
+        original_host=config.destination.host,
+        port=port,
+        user=user or local_user,
+        local_host=socket.gethostname(),
+        local_user=local_user,
+        home=os.path.expanduser("~"),
+        uid=os.getuid(),
+    )
+
+
 def apply_ssh_config(config: Config) -> Config:
     """Fill what the command line left open from ssh_config, for the destination host.
     The command line wins; ``DynamicForward`` lines add listeners, as in ssh. The route

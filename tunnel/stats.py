@@ -81,6 +81,10 @@ class Stats:
                 # A -R listener is announced again after each reconnect.
                 if listener not in self.listeners:
                     self.listeners.append(listener)
+            case events.Ready() if self.session_state == "starting":
+                # Riding an OpenSSH master: no session_up of ours came before.
+                self.session_state = "up"
+                self.session_since = now
             case events.SessionConnecting():
                 self.session_state = "connecting"
                 self.reconnect_at = None

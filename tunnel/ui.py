@@ -113,6 +113,9 @@ def _describe(event: events.Event) -> tuple[str, bool] | None:
     match event:
         case events.ListenerStarted(listener=listener):
             return f"listening on {listener_text(listener)}", False
+        case events.Ready(listeners=listeners, transport="openssh-master", master_pid=pid):
+            where = " ".join(listener_text(item) for item in listeners)
+            return f"ready: {where} (through the OpenSSH master, pid {pid})", False
         case events.Ready(listeners=listeners):
             return "ready: " + " ".join(listener_text(item) for item in listeners), False
         case events.SessionConnecting(server=server, attempt=attempt):
@@ -125,7 +128,9 @@ def _describe(event: events.Event) -> tuple[str, bool] | None:
             if outage is not None:
                 why = _CAUSES.get(cause or "", cause)
                 back = f", back after {human_seconds(outage)} ({why})"
-            return f"connected to {server} ({version}, {cipher}){back}", False
+            # Through an OpenSSH master the cipher is the master's, and not told.
+            what = ", ".join(part for part in (version, cipher) if part)
+            return f"connected to {server} ({what}){back}", False
         case events.SessionLost(server=server, cause=cause) if cause != events.CAUSE_LOST:
             return f"reconnecting to {server} now: {_CAUSES.get(cause, cause)}", False
         case events.SessionLost(server=server, reason=reason):
@@ -292,7 +297,8 @@ def event_record(event: events.Event, now: float) -> dict[str, Any]:
         elif field.name == "upstream" and not value:
             continue  # the command line's own session: its events name no route
         elif value is None:
-            continue  # not known, or not meant here (session_up's outage before a loss)
+            continue  # not known, or not meant here (session_up's outage before a loss, ready's
+            # master_pid without a master)
         else:
             record[field.name] = value
     return record

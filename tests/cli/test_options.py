@@ -397,6 +397,8 @@ VALID: dict[str, tuple[str, Getter, object]] = {
     # Accepted for ssh compatibility; nothing in the Config changes.
     "ExitOnForwardFailure": ("no", lambda c: c.forwards, (Forward(None, 1080),)),
     "LogLevel": ("DEBUG2", lambda c: c.forwards, (Forward(None, 1080),)),
+    "ControlPath": ("~/.ssh/%C", lambda c: c.control_path, "~/.ssh/%C"),
+    "ControlMaster": ("AutoAsk", lambda c: c.control_master, "autoask"),
 }  # fmt: skip
 
 # Keys whose value is free text: only an empty value is bad.
@@ -433,6 +435,8 @@ BAD: dict[str, str] = {
     "GatewayPorts": "sometimes",
     "ExitOnForwardFailure": "maybe",
     "LogLevel": "LOUD",
+    "ControlPath": "",
+    "ControlMaster": "always",
 }
 
 # Where the error line for a bad value does not name the -o key the user wrote.

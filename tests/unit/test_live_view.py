@@ -501,6 +501,8 @@ SAMPLES: list[events.Event] = [
     events.Notice("hello", "dns"),
     events.Status("s", "up", 61.5, 120.0, 1, 2, 30, 4, 5, 6000, 70000),
     events.Stopping("interrupted"),
+    # Riding an OpenSSH master: its PID instead of the session's facts.
+    events.Ready((LISTENER,), "m", "bastion", "openssh-master", 4242),
 ]
 
 

@@ -50,6 +50,8 @@ SAMPLES: dict[str, tuple[str, str | None]] = {
     "GatewayPorts": ("yes", "wide"),
     "ExitOnForwardFailure": ("no", "later"),
     "LogLevel": ("DEBUG", "LOUD"),
+    "ControlPath": ("~/.ssh/cm-%C", None),
+    "ControlMaster": ("auto", "sometimes"),
 }
 
 KEYS = sorted(OPTION_KEYS.values(), key=lambda key: key.name)
@@ -68,12 +70,15 @@ def from_file(tmp_path: Path, key: OptionKey, value: str) -> Config:
 
 
 def without_files(config: Config) -> Config:
-    """The Config with what differs by design left out: where ssh_config came from, and
-    -J as the command line gave it (the route both ways resolve to is in ``hops``)."""
+    """The Config with what differs by design left out: where ssh_config came from, -J
+    as the command line gave it (the route both ways resolve to is in ``hops``), and
+    whether a ControlPath was given on the command line (a missing master is an error
+    then; one only from ssh_config falls back to logging in, as ssh does)."""
     return dataclasses.replace(
         config,
         ssh_config=None,
         jump_hosts=None,
+        control_path_explicit=False,
         hops=tuple(without_files(hop) for hop in config.hops),
     )
 

@@ -235,8 +235,16 @@ def test_dropped_datagrams_are_totalled_open_and_closed() -> None:
 
 def test_events_without_counters_change_nothing() -> None:
     stats = Stats()
+    stats.apply(events.SessionUp("host", "OpenSSH_9", "c", "k", "m", "none"), 0.5)
     before = repr(stats)
     stats.apply(events.Notice("use socks5h://"), 1.0)
     stats.apply(events.ClientAccepted(conn(1)), 1.0)
     stats.apply(events.Ready((events.Listener("127.0.0.1", 1080),), "host"), 1.0)
     assert repr(stats) == before
+
+
+def test_ready_without_a_session_of_ours_is_up() -> None:
+    # Riding an OpenSSH master, ready is the first word that the way out is up.
+    stats = Stats()
+    stats.apply(events.Ready((), "OpenSSH master /s (pid 7)", transport="openssh-master"), 2.0)
+    assert (stats.session_state, stats.session_since) == ("up", 2.0)

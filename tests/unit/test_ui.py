@@ -281,6 +281,7 @@ def test_json_renderer_first_line_is_ready_with_session_folded_in() -> None:
             {"host": "::1", "port": 1080, "url": "socks5h://[::1]:1080", "remote": False},
         ],
         "server": "user@host:22",
+        "transport": "ssh",
         "server_version": "OpenSSH_9.6p1",
         "cipher": "aes256-gcm@openssh.com",
         "mac": "hmac-sha2-256-etm@openssh.com",
@@ -353,7 +354,8 @@ def test_json_renderer_stopping_before_ready_is_printed() -> None:
           "reason": "No route to host"}),
         (events.Notice("hello", "dns"),
          {"event": "notice", "time": 1.5, "message": "hello", "key": "dns"}),
-        (events.Ready((), "h"), {"event": "ready", "time": 1.5, "listeners": [], "server": "h"}),
+        (events.Ready((), "h"), {"event": "ready", "time": 1.5, "listeners": [], "server": "h",
+          "transport": "ssh"}),
     ],
     ids=["listener-started", "reconnect-scheduled", "channel-failed", "notice", "ready-empty"],
 )  # fmt: skip

@@ -1,0 +1,244 @@
+"""pytunnel riding a real OpenSSH ControlMaster (``ssh -M -S SOCK -N -f``) on the real
+sshd: pytunnel is given no key at all, so every channel it opens went through the master.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import struct
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from fixtures.net import wait_until
+from fixtures.pytunnel_proc import PytunnelFactory, Running, run_pytunnel, server_args
+from fixtures.replies import SOCKS5_OK, socks5_failure
+from fixtures.sshd import SshdServer
+from fixtures.targets import HttpTarget
+
+TIMEOUT = 30.0
+
+
+def start_master(server: SshdServer, sock: Path) -> None:
+    """``ssh -M -S sock -N -f``: returns once the master is logged in and listening."""
+    subprocess.run(
+        ["ssh", *server.ssh_args(), "-M", "-S", str(sock), "-o", "ControlPersist=no",
+         "-N", "-f", f"{server.user}@{server.host}"],
+        check=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert wait_until(sock.exists, TIMEOUT)
+
+
+def master_pid(sock: Path) -> int:
+    out = subprocess.run(
+        ["ssh", "-S", str(sock), "-O", "check", "x"],
+        capture_output=True, text=True, timeout=TIMEOUT, check=True,
+    )  # fmt: skip
+    return int(out.stderr.split("pid=")[1].split(")")[0])
+
+
+def stop_master(sock: Path) -> None:
+    with contextlib.suppress(Exception):
+        os.kill(master_pid(sock), signal.SIGTERM)
+    wait_until(lambda: not sock.exists(), TIMEOUT)
+
+
+def tunnel_args(sock: Path, *extra: str) -> list[str]:
+    # No -i, no known_hosts: pytunnel cannot log in by itself.
+    return ["-D", "127.0.0.1:0", "-F", "none", "-S", str(sock), *extra, "nobody@127.0.0.1"]
+
+
+def socks5_connect(proxy: tuple[str, int], host: str, port: int) -> tuple[bytes, socket.socket]:
+    conn = socket.create_connection(proxy, timeout=TIMEOUT)
+    conn.sendall(b"\x05\x01\x00")
+    assert conn.recv(2) == b"\x05\x00"
+    conn.sendall(b"\x05\x01\x00\x01" + socket.inet_aton(host) + struct.pack(">H", port))
+    reply = b""
+    while len(reply) < 10:
+        chunk = conn.recv(10 - len(reply))
+        if not chunk:
+            break
+        reply += chunk
+    return reply, conn
+
+
+@pytest.fixture(scope="module")
+def master_sock(sshd: SshdServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    sock = tmp_path_factory.mktemp("mux") / "master.sock"
+    start_master(sshd, sock)
+    try:
+        yield sock
+    finally:
+        stop_master(sock)
+
+
+@pytest.fixture(scope="module")
+def riding(master_sock: Path) -> Iterator[Running]:
+    factory = PytunnelFactory()
+    try:
+        yield factory(tunnel_args(master_sock))
+    finally:
+        factory.close()
+
+
+def test_ready_says_the_transport_and_the_masters_pid(riding: Running, master_sock: Path) -> None:
+    ready = riding.wait_ready()
+    assert ready["transport"] == "openssh-master"
+    assert ready["master_pid"] == master_pid(master_sock)
+    assert str(master_sock) in ready["server"]
+
+
+@pytest.mark.parametrize("mode", ["--socks5-hostname", "--proxy"])
+def test_curl_through_the_master(
+    riding: Running, http_target: HttpTarget, curl: str, mode: str
+) -> None:
+    scheme = "socks5h" if mode == "--socks5-hostname" else "http"
+    out = subprocess.run(
+        [curl, "--silent", "--show-error", "--fail", "--max-time", str(TIMEOUT),
+         "--proxy", f"{scheme}://{riding.netloc}", http_target.url()],
+        capture_output=True, timeout=TIMEOUT * 2, check=True,
+    )  # fmt: skip
+    assert out.stdout.startswith(b"hello")
+
+
+def test_big_body_byte_counts(
+    riding: Running, http_target: HttpTarget, big_body: bytes, curl: str
+) -> None:
+    out = subprocess.run(
+        [curl, "--silent", "--show-error", "--fail", "--max-time", str(TIMEOUT),
+         "--proxy", f"socks5h://{riding.netloc}", http_target.url("/big")],
+        capture_output=True, timeout=TIMEOUT * 2, check=True,
+    )  # fmt: skip
+    assert out.stdout == big_body
+    # The live view's count: every byte passed through pytunnel, none around it.
+    assert wait_until(
+        lambda: any(e["bytes_down"] >= len(big_body) for e in riding.events("connection_closed")),
+        TIMEOUT,
+    )
+
+
+def test_refused_port_gets_0x05(riding: Running, closed_port: int) -> None:
+    reply, conn = socks5_connect(riding.address, "127.0.0.1", closed_port)
+    conn.close()
+    assert reply == socks5_failure(0x05)
+    failed = riding.wait_event("channel_failed", port=closed_port)
+    assert "refused" in failed["reason"].lower()
+
+
+def test_prohibited_port_gets_0x02(
+    make_sshd: Callable[..., SshdServer], tmp_path: Path, http_target: HttpTarget,
+    pytunnel_factory: PytunnelFactory,
+) -> None:  # fmt: skip
+    server = make_sshd(PermitOpen=f"127.0.0.1:{http_target.port}")
+    sock = tmp_path / "m.sock"
+    start_master(server, sock)
+    try:
+        tunnel = pytunnel_factory(tunnel_args(sock))
+        reply, conn = socks5_connect(tunnel.address, "127.0.0.1", http_target.port + 1)
+        conn.close()
+        assert reply == socks5_failure(0x02)
+        reply, conn = socks5_connect(tunnel.address, "127.0.0.1", http_target.port)
+        conn.close()
+        assert reply == SOCKS5_OK
+    finally:
+        stop_master(sock)
+
+
+def test_master_gone_fails_closed_then_served_again(
+    sshd: SshdServer, tmp_path: Path, http_target: HttpTarget,
+    pytunnel_factory: PytunnelFactory,
+) -> None:  # fmt: skip
+    sock = tmp_path / "m.sock"
+    start_master(sshd, sock)
+    tunnel = pytunnel_factory(tunnel_args(sock, "--reconnect-wait", "1"))
+    stop_master(sock)
+    tunnel.wait_event("session_lost")
+    reply, conn = socks5_connect(tunnel.address, "127.0.0.1", http_target.port)
+    conn.close()
+    assert reply == socks5_failure(0x01)
+    assert tunnel.alive
+    start_master(sshd, sock)
+
+    # A waiting request makes pytunnel ask the master again at once.
+    def served() -> bool:
+        reply, conn = socks5_connect(tunnel.address, "127.0.0.1", http_target.port)
+        conn.close()
+        return reply == SOCKS5_OK
+
+    assert wait_until(served, TIMEOUT, interval=0.5)
+    # Said as a session of our own says it: up again, why, and for how long it was out.
+    up = tunnel.wait_event("session_up")
+    assert up["cause"] == "lost"
+    assert up["outage"] > 0
+    os.kill(tunnel.pid, signal.SIGUSR1)
+    assert tunnel.wait_event("status")["state"] == "up"
+    stop_master(sock)
+
+
+def test_sighup_and_sigusr1_through_a_master(
+    sshd: SshdServer, tmp_path: Path, http_target: HttpTarget,
+    pytunnel_factory: PytunnelFactory,
+) -> None:  # fmt: skip
+    # The master keeps its own connection: SIGHUP says there is nothing to remake (and
+    # does not end pytunnel, as the signal's default would); SIGUSR1 gives the status.
+    sock = tmp_path / "m.sock"
+    start_master(sshd, sock)
+    try:
+        tunnel = pytunnel_factory(tunnel_args(sock))
+        os.kill(tunnel.pid, signal.SIGHUP)
+        notice = tunnel.wait_event("notice")
+        assert "nothing to reconnect" in notice["message"]
+        reply, conn = socks5_connect(tunnel.address, "127.0.0.1", http_target.port)
+        conn.close()
+        assert reply == SOCKS5_OK
+        os.kill(tunnel.pid, signal.SIGUSR1)
+        status = tunnel.wait_event("status")
+        assert (status["state"], status["reconnects"]) == ("up", 0)
+        assert str(sock) in status["server"]
+        assert tunnel.alive
+    finally:
+        stop_master(sock)
+
+
+def test_explicit_socket_without_master_exits_255(tmp_path: Path) -> None:
+    done = run_pytunnel(tunnel_args(tmp_path / "none.sock"))
+    assert done.returncode == 255
+    assert "no OpenSSH master" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_control_path_from_ssh_config_with_tokens(
+    sshd: SshdServer, tmp_path: Path, http_target: HttpTarget,
+    pytunnel_factory: PytunnelFactory,
+) -> None:  # fmt: skip
+    # ssh and pytunnel expand the same template to the same socket.
+    sock = tmp_path / f"{sshd.user}@{sshd.host}-{sshd.port}.sock"
+    start_master(sshd, sock)
+    try:
+        config = tmp_path / "ssh_config"
+        config.write_text(f"Host {sshd.host}\n  ControlPath {tmp_path}/%r@%h-%p.sock\n")
+        tunnel = pytunnel_factory(
+            ["-D", "127.0.0.1:0", "-F", str(config), "-p", str(sshd.port),
+             f"{sshd.user}@{sshd.host}"]
+        )  # fmt: skip
+        assert tunnel.ready["transport"] == "openssh-master"
+        reply, conn = socks5_connect(tunnel.address, "127.0.0.1", http_target.port)
+        conn.close()
+        assert reply == SOCKS5_OK
+    finally:
+        stop_master(sock)
+
+
+def test_control_master_auto_without_master_logs_in_itself(
+    sshd: SshdServer, tmp_path: Path, pytunnel_factory: PytunnelFactory
+) -> None:
+    tunnel = pytunnel_factory(
+        ["-D", "127.0.0.1:0", "-S", str(tmp_path / "none.sock"), "-o", "ControlMaster=auto",
+         *server_args(sshd)]
+    )  # fmt: skip
+    assert tunnel.ready["transport"] == "ssh"
+    assert tunnel.wait_stderr("logging in as usual")
