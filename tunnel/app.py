@@ -24,8 +24,18 @@ from .config import (
     merge_forwards,
     open_proxy_forwards,
 )
-from .errors import CommandFailed, ConfigError, ExitStatus
+from .errors import (
+    ChannelOpenFailed,
+    CommandFailed,
+    ConfigError,
+    ExitStatus,
+    ReplyReason,
+    SessionClosed,
+    SessionError,
+)
+from .isolation import Closer, Isolated, OnDemand
 from .keeper import SshUpstream, Supervisor
+from .names import printable
 from .platform import on_signals
 from .pool import SessionPool
 from .proxy import ProxyServer
@@ -33,7 +43,7 @@ from .reverse import ReverseForwards
 from .session import Session
 from .sshconfig import apply_ssh_config
 from .udp import UdpSettings
-from .upstreams import Direct
+from .upstreams import Direct, Upstream
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +170,65 @@ def exit_status_of(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
+def isolating(
+    config: Config,
+    emit: events.Sink,
+    prompter: events.Prompter | None,
+    default: Upstream,
+) -> Isolated:
+    """--isolate on the SSH destination of ``config``: each proxy user name gets its own
+    Session, connected by the first request of that name and again after a loss, closed
+    after ``isolate_idle`` seconds without a connection. Requests without a name go to
+    ``default`` (the command line's session, which decides readiness)."""
+
+    def make(key: str) -> tuple[Upstream, Closer]:
+        label = printable(key)  # the name is the client's text
+
+        def emit_as(event: events.Event) -> None:
+            # Its session's facts as its own, so they never pass for the main session's.
+            if isinstance(event, events.SessionConnecting):
+                emit(events.IsolatedSession(label, event.server, "connecting"))
+            elif isinstance(event, events.SessionUp):
+                emit(events.IsolatedSession(label, event.server, "up", event.cipher))
+            else:
+                emit(event)
+
+        session = Session(config, emit_as, prompter)
+        watching: set[asyncio.Task[None]] = set()
+
+        async def watch() -> None:
+            error = await session.wait_lost()
+            reason = error.reason if isinstance(error, SessionClosed) else error.message
+            emit(events.IsolatedSession(label, session.server, "lost", reason))
+
+        async def connect() -> None:
+            try:
+                await session.connect()
+            except SessionError as exc:
+                emit(events.IsolatedSession(label, session.server, "failed", exc.message))
+                raise ChannelOpenFailed(
+                    ReplyReason.GENERAL_FAILURE,
+                    f"the SSH session for user {label} failed: {exc.message}",
+                ) from exc
+            task = asyncio.get_running_loop().create_task(watch())
+            watching.add(task)
+            task.add_done_callback(watching.discard)
+
+        upstream = OnDemand(SshUpstream(session), connect, lambda: session.is_up)
+
+        async def close(reason: str) -> None:
+            await upstream.close()
+            for task in list(watching):
+                task.cancel()
+            await asyncio.gather(*watching, return_exceptions=True)
+            await session.close()
+            emit(events.IsolatedSession(label, session.server, "closed", reason))
+
+        return upstream, close
+
+    return Isolated(make, default, idle=config.isolate_idle)
+
+
 async def _first(*aws: asyncio.Future[Any]) -> None:
     await asyncio.wait(aws, return_when=asyncio.FIRST_COMPLETED)
 
@@ -206,7 +275,10 @@ async def serve(
             if config.ssh_connections > 1:
                 opener = pool = SessionPool(session, config.ssh_connections)
                 stack.push_async_callback(pool.close)
-            upstream = SshUpstream(opener)
+            upstream: Upstream = SshUpstream(opener)
+            if config.isolate:
+                upstream = isolated = isolating(config, emit, prompter, upstream)
+                stack.push_async_callback(isolated.close)
             udp = UdpSettings(
                 upstream=upstream,
                 runner=session,
@@ -224,6 +296,7 @@ async def serve(
                 credentials=config.proxy_credentials,
                 binder=session,
                 udp=udp,
+                isolate=config.isolate,
             )
             stack.push_async_callback(session.close)
             stack.push_async_callback(proxy.close)

@@ -34,6 +34,9 @@ class ConnectionInfo:
     open: bool = False
     # UDP associations only: datagrams the relay could not pass on (see DatagramsDropped).
     dropped: int = 0
+    # --isolate: the proxy user name the connection is isolated by, printable-escaped
+    # (None: no name given, the shared default session). Never the password.
+    isolation: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +167,19 @@ class IncomingRefused:
 
 
 @dataclass(frozen=True, slots=True)
+class IsolatedSession:
+    """An SSH session of one isolation key (``--isolate``): ``state`` is "connecting",
+    "up", "failed" (the request that wanted it is refused), "lost" (the next request
+    reconnects it) or "closed" (``reason``: idle, or stopping). ``isolation`` is the
+    proxy user name, printable-escaped."""
+
+    isolation: str
+    server: str
+    state: str
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Stopping:
     reason: str
 
@@ -191,6 +207,7 @@ Event = (
     | ConnectionClosed
     | DatagramsDropped
     | IncomingRefused
+    | IsolatedSession
     | Stopping
     | Notice
 )

@@ -32,6 +32,7 @@ from .http import (
     BadTarget,
     Kind,
     Target,
+    basic_user,
     check_basic,
     forward_headers,
     head_too_large,
@@ -40,6 +41,7 @@ from .http import (
     protocol_error_reason,
     status_for,
 )
+from .names import user_name
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,8 @@ class HttpClient(ChannelSink, Protocol):
     def transport(self) -> asyncio.Transport: ...
     @property
     def credentials(self) -> tuple[bytes, bytes] | None: ...
+    @property
+    def isolating(self) -> bool: ...
     def spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]: ...
     async def drained(self) -> None: ...
     def parsed(
@@ -284,10 +288,13 @@ class HttpSession(_Fed):
             await self.respond(404, "not found: this is pytunnel; try /proxy.pac", close=False)
             return await self._finish_body()
         credentials = self.client.credentials
+        header = next((v for n, v in request.headers if n.lower() == b"proxy-authorization"), None)
+        if credentials is None and self.client.isolating:
+            # Any Basic user name is an isolation key, unchecked; each request of a
+            # kept-alive connection has its own (none: the shared default).
+            user = basic_user(header)
+            self.client.user = None if user is None else user_name(user)
         if credentials is not None:
-            header = next(
-                (v for n, v in request.headers if n.lower() == b"proxy-authorization"), None
-            )
             if not check_basic(header, *credentials):
                 self.client.reject_client("wrong proxy credentials (HTTP)", auth=True, close=False)
                 # No header at all is the challenge every browser starts with, not a guess.
@@ -303,7 +310,7 @@ class HttpSession(_Fed):
                 )
                 return False
             # One user name per proxy today: the one the password was checked against.
-            self.client.user = credentials[0].decode("utf-8", "replace")
+            self.client.user = user_name(credentials[0])
         if target.kind is Kind.CONNECT:
             await self.connect(target)
             return False

@@ -40,6 +40,7 @@ from .handlers.bind import BindHandler
 from .handlers.connect import ConnectHandler
 from .handlers.socks import CommandHandler, SocksHandshake, SocksSettings
 from .http_proxy import HttpSession
+from .names import printable
 from .router import Router
 from .rules import Rules
 from .socks import Command
@@ -182,6 +183,10 @@ class ProxyClient(asyncio.Protocol):
         return self._server.credentials
 
     @property
+    def isolating(self) -> bool:
+        return self._server.isolate
+
+    @property
     def transport(self) -> asyncio.Transport:
         assert self._transport is not None
         return self._transport
@@ -223,6 +228,8 @@ class ProxyClient(asyncio.Protocol):
     def request(self, host: str, port: int) -> Request:
         """What the router sees of a request of this client."""
         origin = self.transport.get_extra_info("peername") or ("", 0)
+        if self._server.isolate and self.user is not None:
+            self.info.isolation = printable(self.user)
         return Request(
             host=host,
             port=port,
@@ -459,6 +466,7 @@ class ProxyServer:
         reverse: bool = False,
         throttle: LoginThrottle | None = None,
         clock: Callable[[], float] = time.monotonic,
+        isolate: bool = False,
     ) -> None:
         # upstream: where the listeners' requests go unless a rule refuses them.
         # binder: SOCKS BIND through the SSH server; udp: UDP ASSOCIATE. Without them
@@ -473,6 +481,8 @@ class ProxyServer:
         self.rules = rules or Rules()
         self.router = Router(self.rules, upstream)
         self.credentials = credentials
+        # --isolate: the proxy user name keys the upstream's sessions (tunnel.isolation).
+        self.isolate = isolate
         # The handler of each SOCKS command this proxy offers (the others get 0x07).
         commands: dict[Command, CommandHandler] = {Command.CONNECT: ConnectHandler}
         if binder is not None:
@@ -482,6 +492,8 @@ class ProxyServer:
         self.socks = SocksSettings(
             commands,
             check_credentials=self.check_credentials if credentials is not None else None,
+            # --isolate: any SOCKS5 login is welcome where none is checked.
+            any_login=isolate and credentials is None,
             where="on this listener" if reverse else "here",
         )
         # Slows down password guessing, per client address; see tunnel.throttle.

@@ -461,6 +461,12 @@ SAMPLES: list[events.Event] = [
     events.ClientAccepted(fresh_info()),
     events.RequestParsed(sample_info(), "socks5", "CONNECT", "db.internal", 5432, True),
     events.ChannelOpened(sample_info(), 0.5),
+    events.ChannelOpened(sample_info(isolation="alice"), 0.5),
+    events.IsolatedSession("alice", "s", "closed", "no connection for 300 s"),
+    events.ChannelFailed(sample_info(isolation="bob"), 1, "general failure", "auth failed"),
+    events.ConnectionClosed(sample_info(isolation="bob"), 1, 2, 3.0),
+    events.DatagramsDropped(sample_info(dropped=1, isolation="b"), "not DNS", "192.0.2.1:1"),
+    events.ClientRejected(sample_info(isolation="bob"), "idle"),
     events.ChannelFailed(sample_info(), 5, "connection refused", "Connection refused"),
     events.ConnectionClosed(sample_info(), 1, 2, 3.0),
     events.ConnectionClosed(sample_info(protocol="socks5-udp", dropped=4), 1, 2, 3),
@@ -501,7 +507,11 @@ def check_record(record: dict[str, Any]) -> None:
 def test_the_readme_table_is_read() -> None:
     # A table the parser misread would make every check below vacuous.
     assert SCHEMA["client_accepted"] == Documented({"id": "integer", "client": "string"}, {})
-    assert SCHEMA["client_rejected"].sometimes == {"host": "string", "port": "integer"}
+    assert SCHEMA["client_rejected"].sometimes == {
+        "host": "string",
+        "port": "integer",
+        "isolation": "string",
+    }
     assert SCHEMA["error"].always == {"message": "string", "exit_status": "integer"}
     assert len(SCHEMA["session_up"].always) == 5
     assert SCHEMA["session_up"].sometimes == {"kex": "string"}
