@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from fixtures.event_fence import fence, since, wait_since
@@ -21,6 +21,7 @@ from fixtures.pytunnel_proc import (
     running_pytunnel,
     server_args,
     socks5_greeting,
+    socks5_request,
 )
 from fixtures.sshd import SshdServer
 from fixtures.targets import HttpTarget
@@ -126,3 +127,31 @@ def test_socks5_without_credentials_is_still_served(isolating: Running) -> None:
     with connect_proxy(isolating.address) as sock:
         sock.sendall(socks5_greeting(b"\x00\x02"))
         assert recv_exact(sock, 2) == b"\x05\x02"
+
+
+def test_an_isolated_session_that_cannot_connect_is_reported_by_its_escaped_name(
+    make_sshd: Callable[..., SshdServer], http_target: HttpTarget
+) -> None:
+    server = make_sshd()
+    with running_pytunnel(["-D", "127.0.0.1:0", "--isolate", *server_args(server)]) as tunnel:
+        # The command line's session stays up; new SSH connections are refused from now.
+        server.stop(kill_sessions=False)
+        name = b"gina\x1b[2J"
+        with connect_proxy(tunnel.address) as sock:
+            sock.sendall(socks5_greeting(b"\x02"))
+            assert recv_exact(sock, 2) == b"\x05\x02"
+            sock.sendall(bytes((1, len(name))) + name + b"\x01x")
+            assert recv_exact(sock, 2) == b"\x01\x00"
+            sock.sendall(socks5_request("127.0.0.1", http_target.port))
+            assert recv_exact(sock, 2) == b"\x05\x01"  # general failure, honestly
+        failed = tunnel.wait_event("isolated_session", state="failed")
+        assert failed["isolation"] == "gina\\x1b[2J"
+        assert failed["reason"]
+        # Without a name, the command line's session still serves.
+        before = fence(tunnel)
+        with connect_proxy(tunnel.address) as sock:
+            sock.sendall(socks5_greeting(b"\x00"))
+            assert recv_exact(sock, 2) == b"\x05\x00"
+            sock.sendall(socks5_request("127.0.0.1", http_target.port))
+            assert recv_exact(sock, 2) == b"\x05\x00"
+        assert wait_since(tunnel, before, "channel_opened")
