@@ -108,11 +108,15 @@ class _Fed:
             await self.wakeup.wait()
 
 
+# What a kept-alive origin channel may be reused for: destination and proxy user.
+_OriginKey = tuple[str, int, str | None]
+
+
 class _Origin(_Fed):
     """The origin side of an absolute-form HTTP request: a channel whose bytes feed an
     h11 client connection."""
 
-    def __init__(self, client: HttpClient, key: tuple[str, int]) -> None:
+    def __init__(self, client: HttpClient, key: _OriginKey) -> None:
         super().__init__(h11.Connection(h11.CLIENT))
         self.client = client
         self.key = key
@@ -159,7 +163,7 @@ class _Origin(_Fed):
             self.channel.write(data)
             await self.writable.wait()
 
-    def reusable_for(self, key: tuple[str, int]) -> bool:
+    def reusable_for(self, key: _OriginKey) -> bool:
         return (
             self.key == key
             and not self.ended
@@ -345,7 +349,9 @@ class HttpSession(_Fed):
         client.parsed(
             "http", request.method.decode(), target.host, target.port, _is_name(target.host)
         )
-        key = (target.host, target.port)
+        # The proxy user too: under --isolate a channel opened for one name went through
+        # that name's SSH session, so another name's request must not reuse it.
+        key = (target.host, target.port, client.user)
         origin = self.origin
         if origin is None or not origin.reusable_for(key):
             if origin is not None:

@@ -7,6 +7,7 @@ still refused.
 
 from __future__ import annotations
 
+import base64
 import re
 import subprocess
 from collections.abc import Callable, Iterator
@@ -155,3 +156,29 @@ def test_an_isolated_session_that_cannot_connect_is_reported_by_its_escaped_name
             sock.sendall(socks5_request("127.0.0.1", http_target.port))
             assert recv_exact(sock, 2) == b"\x05\x00"
         assert wait_since(tunnel, before, "channel_opened")
+
+
+def test_a_kept_alive_http_connection_never_carries_one_name_through_anothers_session(
+    isolating: Running, sshd: SshdServer, http_target: HttpTarget
+) -> None:
+    # One client connection, two requests to the same origin under two names: the
+    # second must not reuse the first's channel (it went through the first's session).
+    before = fence(isolating)
+    mark = sshd.log_mark()
+    with connect_proxy(isolating.address) as sock:
+        for user in (b"kept-hana", b"kept-ivan"):
+            auth = base64.b64encode(user + b":x")
+            sock.sendall(
+                b"GET " + http_target.url().encode() + b" HTTP/1.1\r\n"
+                b"Host: " + http_target.netloc.encode() + b"\r\n"
+                b"Proxy-Authorization: Basic " + auth + b"\r\n\r\n"
+            )
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += recv_exact(sock, 1)
+            assert head.startswith(b"HTTP/1.1 200"), head
+            length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
+            assert recv_exact(sock, length).startswith(b"hello")
+    opened = wait_since(isolating, before, "channel_opened", 2)
+    assert [ev["isolation"] for ev in opened] == ["kept-hana", "kept-ivan"]
+    assert len(ssh_logins(sshd, mark)) == 2, sshd.log_text(mark)
