@@ -103,7 +103,7 @@ class LiveRenderer:
             | events.ReconnectScheduled
             | events.DatagramsDropped
             | events.IncomingRefused,
-        ):
+        ) or (isinstance(event, events.IsolatedSession) and event.state in ("failed", "lost")):
             described = describe(event)
             if described is not None:
                 # A Text, not a markup string: "[bold]" in a server's message is text.

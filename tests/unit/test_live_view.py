@@ -732,3 +732,14 @@ def test_a_client_that_sent_nothing_is_counted_not_a_failure(
     summary = str(view.summary())
     assert "0 rejected, 3 closed unused," in summary, summary
     assert view.stats.rejected == 0
+
+
+def test_an_isolated_session_failing_is_printed_and_leaves_the_main_state_alone(
+    view: LiveRenderer, clock: FakeClock
+) -> None:
+    bring_up(view, clock)
+    view(events.IsolatedSession("alice", SERVER, "up", "aes128-gcm@openssh.com"))
+    view(events.IsolatedSession("gina\\x1b", SERVER, "failed", "Connection refused"))
+    assert 'for user "gina\\x1b": failed: Connection refused' in printed(view)
+    assert "alice" not in printed(view)  # only what needs attention is printed
+    assert "● lost" not in screen(view)
