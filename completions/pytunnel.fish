@@ -75,7 +75,7 @@ end
 
 # Is the word being completed the destination (no destination yet, no "--")?
 function __pytunnel_wants_destination
-    set -l valued -D -R -p -l -i -J -F -o -S -c -m -E --pidfile --handshake-timeout --open-timeout --reconnect-wait --give-up-after --max-connections --connections --drain --proxy-auth --proxy-password-file --allow --deny --route --routes --dns-server
+    set -l valued -D -R -p -l -i -J -F -o -S -c -m -E --pidfile --handshake-timeout --open-timeout --reconnect-wait --give-up-after --max-connections --connections --drain --proxy-auth --proxy-password-file --allow --deny --route --routes --dns-server --isolate-idle
     set -l flags -4 -6 -C -g -N -T -f -q -v -V -h
     set -l expect 0
     set -l positional 0
@@ -239,5 +239,7 @@ complete -c pytunnel -l routes -r -F -d 'Read routes from FILE, one RULE=TARGET 
 complete -c pytunnel -l udp-helper -d 'SOCKS5 UDP beyond DNS: run a small relay on the server over an exec channel (nothing is installed there)'
 complete -c pytunnel -l dns-server -x -a '(__pytunnel_host_words)' -d 'Send every UDP DNS query (SOCKS5 UDP to port 53) to this resolver, as DNS over TCP from the server, instead of where each query was addressed'
 complete -c pytunnel -l allow-open-proxy -d 'Listen on a non-loopback address without --proxy-auth, serving anyone who can reach it'
+complete -c pytunnel -l isolate -d 'Never let proxy users with different names (SOCKS5 username, HTTP Basic) share an SSH connection: each name gets its own'
+complete -c pytunnel -l isolate-idle -x -d 'Close the SSH connection of an isolated user name after this long without a connection'
 complete -c pytunnel -s V -l version -d 'Show the version and exit'
 complete -c pytunnel -s h -l help -d 'Show this message and exit'

@@ -26,9 +26,19 @@ from .config import (
     open_proxy_forwards,
     parse_destination,
 )
-from .errors import CommandFailed, ConfigError, ExitStatus, SessionError
+from .errors import (
+    ChannelOpenFailed,
+    CommandFailed,
+    ConfigError,
+    ExitStatus,
+    ReplyReason,
+    SessionClosed,
+    SessionError,
+)
+from .isolation import Closer, Isolated, OnDemand
 from .keeper import SshUpstream, Supervisor
 from .master import MasterUpstream, master_upstream
+from .names import printable
 from .platform import on_signals
 from .pool import SessionPool
 from .proxy import ProxyServer
@@ -40,7 +50,7 @@ from .session import Session
 from .sshconfig import apply_ssh_config, resolve_control_path
 from .stats import Stats
 from .udp import UdpSettings
-from .upstreams import Direct, Reject, Request
+from .upstreams import Direct, Reject, Request, Upstream
 from .watch import Wake, watch
 
 log = logging.getLogger(__name__)
@@ -129,7 +139,12 @@ class SshWay:
         self.supervisor = Supervisor(
             self.session, dataclasses.replace(config, retry_start=True), self.emit
         )
-        self.upstream = SshUpstream(self.pool or self.session, self.supervisor.demand)
+        self.upstream: Upstream = SshUpstream(self.pool or self.session, self.supervisor.demand)
+        self.isolated: Isolated | None = None
+        if config.isolate:
+            # --isolate holds on every way out over SSH: a user name gets its own
+            # session to this destination too.
+            self.upstream = self.isolated = isolating(config, self.emit, prompter, self.upstream)
         self.owner = owner
         self.task: asyncio.Task[None] | None = None
         self.down_reason: str | None = None  # set while known down
@@ -216,6 +231,8 @@ class SshWay:
         return await self.upstream.open(request, sink)
 
     async def close(self) -> None:
+        if self.isolated is not None:
+            await self.isolated.close()
         if self.pool is not None:
             await self.pool.close()
         await self.session.close()
@@ -378,6 +395,65 @@ def exit_status_of(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
+def isolating(
+    config: Config,
+    emit: events.Sink,
+    prompter: events.Prompter | None,
+    default: Upstream,
+) -> Isolated:
+    """--isolate on the SSH destination of ``config``: each proxy user name gets its own
+    Session, connected by the first request of that name and again after a loss, closed
+    after ``isolate_idle`` seconds without a connection. Requests without a name go to
+    ``default`` (the command line's session, which decides readiness)."""
+
+    def make(key: str) -> tuple[Upstream, Closer]:
+        label = printable(key)  # the name is the client's text
+
+        def emit_as(event: events.Event) -> None:
+            # Its session's facts as its own, so they never pass for the main session's.
+            if isinstance(event, events.SessionConnecting):
+                emit(events.IsolatedSession(label, event.server, "connecting"))
+            elif isinstance(event, events.SessionUp):
+                emit(events.IsolatedSession(label, event.server, "up", event.cipher))
+            else:
+                emit(event)
+
+        session = Session(config, emit_as, prompter)
+        watching: set[asyncio.Task[None]] = set()
+
+        async def watch() -> None:
+            error = await session.wait_lost()
+            reason = error.reason if isinstance(error, SessionClosed) else error.message
+            emit(events.IsolatedSession(label, session.server, "lost", reason))
+
+        async def connect() -> None:
+            try:
+                await session.connect()
+            except SessionError as exc:
+                emit(events.IsolatedSession(label, session.server, "failed", exc.message))
+                raise ChannelOpenFailed(
+                    ReplyReason.GENERAL_FAILURE,
+                    f"the SSH session for user {label} failed: {exc.message}",
+                ) from exc
+            task = asyncio.get_running_loop().create_task(watch())
+            watching.add(task)
+            task.add_done_callback(watching.discard)
+
+        upstream = OnDemand(SshUpstream(session), connect, lambda: session.is_up)
+
+        async def close(reason: str) -> None:
+            await upstream.close()
+            for task in list(watching):
+                task.cancel()
+            await asyncio.gather(*watching, return_exceptions=True)
+            await session.close()
+            emit(events.IsolatedSession(label, session.server, "closed", reason))
+
+        return upstream, close
+
+    return Isolated(make, default, idle=config.isolate_idle)
+
+
 async def _first(*aws: asyncio.Future[Any]) -> None:
     await asyncio.wait(aws, return_when=asyncio.FIRST_COMPLETED)
 
@@ -440,7 +516,10 @@ async def serve(
             # the upstream, which tells the supervisor a client is waiting.
             ssh = SshUpstream(opener, supervisor.demand)
             ssh.name = label
-            upstream: SshUpstream | MasterUpstream = master or ssh
+            upstream: Upstream = master or ssh
+            if config.isolate:
+                upstream = isolated = isolating(config, emit, prompter, upstream)
+                stack.push_async_callback(isolated.close)
             owner = _Owner()
             direct = Direct(config.open_timeout)
             routes, ways = build_routes(given, direct, emit, prompter, owner)
@@ -472,6 +551,7 @@ async def serve(
                 udp=udp,
                 routes=routes,
                 reconnect_wait=config.reconnect_wait,
+                isolate=config.isolate,
             )
             stack.push_async_callback(session.close)
             stack.push_async_callback(proxy.close)
@@ -646,6 +726,12 @@ async def _master(config: Config, emit: events.Sink) -> MasterUpstream | None:
     path = resolve_control_path(config)
     if path is None:
         return None
+    if config.isolate:
+        raise ConfigError(
+            "--isolate is not available through an OpenSSH master: each user name needs "
+            "a session of pytunnel's own",
+            hint="drop -S/ControlPath to log in yourself, or drop --isolate",
+        )
     if config.reverse_forwards:
         raise ConfigError(
             "-R is not available through an OpenSSH master",

@@ -537,6 +537,18 @@ def _seconds(default: float, *, positive: bool = True) -> dict[str, Any]:
     is_flag=True,
     help="Listen on a non-loopback address without --proxy-auth, serving anyone who can reach it.",
 )
+@click.option(
+    "--isolate",
+    is_flag=True,
+    help="Never let proxy users with different names (SOCKS5 username, HTTP Basic) share "
+    "an SSH connection: each name gets its own. Without --proxy-auth any name and "
+    "password are accepted, as isolation keys only.",
+)
+@click.option(
+    "--isolate-idle",
+    **_seconds(300.0),
+    help="Close the SSH connection of an isolated user name after this long without a connection.",
+)
 @click.version_option(__version__, "-V", "--version", prog_name=PROG)
 @click.pass_context
 def command(ctx: click.Context, /, **params: Any) -> None:
@@ -599,6 +611,8 @@ def command(ctx: click.Context, /, **params: Any) -> None:
                 params["proxy_auth"], params["proxy_password_file"]
             ),
             allow_open_proxy=params["allow_open_proxy"],
+            isolate=params["isolate"],
+            isolate_idle=params["isolate_idle"],
             udp_helper=params["udp_helper"],
             dns_server=parse_dns_server(params["dns_server"]) if params["dns_server"] else None,
         )

@@ -131,6 +131,10 @@ class Config:
     # --proxy-auth: clients of the listeners must log in (SOCKS5 RFC 1929, HTTP Basic).
     proxy_credentials: tuple[bytes, bytes] | None = field(default=None, repr=False)
     allow_open_proxy: bool = False
+    # --isolate: proxy users with different names never share an SSH connection; the
+    # connection of a name closes after --isolate-idle seconds without one.
+    isolate: bool = False
+    isolate_idle: float = 300.0
     demo: bool = False
     options: Mapping[str, str] = field(default_factory=dict)
     # -S / ControlPath (tokens not yet expanded) and ControlMaster as given; explicit:

@@ -37,6 +37,9 @@ class ConnectionInfo:
     # The way out once routed: the destination's label (the alias as written in the
     # route or on the command line), "direct" or "reject"; "" until then.
     upstream: str = ""
+    # --isolate: the proxy user name the connection is isolated by, printable-escaped
+    # (None: no name given, the shared default session). Never the password.
+    isolation: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,6 +230,19 @@ class IncomingRefused:
 
 
 @dataclass(frozen=True, slots=True)
+class IsolatedSession:
+    """An SSH session of one isolation key (``--isolate``): ``state`` is "connecting",
+    "up", "failed" (the request that wanted it is refused), "lost" (the next request
+    reconnects it) or "closed" (``reason``: idle, or stopping). ``isolation`` is the
+    proxy user name, printable-escaped."""
+
+    isolation: str
+    server: str
+    state: str
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Stopping:
     reason: str
 
@@ -255,6 +271,7 @@ Event = (
     | ConnectionClosed
     | DatagramsDropped
     | IncomingRefused
+    | IsolatedSession
     | Stopping
     | Notice
     | Status

@@ -216,6 +216,23 @@ def check_basic(header: bytes | None, username: bytes, password: bytes) -> bool:
     return same_user and same_secret
 
 
+def basic_user(header: bytes | None) -> bytes | None:
+    """The user name of ``Proxy-Authorization: Basic ...``, password unchecked (for
+    ``--isolate`` without ``--proxy-auth``, where it is only an isolation key); None
+    when there is no such header or it is not well-formed Basic."""
+    if header is None:
+        return None
+    scheme, _, token = header.strip().partition(b" ")
+    if scheme.lower() != b"basic":
+        return None
+    try:
+        decoded = base64.b64decode(token.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    user, colon, _ = decoded.partition(b":")
+    return user if colon else None
+
+
 def pac_file(
     listener: str,
     *,

@@ -32,6 +32,7 @@ from .http import (
     BadTarget,
     Kind,
     Target,
+    basic_user,
     check_basic,
     forward_headers,
     head_too_large,
@@ -40,6 +41,7 @@ from .http import (
     protocol_error_reason,
     status_for,
 )
+from .names import user_name
 from .rules import Route, Rule
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,8 @@ class HttpClient(ChannelSink, Protocol):
     def credentials(self) -> tuple[bytes, bytes] | None: ...
     @property
     def routing(self) -> tuple[tuple[Rule, ...], tuple[Route, ...]]: ...
+    @property
+    def isolating(self) -> bool: ...
     def spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]: ...
     async def drained(self) -> None: ...
     def parsed(
@@ -107,11 +111,15 @@ class _Fed:
             await self.wakeup.wait()
 
 
+# What a kept-alive origin channel may be reused for: destination and proxy user.
+_OriginKey = tuple[str, int, str | None]
+
+
 class _Origin(_Fed):
     """The origin side of an absolute-form HTTP request: a channel whose bytes feed an
     h11 client connection."""
 
-    def __init__(self, client: HttpClient, key: tuple[str, int]) -> None:
+    def __init__(self, client: HttpClient, key: _OriginKey) -> None:
         super().__init__(h11.Connection(h11.CLIENT))
         self.client = client
         self.key = key
@@ -158,7 +166,7 @@ class _Origin(_Fed):
             self.channel.write(data)
             await self.writable.wait()
 
-    def reusable_for(self, key: tuple[str, int]) -> bool:
+    def reusable_for(self, key: _OriginKey) -> bool:
         return (
             self.key == key
             and not self.ended
@@ -293,10 +301,13 @@ class HttpSession(_Fed):
             await self.respond(404, "not found: this is pytunnel; try /proxy.pac", close=False)
             return await self._finish_body()
         credentials = self.client.credentials
+        header = next((v for n, v in request.headers if n.lower() == b"proxy-authorization"), None)
+        if credentials is None and self.client.isolating:
+            # Any Basic user name is an isolation key, unchecked; each request of a
+            # kept-alive connection has its own (none: the shared default).
+            user = basic_user(header)
+            self.client.user = None if user is None else user_name(user)
         if credentials is not None:
-            header = next(
-                (v for n, v in request.headers if n.lower() == b"proxy-authorization"), None
-            )
             if not check_basic(header, *credentials):
                 self.client.reject_client("wrong proxy credentials (HTTP)", auth=True, close=False)
                 # No header at all is the challenge every browser starts with, not a guess.
@@ -312,7 +323,7 @@ class HttpSession(_Fed):
                 )
                 return False
             # One user name per proxy today: the one the password was checked against.
-            self.client.user = credentials[0].decode("utf-8", "replace")
+            self.client.user = user_name(credentials[0])
         if target.kind is Kind.CONNECT:
             await self.connect(target)
             return False
@@ -347,7 +358,9 @@ class HttpSession(_Fed):
         client.parsed(
             "http", request.method.decode(), target.host, target.port, _is_name(target.host)
         )
-        key = (target.host, target.port)
+        # The proxy user too: under --isolate a channel opened for one name went through
+        # that name's SSH session, so another name's request must not reuse it.
+        key = (target.host, target.port, client.user)
         origin = self.origin
         if origin is None or not origin.reusable_for(key):
             if origin is not None:

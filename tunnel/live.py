@@ -111,7 +111,10 @@ class LiveRenderer:
             | events.DatagramsDropped
             | events.IncomingRefused
             | events.Status,
-        ) or (isinstance(event, events.SessionUp) and event.outage is not None):
+        ) or (
+            (isinstance(event, events.SessionUp) and event.outage is not None)
+            or (isinstance(event, events.IsolatedSession) and event.state in ("failed", "lost"))
+        ):
             described = describe(event)
             if described is not None:
                 # A Text, not a markup string: "[bold]" in a server's message is text.

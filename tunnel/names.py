@@ -144,3 +144,10 @@ def printable(text: str, *, keep: str = "") -> str:
             else:
                 out.append(f"\\U{code:08x}")
     return "".join(out)
+
+
+def user_name(raw: bytes) -> str:
+    """A proxy user name as text, one to one: bytes that are not UTF-8 become lone
+    surrogates (escaped by :func:`printable` wherever shown), so two names that differ
+    in any byte never become one isolation key."""
+    return raw.decode("utf-8", "surrogateescape")

@@ -40,6 +40,7 @@ from .handlers.bind import BindHandler
 from .handlers.connect import ConnectHandler
 from .handlers.socks import CommandHandler, SocksHandshake, SocksSettings
 from .http_proxy import HttpSession
+from .names import printable
 from .router import Router, RouteWay
 from .rules import Route, Rule, Rules
 from .socks import Command
@@ -187,6 +188,10 @@ class ProxyClient(asyncio.Protocol):
         return self._server.rules.rules, self._server.routes
 
     @property
+    def isolating(self) -> bool:
+        return self._server.isolate
+
+    @property
     def transport(self) -> asyncio.Transport:
         assert self._transport is not None
         return self._transport
@@ -228,6 +233,8 @@ class ProxyClient(asyncio.Protocol):
     def request(self, host: str, port: int) -> Request:
         """What the router sees of a request of this client."""
         origin = self.transport.get_extra_info("peername") or ("", 0)
+        if self._server.isolate and self.user is not None:
+            self.info.isolation = printable(self.user)
         return Request(
             host=host,
             port=port,
@@ -468,6 +475,7 @@ class ProxyServer:
         clock: Callable[[], float] = time.monotonic,
         routes: Sequence[RouteWay] = (),
         reconnect_wait: float = 10.0,
+        isolate: bool = False,
     ) -> None:
         # upstream: where the listeners' requests go unless a rule refuses them.
         # binder: SOCKS BIND through the SSH server; udp: UDP ASSOCIATE. Without them
@@ -484,6 +492,8 @@ class ProxyServer:
         # The routes as written, for the PAC file.
         self.routes = tuple(way.route for way in routes)
         self.credentials = credentials
+        # --isolate: the proxy user name keys the upstream's sessions (tunnel.isolation).
+        self.isolate = isolate
         # The handler of each SOCKS command this proxy offers (the others get 0x07).
         commands: dict[Command, CommandHandler] = {Command.CONNECT: ConnectHandler}
         if binder is not None:
@@ -493,6 +503,8 @@ class ProxyServer:
         self.socks = SocksSettings(
             commands,
             check_credentials=self.check_credentials if credentials is not None else None,
+            # --isolate: any SOCKS5 login is welcome where none is checked.
+            any_login=isolate and credentials is None,
             where="on this listener" if reverse else "here",
         )
         # Slows down password guessing, per client address; see tunnel.throttle.

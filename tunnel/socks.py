@@ -159,9 +159,12 @@ def _decode_host_name(raw: bytes, failure: bytes) -> str:
 class ServerConnection:
     """The server side of one SOCKS exchange, from the first byte to the reply."""
 
-    def __init__(self, *, require_auth: bool = False) -> None:
-        # With require_auth, SOCKS5 clients must use RFC 1929 username/password.
+    def __init__(self, *, require_auth: bool = False, offer_auth: bool = False) -> None:
+        # With require_auth, SOCKS5 clients must use RFC 1929 username/password. With
+        # offer_auth (--isolate), a client that offers it logs in (the caller accepts
+        # any name, used as an isolation key) and one that offers only no-auth does not.
         self._require_auth = require_auth
+        self._offer_auth = offer_auth
         self._buffer = bytearray()
         self._outgoing = bytearray()
         self._state = State.START
@@ -281,18 +284,15 @@ class ServerConnection:
             return False
         methods = bytes(buf[2 : 2 + nmethods])
         del buf[: 2 + nmethods]
-        wanted = (
-            AuthMethod.USERNAME_PASSWORD
-            if self._require_auth
-            else AuthMethod.NO_AUTHENTICATION_REQUIRED
-        )
+        login = self._require_auth or (self._offer_auth and AuthMethod.USERNAME_PASSWORD in methods)
+        wanted = AuthMethod.USERNAME_PASSWORD if login else AuthMethod.NO_AUTHENTICATION_REQUIRED
         if wanted not in methods:
             raise RemoteProtocolError(
                 "no acceptable authentication method offered",
                 reply=bytes((SocksVersion.SOCKS5, AuthMethod.NO_ACCEPTABLE_METHODS)),
             )
         self._outgoing += bytes((SocksVersion.SOCKS5, wanted))
-        self._state = State.SOCKS5_AUTH if self._require_auth else State.SOCKS5_REQUEST
+        self._state = State.SOCKS5_AUTH if login else State.SOCKS5_REQUEST
         return True
 
     def _socks5_auth(self) -> Event:

@@ -173,6 +173,9 @@ def _describe(event: events.Event) -> tuple[str, bool] | None:
         case events.IncomingRefused(listen_host=host, listen_port=port, client=client, reason=why):
             where = f"[{host}]:{port}" if ":" in host else f"{host or '*'}:{port}"
             return f"{client} -> {where} (on the server) refused: {why}", True
+        case events.IsolatedSession(isolation=key, server=server, state=state, reason=why):
+            why = f": {why}" if why else ""
+            return f'{server} for user "{key}": {state}{why}', state in ("failed", "lost")
         case events.Stopping(reason=reason):
             return f"stopping: {reason}", False
         case events.Notice(message=message):
@@ -278,6 +281,8 @@ def event_record(event: events.Event, now: float) -> dict[str, Any]:
             record.update(id=value.id, client=value.client)
             if value.protocol:  # set with host and port when the request is read
                 record.update(host=value.host, port=value.port)
+            if value.isolation is not None:
+                record["isolation"] = value.isolation
             # Only where it means something: the association's own count.
             if isinstance(event, events.DatagramsDropped) or (
                 isinstance(event, events.ConnectionClosed) and value.dropped

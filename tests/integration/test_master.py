@@ -242,3 +242,18 @@ def test_control_master_auto_without_master_logs_in_itself(
     )  # fmt: skip
     assert tunnel.ready["transport"] == "ssh"
     assert tunnel.wait_stderr("logging in as usual")
+
+
+@pytest.mark.parametrize(
+    ("extra", "words"),
+    [(["-R", "2080"], "-R is not available"), (["--isolate"], "--isolate is not available")],
+)
+def test_what_a_master_cannot_carry_is_a_usage_error(
+    master_sock: Path, extra: list[str], words: str
+) -> None:
+    # -R needs the master to listen for us, --isolate a session per user name: neither
+    # can be had through the mux socket; said at once, exit 2, nothing half started.
+    done = run_pytunnel(tunnel_args(master_sock, *extra))
+    assert done.returncode == 2, done.stderr
+    assert words in done.stderr
+    assert "Traceback" not in done.stderr

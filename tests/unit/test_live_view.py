@@ -491,6 +491,12 @@ SAMPLES: list[events.Event] = [
     events.RequestParsed(sample_info(), "socks5", "CONNECT", "db.internal", 5432, True),
     events.ChannelOpened(sample_info(upstream="lab"), 0.5),
     events.ChannelFailed(sample_info(upstream="reject"), 2, "not allowed", "rejected by route"),
+    events.ChannelOpened(sample_info(isolation="alice"), 0.5),
+    events.IsolatedSession("alice", "s", "closed", "no connection for 300 s"),
+    events.ChannelFailed(sample_info(isolation="bob"), 1, "general failure", "auth failed"),
+    events.ConnectionClosed(sample_info(isolation="bob"), 1, 2, 3.0),
+    events.DatagramsDropped(sample_info(dropped=1, isolation="b"), "not DNS", "192.0.2.1:1"),
+    events.ClientRejected(sample_info(isolation="bob"), "idle"),
     events.ChannelFailed(sample_info(), 5, "connection refused", "Connection refused"),
     events.ConnectionClosed(sample_info(), 1, 2, 3.0),
     events.ConnectionClosed(sample_info(protocol="socks5-udp", dropped=4, upstream="a"), 1, 2, 3),
@@ -534,7 +540,11 @@ def check_record(record: dict[str, Any]) -> None:
 def test_the_readme_table_is_read() -> None:
     # A table the parser misread would make every check below vacuous.
     assert SCHEMA["client_accepted"] == Documented({"id": "integer", "client": "string"}, {})
-    assert SCHEMA["client_rejected"].sometimes == {"host": "string", "port": "integer"}
+    assert SCHEMA["client_rejected"].sometimes == {
+        "host": "string",
+        "port": "integer",
+        "isolation": "string",
+    }
     assert SCHEMA["error"].always == {"message": "string", "exit_status": "integer"}
     assert len(SCHEMA["session_up"].always) == 5
     assert SCHEMA["session_up"].sometimes == {
@@ -773,3 +783,14 @@ def test_a_client_that_sent_nothing_is_counted_not_a_failure(
     summary = str(view.summary())
     assert "0 rejected, 3 closed unused," in summary, summary
     assert view.stats.rejected == 0
+
+
+def test_an_isolated_session_failing_is_printed_and_leaves_the_main_state_alone(
+    view: LiveRenderer, clock: FakeClock
+) -> None:
+    bring_up(view, clock)
+    view(events.IsolatedSession("alice", SERVER, "up", "aes128-gcm@openssh.com"))
+    view(events.IsolatedSession("gina\\x1b", SERVER, "failed", "Connection refused"))
+    assert 'for user "gina\\x1b": failed: Connection refused' in printed(view)
+    assert "alice" not in printed(view)  # only what needs attention is printed
+    assert "● lost" not in screen(view)

@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from ..errors import ChannelOpenFailed, RemoteProtocolError, ReplyReason
-from ..names import printable
+from ..names import printable, user_name
 from ..socks import NEED_DATA, Command, Credentials, Request, ServerConnection, SocksVersion
 from .base import Client, Handler, normal_host, socks_fail
 
@@ -20,11 +20,14 @@ CommandHandler = Callable[[Client, ServerConnection, Request], Handler]
 @dataclass(frozen=True, slots=True)
 class SocksSettings:
     """What a listener offers SOCKS clients: a handler per command (a command without
-    one gets 0x07, "not available ``where``"), and the password check, if any."""
+    one gets 0x07, "not available ``where``"), and the password check, if any.
+    ``any_login`` (``--isolate`` without a password): a SOCKS5 client may log in with
+    any name and password, the name kept as its isolation key."""
 
     commands: Mapping[Command, CommandHandler]
     check_credentials: Callable[[bytes, bytes], bool] | None = None
     where: str = "here"
+    any_login: bool = False
 
 
 def protocol_name(request: Request) -> str:
@@ -42,7 +45,10 @@ class SocksHandshake:
     def __init__(self, client: Client, settings: SocksSettings) -> None:
         self.client = client
         self.settings = settings
-        self.codec = ServerConnection(require_auth=settings.check_credentials is not None)
+        self.codec = ServerConnection(
+            require_auth=settings.check_credentials is not None,
+            offer_auth=settings.any_login,
+        )
         # A failure answer held back by the login throttle.
         self.held: asyncio.TimerHandle | None = None
 
@@ -81,12 +87,12 @@ class SocksHandshake:
                 return
             if isinstance(event, Credentials):
                 check = self.settings.check_credentials
-                assert check is not None
-                if not check(event.username, event.password):
+                assert check is not None or self.settings.any_login
+                if check is not None and not check(event.username, event.password):
                     client.reject_client("wrong proxy credentials (SOCKS5)", auth=True, close=False)
                     self._answer_later(client.login_failed(), codec.reject_auth())
                     return
-                client.user = event.username.decode("utf-8", "replace")
+                client.user = user_name(event.username)
                 client.transport.write(codec.accept_auth())
                 continue
             assert isinstance(event, Request)
