@@ -10,7 +10,7 @@ import logging
 import os
 import signal
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 from . import events
@@ -55,6 +55,8 @@ from .watch import Wake, watch
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 # How long a command gets to exit after SIGTERM before it is killed.
 _COMMAND_GRACE = 5.0
 
@@ -79,19 +81,21 @@ class _Stop:
 
 
 class _Owner:
-    """Owns the tasks started while serving (each route destination's supervisor):
-    ``close`` cancels and awaits them. A task that fails unexpectedly is logged."""
+    """Owns tasks: ``close`` cancels and awaits every one still running, so none outlives
+    its owner. serve has one for its own tasks (closed before the sessions and the proxy
+    they use), and one for the route destinations' supervisors. A task whose failure
+    nobody reads (``report``) is logged; the others are awaited by their spawner."""
 
     def __init__(self) -> None:
-        self.tasks: set[asyncio.Task[None]] = set()
+        self.tasks: set[asyncio.Task[Any]] = set()
 
-    def spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+    def spawn(self, work: Coroutine[Any, Any, T], *, report: bool = True) -> asyncio.Task[T]:
         task = asyncio.get_running_loop().create_task(work)
         self.tasks.add(task)
-        task.add_done_callback(self._done)
+        task.add_done_callback(self._reported if report else self.tasks.discard)
         return task
 
-    def _done(self, task: asyncio.Task[None]) -> None:
+    def _reported(self, task: asyncio.Task[Any]) -> None:
         self.tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("a background task failed", exc_info=task.exception())
@@ -458,6 +462,14 @@ async def _first(*aws: asyncio.Future[Any]) -> None:
     await asyncio.wait(aws, return_when=asyncio.FIRST_COMPLETED)
 
 
+async def _cancelled(task: asyncio.Task[Any]) -> None:
+    """Cancel ``task`` if it still runs and wait until it has ended; what it raised is
+    left in it, for whoever reads its result."""
+    if not task.done():
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
 async def serve(
     config: Config,
     emit: events.Sink,
@@ -590,13 +602,15 @@ async def serve(
                 )
             )
 
-            starting = loop.create_task(keeper.start())
-            stopping = loop.create_task(stop.event.wait())
+            # serve's own tasks: cancelled and awaited on the way out, before anything
+            # they use is closed (the stack unwinds in reverse).
+            tasks = _Owner()
+            stack.push_async_callback(tasks.close)
+            starting = tasks.spawn(keeper.start(), report=False)
+            stopping = tasks.spawn(stop.event.wait(), report=False)
             await _first(starting, stopping)
             if not starting.done():
-                starting.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await starting
+                await _cancelled(starting)
                 emit(events.Stopping("signal before the session was up"))
                 return stop.status
             starting.result()  # raises the SessionError of a failed start
@@ -628,7 +642,7 @@ async def serve(
                 child = await _spawn(
                     command, command_environment(listeners, config.proxy_credentials)
                 )
-            keeping = loop.create_task(keeper.keep_up())
+            keeping = tasks.spawn(keeper.keep_up(), report=False)
             # Sleep and network changes: probe each session at once (the command line's
             # unless a master carries it, a route destination's once it is in use), and
             # reconnect the ones that are silent.
@@ -638,19 +652,18 @@ async def serve(
             ]
             if master is None:
                 wakes.append(Wake(session, supervisor, emit, session.server))
-            waking = loop.create_task(watch(*wakes))
-            stack.callback(waking.cancel)
+            tasks.spawn(watch(*wakes))
             if reverse is not None:
-                relisten = loop.create_task(reverse.keep())
-                stack.callback(relisten.cancel)
+                tasks.spawn(reverse.keep())
             waiting: list[asyncio.Future[Any]] = [keeping, stopping]
             if child is not None:
-                waiting.append(loop.create_task(child.wait()))
+                waiting.append(tasks.spawn(child.wait(), report=False))
             try:
                 await _first(*waiting)
             finally:
-                if not keeping.done():
-                    keeping.cancel()
+                # The session is not kept up through the drain, as before: what is
+                # open finishes on it, or ends with it.
+                await _cancelled(keeping)
             if child is not None and child.returncode is None:
                 # The tunnel failed or we got a signal: pass it on and wait for the child.
                 await _stop_child(child, stop)
