@@ -1,5 +1,8 @@
 """The SSH session: one connection (through its jump hosts or ProxyCommand), its
-authentication and host-key checks, and the channels opened through it.
+authentication, and the channels opened through it. Host-key trust is
+:mod:`tunnel.trust`'s, the ProxyCommand process :mod:`tunnel.proxycommand`'s, the
+questions :mod:`tunnel.prompts`'s, ssh_config :mod:`tunnel.sshconfig`'s: this room hands
+asyncssh what they decide.
 
 With :mod:`tunnel.fastpath` (and the demo server) the only room that uses asyncssh's
 connections (:mod:`tunnel.sshconfig` uses its ssh_config parser alone). asyncssh's
@@ -18,13 +21,12 @@ import re
 import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import asyncssh
 from asyncssh.public_key import get_default_certificate_algs, get_default_public_key_algs
 
-from . import events, eyeballs, fastpath, hostkeys
+from . import events, eyeballs, fastpath
 from .channels import Channel, ChannelSink, IncomingHandler, IncomingSink, ReportsToSink
 from .config import (
     DEFAULT_CONNECT_TIMEOUT,
@@ -46,7 +48,9 @@ from .errors import (
     classify_open_failure,
 )
 from .prompts import PASSWORD_TRIES, ask_in_thread
+from .proxycommand import ProxyCommand
 from .sshconfig import connect_target, host_key_alias
+from .trust import GLOBAL_KNOWN_HOSTS, USER_KNOWN_HOSTS, HostKeys, Key, KeyCodec
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +99,11 @@ DEFAULT_IDENTITIES = (
     "~/.ssh/id_dsa",
 )
 
-USER_KNOWN_HOSTS = ("~/.ssh/known_hosts", "~/.ssh/known_hosts2")
-GLOBAL_KNOWN_HOSTS = ("/etc/ssh/ssh_known_hosts", "/etc/ssh/ssh_known_hosts2")
+# What trust needs of asyncssh: reading a known_hosts key, the algorithms it offers.
+ASYNCSSH_KEYS = KeyCodec(
+    load=asyncssh.import_public_key,
+    algorithms=(*get_default_certificate_algs(), *get_default_public_key_algs()),
+)
 
 
 # -- channels -----------------------------------------------------------------------
@@ -199,230 +206,6 @@ def _close_if_opened(task: asyncio.Task[tuple[Any, Any]]) -> None:
     chan.close()
 
 
-# -- host keys ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class _Verdict:
-    changed: bool
-    key_type: str
-    fingerprint: str
-    host: str
-    old_line: str
-    other_types: tuple[str, ...] = ()
-
-
-class _HostKeys:
-    """Host-key trust as OpenSSH does it: known_hosts files, and StrictHostKeyChecking
-    for keys that are not in them. :mod:`tunnel.hostkeys` reads the files; asyncssh
-    checks the key against what we hand it; we decide the rest."""
-
-    def __init__(
-        self,
-        policy: HostKeyPolicy,
-        user_files: Sequence[str],
-        global_files: Sequence[str],
-        prompter: events.Prompter | None,
-        accepted: set[asyncssh.SSHKey],
-        alias: str | None = None,
-    ) -> None:
-        self.policy = policy
-        # ssh_config's HostKeyAlias: asyncssh hands it to match() instead of the host.
-        self.alias = alias
-        self.user_files = tuple(os.path.expanduser(p) for p in user_files)
-        self.files = self.user_files + tuple(os.path.expanduser(p) for p in global_files)
-        self.prompter = prompter
-        self.found = hostkeys.Lookup((), (), (), ())
-        # The plain keys for the host's name, with their lines (for "changed").
-        self.known_for_host: list[tuple[hostkeys.KnownKey, asyncssh.SSHKey]] = []
-        self.revoked: set[asyncssh.SSHKey] = set()
-        self.host = ""
-        self.name = ""
-        self.verdict: _Verdict | None = None
-        self.declined = False
-        # A key met but not known, waiting for the question (policy ask).
-        self.pending: tuple[str, str, asyncssh.SSHKey] | None = None
-        # Keys the person accepted this run (also when known_hosts is /dev/null).
-        self.accepted = accepted
-
-    def match(self, host: str, addr: str, port: int | None) -> Any:
-        """asyncssh's known_hosts callback: trusted keys, CA keys, revoked keys. The
-        address is not looked up (ssh's CheckHostIP, off by default): an entry for an
-        address reused by another machine must not vouch for, or against, this one."""
-        if self.alias is not None and host == self.alias:
-            # As ssh: a HostKeyAlias names the key on its own, whatever the port.
-            port = None
-        self.host = host
-        self.name = hostkeys.host_name(host, port)
-        self.found = hostkeys.lookup(self.files, host, port)
-        self.known_for_host = _import_pairs(self.found.for_name)
-        self.revoked = set(_import_keys(self.found.revoked))
-        return (
-            _import_keys(self.found.trusted),
-            _import_keys(self.found.authorities),
-            list(self.revoked),
-        )
-
-    def preferred_algorithms(self, host: str, port: int | None) -> list[bytes] | None:
-        """Host-key algorithms with the known keys' types first, then all the others:
-        asyncssh alone would offer only the known types, and a server that lost that key
-        type would fail key exchange instead of showing whose key it has now."""
-        self.match(self.alias or host, "", port)  # the address is not known yet
-        known = _import_keys(self.found.trusted)
-        if not known:
-            return None
-        algorithms: list[bytes] = []
-        for key in known:
-            algorithms.extend(key.sig_algorithms)
-        algorithms.extend(get_default_certificate_algs())
-        algorithms.extend(get_default_public_key_algs())
-        return list(dict.fromkeys(algorithms))
-
-    def decide(self, host: str, addr: str, port: int, key: asyncssh.SSHKey) -> bool:
-        """Called by asyncssh for a key no known_hosts line trusts."""
-        # As ssh: any key known for the name that is not this one makes this one a changed
-        # key, of whatever type (a server that lost its known key type, or someone who
-        # cannot offer it). The line of the same type, if any, is the one to name.
-        same_type = [
-            entry for entry, known in self.known_for_host if known.algorithm == key.algorithm
-        ]
-        old = same_type or [entry for entry, _ in self.known_for_host]
-        name = self.name or hostkeys.host_name(host, None if host == self.alias else port)
-        fingerprint = key.get_fingerprint("sha256")
-        self.verdict = _Verdict(
-            changed=bool(old),
-            key_type=key.algorithm.decode("ascii"),
-            fingerprint=fingerprint,
-            host=name,
-            old_line=old[0].where if old else "",
-            # Named only when no key of the offered type is known.
-            other_types=()
-            if same_type
-            else tuple(sorted({k.algorithm.decode("ascii") for _, k in self.known_for_host})),
-        )
-        if old or key in self.revoked:
-            # A changed or revoked key is never accepted, whatever the policy: even with
-            # "no", where ssh goes on without forwarding, a tunnel has nothing to offer.
-            return False
-        if not hostkeys.recordable(self.host or host):
-            # As ssh: a new key for a name that cannot be written down as one plain host
-            # (a pattern, a list, a second line) is never accepted, by any policy.
-            return False
-        if self.policy in (HostKeyPolicy.ACCEPT_NEW, HostKeyPolicy.NO):
-            self._record(name, key)
-            return True
-        if key in self.accepted:
-            return True
-        if self.policy is HostKeyPolicy.ASK and self.prompter is not None:
-            # asyncssh calls us synchronously, inside its connect timeout: the question
-            # is asked by the session after this attempt, then the connection is retried.
-            self.pending = (name, addr, key)
-        return False
-
-    async def ask(self) -> bool:
-        """Ask about the key this attempt met (see decide); record it if accepted."""
-        assert self.prompter is not None
-        assert self.pending is not None
-        name, addr, key = self.pending
-        self.pending = None
-        fingerprint = key.get_fingerprint("sha256")
-        kind = key.algorithm.decode("ascii").removeprefix("ssh-").upper()
-        question = (
-            f"The authenticity of host '{name} ({addr})' can't be established.\n"
-            f"{kind} key fingerprint is {fingerprint}.\n"
-            "Are you sure you want to continue connecting (yes/no/[fingerprint])? "
-        )
-        while True:
-            answer = await ask_in_thread(self.prompter, question, echo=True)
-            if answer is None or answer.strip().lower() == "no":
-                self.declined = True
-                return False
-            if answer.strip().lower() == "yes" or answer.strip() == fingerprint:
-                self.accepted.add(key)
-                self._record(name, key)
-                return True
-            question = "Please type 'yes', 'no' or the fingerprint: "
-
-    def _record(self, name: str, key: asyncssh.SSHKey) -> None:
-        path = Path(self.user_files[0])
-        key_type, blob = key.export_public_key("openssh").decode().split()[:2]
-        salt = os.urandom(20) if hostkeys.uses_hashed_names(path) else None
-        line = hostkeys.known_hosts_line(name, key_type, blob, salt)
-        try:
-            hostkeys.append_line(path, line)
-        except OSError as exc:
-            # As ssh: the key was accepted for this connection; only remembering it failed.
-            log.warning(
-                "Failed to add the host to the list of known hosts (%s): %s", path, exc.strerror
-            )
-            return
-        log.warning(
-            "Permanently added '%s' (%s) to the list of known hosts (%s).",
-            name,
-            key_type,
-            path,
-        )
-
-    def error(self) -> HostKeyRejected:
-        v = self.verdict
-        if v is None:
-            # asyncssh refuses a revoked key before asking us anything.
-            return HostKeyRejected(
-                f"REVOKED host key for {self.name or 'the server'}: known_hosts marks the "
-                "key the server offered @revoked; refusing to connect",
-                hint="the server's key was withdrawn on purpose; ask its owner for the new one",
-            )
-        if v.changed:
-            also = ""
-            if v.other_types:
-                also = f" (a {', '.join(v.other_types)} key; the server offered no such key)"
-            return HostKeyRejected(
-                f"HOST KEY CHANGED for {v.host}: the server now offers {v.key_type} key "
-                f"{v.fingerprint}, not the one in {v.old_line or 'known_hosts'}{also}. Someone "
-                "may be intercepting the connection, or the server was reinstalled",
-                hint=f"if you know why it changed, remove the old key with "
-                f"`{_keygen_remove(v.old_line, v.host)}` and connect again",
-            )
-        if self.declined:
-            return HostKeyRejected(
-                f"host key for {v.host} not accepted: {v.key_type} {v.fingerprint}"
-            )
-        return HostKeyRejected(
-            f"host key for {v.host} is not known: {v.key_type} {v.fingerprint}",
-            hint=f"check the fingerprint with the server's owner, then add it to "
-            f"{self.user_files[0]} (for example by running pytunnel or ssh once on a "
-            "terminal), or use -o StrictHostKeyChecking=accept-new",
-        )
-
-
-def _keygen_remove(where: str, host: str) -> str:
-    """The ssh-keygen command that removes ``host``'s key from the file of ``where``
-    ("path:line"): plain ``-R`` edits ~/.ssh/known_hosts only, so any other file is named."""
-    path = where.rpartition(":")[0]
-    default = os.path.expanduser(USER_KNOWN_HOSTS[0])
-    if not path or os.path.abspath(path) == os.path.abspath(default):
-        return f"ssh-keygen -R '{host}'"
-    return f"ssh-keygen -f '{path}' -R '{host}'"
-
-
-def _import_pairs(
-    known: Sequence[hostkeys.KnownKey],
-) -> list[tuple[hostkeys.KnownKey, asyncssh.SSHKey]]:
-    """known_hosts lines with their keys; a line whose key does not parse is skipped, as
-    ssh skips it."""
-    pairs: list[tuple[hostkeys.KnownKey, asyncssh.SSHKey]] = []
-    for entry in known:
-        try:
-            pairs.append((entry, asyncssh.import_public_key(entry.public)))
-        except (asyncssh.KeyImportError, ValueError):
-            continue
-    return pairs
-
-
-def _import_keys(known: Sequence[hostkeys.KnownKey]) -> list[asyncssh.SSHKey]:
-    return [key for _, key in _import_pairs(known)]
-
-
 def _is_encrypted_key(filename: str) -> bool:
     """Whether a private key file needs a passphrase (asyncssh asks about every file)."""
     try:
@@ -451,7 +234,7 @@ def _expand(paths: Sequence[str]) -> list[str]:
 
 class _Client(asyncssh.SSHClient):
     def __init__(
-        self, host_keys: _HostKeys | None, prompter: events.Prompter | None, server: str
+        self, host_keys: HostKeys | None, prompter: events.Prompter | None, server: str
     ) -> None:
         self._host_keys = host_keys
         self._prompter = prompter
@@ -513,129 +296,6 @@ class _Client(asyncssh.SSHClient):
         return self._host_keys is not None and self._host_keys.decide(host, addr, port, key)
 
 
-# -- ProxyCommand -------------------------------------------------------------------
-
-# How long a ProxyCommand gets to exit, or to finish its stderr, once the connection
-# through it failed: long enough on a loaded machine, short enough not to hang a retry.
-_PROXY_EXIT_WAIT = 5.0
-# The longest stderr line kept whole (a command writing without newlines is cut here).
-_PROXY_LINE_MAX = 4096
-
-
-def _printable(text: str) -> str:
-    """A line of someone else's output, safe to put on a terminal."""
-    return "".join(ch if ch.isprintable() or ch == "\t" else "?" for ch in text)
-
-
-class _ProxyCommand:
-    """A running ProxyCommand. The SSH connection speaks over its stdin and stdout (one
-    end of a socket pair; the other end is handed to asyncssh). Its stderr is passed on
-    line by line as notices, as ssh lets it through to the terminal, and the last line
-    is kept to say why the command failed."""
-
-    def __init__(
-        self,
-        template: str,
-        process: asyncio.subprocess.Process,
-        sock: socket.socket,
-        emit: events.Sink,
-    ) -> None:
-        self.template = template
-        self.process = process
-        self.sock = sock
-        self.emit = emit
-        self.last_line = ""
-        # Started by start(), stopped by stop() and awaited by wait_stopped().
-        self._pump: asyncio.Task[None] | None = None
-
-    @classmethod
-    async def start(cls, template: str, command: str, emit: events.Sink) -> _ProxyCommand:
-        ours, theirs = socket.socketpair()
-        # As ssh: the user's shell runs "exec COMMAND", so no shell lingers in between.
-        shell = os.environ.get("SHELL") or "/bin/sh"
-        log.info("running ProxyCommand: %s", command)
-        try:
-            process = await asyncio.create_subprocess_exec(
-                shell,
-                "-c",
-                f"exec {command}",
-                stdin=theirs.fileno(),
-                stdout=theirs.fileno(),
-                stderr=asyncio.subprocess.PIPE,
-                # Its own session: Ctrl-C on the terminal is ours to handle, not its.
-                start_new_session=True,
-            )
-        except OSError as exc:
-            ours.close()
-            raise ConnectFailed(
-                f"cannot run ProxyCommand `{template}` with {shell}: {exc.strerror or exc}"
-            ) from exc
-        finally:
-            theirs.close()
-        proxy = cls(template, process, ours, emit)
-        assert process.stderr is not None
-        proxy._pump = asyncio.get_running_loop().create_task(proxy._read_stderr(process.stderr))
-        return proxy
-
-    async def _read_stderr(self, stream: asyncio.StreamReader) -> None:
-        pending = b""
-        while chunk := await stream.read(_PROXY_LINE_MAX):
-            *lines, pending = (pending + chunk).split(b"\n")
-            if len(pending) >= _PROXY_LINE_MAX:
-                lines.append(pending)
-                pending = b""
-            for line in lines:
-                self._line(line)
-        self._line(pending)
-
-    def _line(self, raw: bytes) -> None:
-        text = _printable(raw.decode("utf-8", "replace").rstrip("\r")).rstrip()
-        if text.strip():
-            self.last_line = text.strip()
-            self.emit(events.Notice(f"ProxyCommand: {text}", key="proxy-command"))
-
-    async def failure(self) -> ConnectFailed | None:
-        """Why the connection through this command failed, if the command ended (waiting
-        a bounded time for it to): its exit status and the last line it wrote to stderr.
-        None while it still runs: then the failure was the SSH connection's own."""
-        try:
-            status = await asyncio.wait_for(self.process.wait(), _PROXY_EXIT_WAIT)
-        except TimeoutError:
-            return None
-        if self._pump is not None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._pump), _PROXY_EXIT_WAIT)
-        how = f"exited {status}" if status >= 0 else f"was killed by signal {-status}"
-        if status == 0:
-            how += " before the SSH connection was set up"
-        said = f": {self.last_line}" if self.last_line else " (it wrote nothing to stderr)"
-        return ConnectFailed(
-            f"ProxyCommand `{self.template}` {how}{said}",
-            hint="check the command: it must connect its stdin and stdout to the SSH "
-            "server (as `nc %h %p` does)",
-        )
-
-    def stop(self) -> None:
-        """End the command (as ssh does when the connection is over) and its reader."""
-        if self.process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.process.terminate()
-        if self._pump is not None:
-            self._pump.cancel()
-
-    async def wait_stopped(self) -> None:
-        self.stop()
-        try:
-            await asyncio.wait_for(self.process.wait(), _PROXY_EXIT_WAIT)
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                self.process.kill()
-            await self.process.wait()
-        if self._pump is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._pump
-
-
 # -- the session --------------------------------------------------------------------
 
 
@@ -661,7 +321,7 @@ class Session:
             dataclasses.replace(config, destination=hop, jump_hosts=None, proxy_run=None)
             for hop in config.jump_hosts or ()
         )
-        self._proxies: list[_ProxyCommand] = []
+        self._proxies: list[ProxyCommand] = []
         self._decrypted: dict[str, asyncssh.SSHKey] = {}
         self._missing: set[str] = set()
         # Encrypted keys no passphrase was had for (no terminal, BatchMode, given up).
@@ -672,7 +332,7 @@ class Session:
             hop_session._decrypted = self._decrypted
             hop_session._missing = self._missing
             hop_session._locked = self._locked
-        self._accepted_host_keys: set[asyncssh.SSHKey] = set()
+        self._accepted_host_keys: set[Key] = set()
         # Channel opens we stopped waiting for, each closing its channel if it opens late:
         # cancelled and awaited by close().
         self._opening: set[asyncio.Task[Any]] = set()
@@ -694,9 +354,10 @@ class Session:
     def connection(self) -> asyncssh.SSHClientConnection | None:
         return self._conn
 
-    def _host_keys(self, dest: Destination) -> _HostKeys:
+    def _host_keys(self, dest: Destination) -> HostKeys:
         cfg = self.config
-        return _HostKeys(
+        return HostKeys(
+            ASYNCSSH_KEYS,
             cfg.host_key_policy or HostKeyPolicy.ASK,
             cfg.known_hosts if cfg.known_hosts is not None else USER_KNOWN_HOSTS,
             cfg.global_known_hosts if cfg.global_known_hosts is not None else GLOBAL_KNOWN_HOSTS,
@@ -705,7 +366,7 @@ class Session:
             host_key_alias(cfg, dest),
         )
 
-    def _connect_kwargs(self, host_keys: _HostKeys | None) -> dict[str, Any]:
+    def _connect_kwargs(self, host_keys: HostKeys | None) -> dict[str, Any]:
         """asyncssh's options for one connection. What is not given here, asyncssh takes
         from ssh_config, then from its defaults."""
         cfg = self.config
@@ -743,7 +404,7 @@ class Session:
         dest: Destination,
         tunnel: asyncssh.SSHClientConnection | None,
         what: str,
-        proxies: list[_ProxyCommand],
+        proxies: list[ProxyCommand],
         *,
         jump: bool = False,
         via: str = "",
@@ -790,10 +451,10 @@ class Session:
             )
         while True:
             client = _Client(host_keys, prompter, str(dest))
-            proxy: _ProxyCommand | None = None
+            proxy: ProxyCommand | None = None
             if use_proxy:
                 assert cfg.proxy_run is not None
-                proxy = await _ProxyCommand.start(cfg.proxy_command or "", cfg.proxy_run, self.emit)
+                proxy = await ProxyCommand.start(cfg.proxy_command or "", cfg.proxy_run, self.emit)
                 proxies.append(proxy)
                 kwargs["sock"] = proxy.sock
             try:
@@ -884,7 +545,7 @@ class Session:
         kwargs["connect_timeout"] = max(deadline - loop.time(), 0.001)
 
     async def _connect_once(
-        self, host: str, client: _Client, kwargs: dict[str, Any], proxy: _ProxyCommand | None
+        self, host: str, client: _Client, kwargs: dict[str, Any], proxy: ProxyCommand | None
     ) -> asyncssh.SSHClientConnection:
         """asyncssh.connect, through the fast path's connection class. Through a
         ProxyCommand, a failed attempt stops the command, and a lost connection or a
@@ -1079,7 +740,7 @@ class Session:
         self,
         conn: asyncssh.SSHClientConnection,
         hops: list[asyncssh.SSHClientConnection],
-        proxies: list[_ProxyCommand],
+        proxies: list[ProxyCommand],
         watcher: asyncio.Task[None] | None,
         idle: asyncio.Event,
         keep_open: float,

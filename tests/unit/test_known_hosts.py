@@ -1,5 +1,6 @@
-"""known_hosts matching and writing (``tunnel.hostkeys``), and the policy the session
-applies on top (``tunnel.session._HostKeys``), without any connection.
+"""known_hosts matching and writing (``tunnel.hostkeys``), and the policy applied on top
+(``tunnel.trust.HostKeys``, with asyncssh's keys as the session hands them), without any
+connection.
 
 The rules pinned here are OpenSSH's: a host on another port than 22 is ``[host]:port``,
 a different host from ``host``; the bare host's key is trusted on other ports only when
@@ -24,7 +25,8 @@ from hypothesis import strategies as st
 from tunnel import hostkeys
 from tunnel.config import HostKeyPolicy
 from tunnel.hostkeys import KnownKey, Marker
-from tunnel.session import _HostKeys
+from tunnel.session import ASYNCSSH_KEYS
+from tunnel.trust import HostKeys
 
 PROPERTY = settings(max_examples=300, deadline=None)
 
@@ -354,7 +356,7 @@ def public(key: asyncssh.SSHKey) -> str:
 
 def decide(policy: HostKeyPolicy, path: Path, key: asyncssh.SSHKey, port: int = 2222) -> bool:
     """What the session does with ``key`` from example.org:port, as asyncssh would ask."""
-    keys = _HostKeys(policy, [str(path)], [], None, set())
+    keys = HostKeys(ASYNCSSH_KEYS, policy, [str(path)], [], None, set())
     trusted, _, revoked = keys.match("example.org", "192.0.2.7", port)
     if key in revoked:
         return False  # asyncssh refuses a revoked key before asking
@@ -386,7 +388,7 @@ def test_a_key_of_another_type_than_the_known_one_is_changed(
     rsa = asyncssh.generate_private_key("ssh-rsa", key_size=2048).convert_to_public()
     path = tmp_path / "known_hosts"
     path.write_text(f"[example.org]:2222 {public(rsa)}\n")
-    keys = _HostKeys(policy, [str(path)], [], None, set())
+    keys = HostKeys(ASYNCSSH_KEYS, policy, [str(path)], [], None, set())
     keys.match("example.org", "192.0.2.7", 2222)
     assert not keys.decide("example.org", "192.0.2.7", 2222, server_key)
     assert keys.verdict is not None
@@ -442,7 +444,7 @@ def test_a_port_entry_says_nothing_about_port_22(
     path.write_text(
         f"[example.org]:22 {public(stranger_key)}\n[example.org]:2222 {public(server_key)}\n"
     )
-    keys = _HostKeys(HostKeyPolicy.YES, [str(path)], [], None, set())
+    keys = HostKeys(ASYNCSSH_KEYS, HostKeyPolicy.YES, [str(path)], [], None, set())
     assert keys.match("example.org", "192.0.2.7", None) == ([], [], [])
     assert not keys.decide("example.org", "192.0.2.7", 22, server_key)
     assert keys.verdict is not None
@@ -455,7 +457,7 @@ def test_an_address_entry_is_neither_trust_nor_a_changed_key(
     path = tmp_path / "known_hosts"
     path.write_text(f"[192.0.2.7]:2222 {public(server_key)}\n192.0.2.7 {public(stranger_key)}\n")
     assert not decide(HostKeyPolicy.YES, path, server_key)
-    keys = _HostKeys(HostKeyPolicy.YES, [str(path)], [], None, set())
+    keys = HostKeys(ASYNCSSH_KEYS, HostKeyPolicy.YES, [str(path)], [], None, set())
     keys.match("example.org", "192.0.2.7", 2222)
     keys.decide("example.org", "192.0.2.7", 2222, server_key)
     assert keys.verdict is not None
@@ -469,7 +471,7 @@ def test_no_new_key_for_a_name_that_cannot_be_recorded(
     # ssh refuses these names as unknown hosts too ("invalid hostname; will not record").
     path = tmp_path / "known_hosts"
     for policy in (HostKeyPolicy.NO, HostKeyPolicy.ACCEPT_NEW):
-        keys = _HostKeys(policy, [str(path)], [], None, set())
+        keys = HostKeys(ASYNCSSH_KEYS, policy, [str(path)], [], None, set())
         keys.match(host, "192.0.2.7", 22)
         assert not keys.decide(host, "192.0.2.7", 22, server_key)
     assert not path.exists()
@@ -494,7 +496,7 @@ def test_a_changed_key_in_another_file_names_that_file_for_ssh_keygen(
     # Plain `ssh-keygen -R` edits ~/.ssh/known_hosts: the wrong file here.
     path = tmp_path / "custom_known_hosts"
     path.write_text(f"[example.org]:2222 {public(stranger_key)}\n")
-    keys = _HostKeys(HostKeyPolicy.YES, [str(path)], [], None, set())
+    keys = HostKeys(ASYNCSSH_KEYS, HostKeyPolicy.YES, [str(path)], [], None, set())
     keys.match("example.org", "192.0.2.7", 2222)
     assert not keys.decide("example.org", "192.0.2.7", 2222, server_key)
     assert keys.error().hint is not None
@@ -511,7 +513,7 @@ def test_a_changed_key_in_the_default_file_needs_no_f(
     path = tmp_path / ".ssh" / "known_hosts"
     path.parent.mkdir()
     path.write_text(f"[example.org]:2222 {public(stranger_key)}\n")
-    keys = _HostKeys(HostKeyPolicy.YES, ["~/.ssh/known_hosts"], [], None, set())
+    keys = HostKeys(ASYNCSSH_KEYS, HostKeyPolicy.YES, ["~/.ssh/known_hosts"], [], None, set())
     keys.match("example.org", "192.0.2.7", 2222)
     assert not keys.decide("example.org", "192.0.2.7", 2222, server_key)
     assert "`ssh-keygen -R '[example.org]:2222'`" in (keys.error().hint or "")
