@@ -718,7 +718,12 @@ def _bind_one(address: str, port: int) -> socket.socket | None:
             return None
         raise
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if port != 0:
+            # A port asked for by number may still have connections of an earlier run in
+            # TIME_WAIT. A port the system picks gets no SO_REUSEADDR: with it, Linux may
+            # pick a port that another socket holds bound but not yet listening (as ours
+            # is until the tunnel is up), and one of the two could not listen.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == socket.AF_INET6:
             # Each family gets its own socket, so [::] must not also take 0.0.0.0.
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)

@@ -6,6 +6,7 @@ and nowhere else"; a SOCKS request through each reported listener proves it is o
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import socket
@@ -27,7 +28,7 @@ from fixtures.sshd import SshdServer
 from fixtures.targets import EchoTarget
 
 from tunnel.errors import ListenError
-from tunnel.proxy import ProxyServer
+from tunnel.proxy import ProxyServer, _bind_group
 from tunnel.upstreams import Direct
 
 pytestmark = pytest.mark.timeout(60)
@@ -183,6 +184,27 @@ def test_two_forwards(pytunnel_factory: Start, sshd: SshdServer, echo_target: Ec
     assert first[1] != rest[0][1]
     for address in running.listeners:
         assert_relays(address, echo_target)
+
+
+def test_a_port_the_system_picks_is_not_handed_to_anyone_else_before_it_listens() -> None:
+    # -D 0 is bound at start and listens only once the tunnel is up. With SO_REUSEADDR on
+    # both, Linux lets another socket bind that port meanwhile (and pick it for bind(0)),
+    # and whoever listens second fails; without it on ours, the port stays ours alone.
+    [ours] = _bind_group(("127.0.0.1",), 0, None)
+    with ours, socket.socket(socket.AF_INET, socket.SOCK_STREAM) as other:
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        with pytest.raises(OSError, match="in use") as refused:
+            other.bind(ours.getsockname())
+    assert refused.value.errno == errno.EADDRINUSE
+
+
+def test_a_port_asked_for_by_number_may_be_bound_again_over_time_wait() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    [ours] = _bind_group(("127.0.0.1",), port, None)
+    with ours:
+        assert ours.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR) != 0
 
 
 @pytest.mark.parametrize("spec", ["{port}", "127.0.0.1:{port}"])
