@@ -43,7 +43,6 @@ class ScriptedTarget:
     def __init__(self, handler: Callable[[socket.socket], None], host: str = LOOPBACK4) -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, 0))
         self.sock.listen(64)
         self.sock.settimeout(0.2)

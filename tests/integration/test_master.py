@@ -10,6 +10,7 @@ import signal
 import socket
 import struct
 import subprocess
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -211,16 +212,25 @@ def test_explicit_socket_without_master_exits_255(tmp_path: Path) -> None:
     assert "Traceback" not in done.stderr
 
 
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A directory with a short path: a socket path has at most 107 bytes, and ssh -M
+    binds a temporary name 17 bytes longer than its ControlPath (tmp_path under xdist
+    is too long for a ControlPath that names user, host and port)."""
+    with tempfile.TemporaryDirectory(prefix="ptm-", dir="/tmp") as path:
+        yield Path(path)
+
+
 def test_control_path_from_ssh_config_with_tokens(
-    sshd: SshdServer, tmp_path: Path, http_target: HttpTarget,
+    sshd: SshdServer, short_dir: Path, tmp_path: Path, http_target: HttpTarget,
     pytunnel_factory: PytunnelFactory,
 ) -> None:  # fmt: skip
     # ssh and pytunnel expand the same template to the same socket.
-    sock = tmp_path / f"{sshd.user}@{sshd.host}-{sshd.port}.sock"
+    sock = short_dir / f"{sshd.user}@{sshd.host}-{sshd.port}.sock"
     start_master(sshd, sock)
     try:
         config = tmp_path / "ssh_config"
-        config.write_text(f"Host {sshd.host}\n  ControlPath {tmp_path}/%r@%h-%p.sock\n")
+        config.write_text(f"Host {sshd.host}\n  ControlPath {short_dir}/%r@%h-%p.sock\n")
         tunnel = pytunnel_factory(
             ["-D", "127.0.0.1:0", "-F", str(config), "-p", str(sshd.port),
              f"{sshd.user}@{sshd.host}"]
