@@ -9,8 +9,8 @@ import dataclasses
 import logging
 import os
 import signal
-from collections.abc import Callable, Coroutine, Sequence
-from typing import Any, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any
 from urllib.parse import quote
 
 from . import events
@@ -49,13 +49,13 @@ from .rules import DIRECT, REJECT, RoutedRules
 from .session import Session
 from .sshconfig import apply_ssh_config, resolve_control_path
 from .stats import Stats
+from .tasks import Owner, cancel_and_wait
 from .udp import UdpSettings
 from .upstreams import Direct, Reject, Request, Upstream
 from .watch import Wake, watch
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 
 # How long a command gets to exit after SIGTERM before it is killed.
 _COMMAND_GRACE = 5.0
@@ -80,33 +80,6 @@ class _Stop:
         self.event.set()
 
 
-class _Owner:
-    """Owns tasks: ``close`` cancels and awaits every one still running, so none outlives
-    its owner. serve has one for its own tasks (closed before the sessions and the proxy
-    they use), and one for the route destinations' supervisors. A task whose failure
-    nobody reads (``report``) is logged; the others are awaited by their spawner."""
-
-    def __init__(self) -> None:
-        self.tasks: set[asyncio.Task[Any]] = set()
-
-    def spawn(self, work: Coroutine[Any, Any, T], *, report: bool = True) -> asyncio.Task[T]:
-        task = asyncio.get_running_loop().create_task(work)
-        self.tasks.add(task)
-        task.add_done_callback(self._reported if report else self.tasks.discard)
-        return task
-
-    def _reported(self, task: asyncio.Task[Any]) -> None:
-        self.tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("a background task failed", exc_info=task.exception())
-
-    async def close(self) -> None:
-        tasks = list(self.tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
 _SESSION_EVENTS = (
     events.SessionConnecting,
     events.SessionUp,
@@ -127,7 +100,7 @@ class SshWay:
         config: Config,
         emit: events.Sink,
         prompter: events.Prompter | None,
-        owner: _Owner,
+        owner: Owner,
     ) -> None:
         self.name = label
         self.config = config
@@ -267,7 +240,7 @@ def make_way(
     config: Config,
     emit: events.Sink,
     prompter: events.Prompter | None,
-    owner: _Owner,
+    owner: Owner,
 ) -> SshWay:
     """The way out through one SSH destination of a route: the one place that decides
     what carries it (an asyncssh session today)."""
@@ -279,7 +252,7 @@ def build_routes(
     direct: Direct,
     emit: events.Sink,
     prompter: events.Prompter | None,
-    owner: _Owner,
+    owner: Owner,
 ) -> tuple[list[RouteWay], list[SshWay]]:
     """Each route with its target made concrete; a destination named in several routes
     is one session, shared."""
@@ -462,14 +435,6 @@ async def _first(*aws: asyncio.Future[Any]) -> None:
     await asyncio.wait(aws, return_when=asyncio.FIRST_COMPLETED)
 
 
-async def _cancelled(task: asyncio.Task[Any]) -> None:
-    """Cancel ``task`` if it still runs and wait until it has ended; what it raised is
-    left in it, for whoever reads its result."""
-    if not task.done():
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-
-
 async def serve(
     config: Config,
     emit: events.Sink,
@@ -532,7 +497,7 @@ async def serve(
             if config.isolate:
                 upstream = isolated = isolating(config, emit, prompter, upstream)
                 stack.push_async_callback(isolated.close)
-            owner = _Owner()
+            owner = Owner()
             direct = Direct(config.open_timeout)
             routes, ways = build_routes(given, direct, emit, prompter, owner)
             for way in ways:
@@ -604,13 +569,13 @@ async def serve(
 
             # serve's own tasks: cancelled and awaited on the way out, before anything
             # they use is closed (the stack unwinds in reverse).
-            tasks = _Owner()
+            tasks = Owner()
             stack.push_async_callback(tasks.close)
             starting = tasks.spawn(keeper.start(), report=False)
             stopping = tasks.spawn(stop.event.wait(), report=False)
             await _first(starting, stopping)
             if not starting.done():
-                await _cancelled(starting)
+                await cancel_and_wait(starting)
                 emit(events.Stopping("signal before the session was up"))
                 return stop.status
             starting.result()  # raises the SessionError of a failed start
@@ -663,7 +628,7 @@ async def serve(
             finally:
                 # The session is not kept up through the drain, as before: what is
                 # open finishes on it, or ends with it.
-                await _cancelled(keeping)
+                await cancel_and_wait(keeping)
             if child is not None and child.returncode is None:
                 # The tunnel failed or we got a signal: pass it on and wait for the child.
                 await _stop_child(child, stop)

@@ -18,6 +18,7 @@ from .errors import OutageTooLong, SessionClosed, SessionError
 from .pool import SessionPool
 from .retry import backoff, is_retryable
 from .session import Session
+from .tasks import raise_if_cancelling
 from .upstreams import Request
 
 # A demand starts an attempt no sooner than this after the last one started: a crowd of
@@ -139,6 +140,7 @@ class Supervisor:
         try:
             await self._attempt(demand=False)
         except SessionError as exc:
+            raise_if_cancelling()
             if not (self.config.retry_start and is_retryable(exc)):
                 raise
             self._down_since = self.clock()
@@ -190,10 +192,12 @@ class Supervisor:
             try:
                 await self._bounded(self._attempt(demand=demand, cause=cause), reason)
             except SessionError as exc:
+                raise_if_cancelling()
                 if isinstance(exc, OutageTooLong) or not is_retryable(exc):
                     raise
                 reason = exc.message
             else:
+                raise_if_cancelling()
                 self.reconnects += 1
                 return
 

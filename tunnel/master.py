@@ -21,6 +21,7 @@ from .config import Config
 from .errors import ChannelOpenFailed, ConnectFailed, ReplyReason, SessionClosed, TunnelError
 from .mux import MuxClient
 from .retry import backoff
+from .tasks import raise_if_cancelling
 from .upstreams import Request
 
 TRANSPORT = "openssh-master"
@@ -155,11 +156,14 @@ class MasterUpstream:
                 self._demand.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._demand.wait(), delay)
+                raise_if_cancelling()
             try:
                 await self.connect()
             except ConnectFailed as exc:
+                raise_if_cancelling()
                 reason = exc.message
             else:
+                raise_if_cancelling()
                 return
 
     def close(self) -> None:

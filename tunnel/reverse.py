@@ -27,6 +27,7 @@ from .config import Forward
 from .errors import ChannelOpenFailed, ListenError, SessionError
 from .proxy import ProxyClient, ProxyServer
 from .retry import backoff
+from .tasks import raise_if_cancelling
 
 log = logging.getLogger(__name__)
 
@@ -202,11 +203,13 @@ class ReverseForwards:
                 try:
                     await self.open()
                 except ListenError as exc:
+                    raise_if_cancelling()
                     self.emit(events.Notice(f"{exc.message}; retrying", key="reverse"))
                     continue
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # session lost meanwhile: wait for the next one
+                    raise_if_cancelling()
                     log.info("re-opening -R listeners: %s", exc)
                 break
 

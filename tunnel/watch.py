@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import NoReturn, Protocol
 
 from . import events
+from .tasks import raise_if_cancelling
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +138,7 @@ class Wake:
             if not self.active():
                 continue
             answered = await self.prober.probe(self.probe_timeout)
+            raise_if_cancelling()
             self.emit(events.SessionProbed(self.server, cause, answered))
             if not answered:
                 self.keeper.reconnect_now(cause)

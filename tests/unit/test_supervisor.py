@@ -141,10 +141,10 @@ class Rig:
         return [event for event in self.seen if isinstance(event, kind)]
 
 
-def make_rig(**config: object) -> Iterator[Rig]:
+def make_rig(session_type: type[FakeSession] = FakeSession, **config: object) -> Iterator[Rig]:
     time = FakeTime()
     seen: list[events.Event] = []
-    session = FakeSession(time, seen.append)
+    session = session_type(time, seen.append)
     supervisor = Supervisor(
         session,  # type: ignore[arg-type]
         Config(Destination("host", "user", 22), **config),  # type: ignore[arg-type]
@@ -389,3 +389,35 @@ async def test_every_kind_of_request_signals_demand_before_it_waits() -> None:
     await upstream.listen_tcp("", 0, lambda origin: None)
     await upstream.run_process("python3", None)  # type: ignore[arg-type]
     assert calls == ["demand", "open_tcp", "demand", "listen_tcp", "demand", "run_process"]
+
+
+class CancelLosingSession(FakeSession):
+    """An attempt that, cancelled, ends with a connection error instead: what Python
+    3.11's ``asyncio.wait_for`` does (inside asyncssh's connect, say) when the operation
+    ends just as the task is cancelled."""
+
+    async def connect(
+        self,
+        *,
+        demand: bool = False,
+        cause: str | None = None,
+        outage: Callable[[], float | None] | None = None,
+    ) -> None:
+        try:
+            await super().connect(demand=demand, cause=cause, outage=outage)
+        except asyncio.CancelledError:
+            raise ConnectFailed("Connection refused") from None
+
+
+async def test_a_cancellation_an_attempt_loses_still_ends_the_retry_loop() -> None:
+    # Without the check, the loop takes the error for a failed attempt and waits for the
+    # next one, and serve, which awaits the cancelled task on its way out, hangs.
+    [rig] = make_rig(CancelLosingSession)
+    async with kept_up(rig) as task:
+        await rig.session.lose()
+        assert rig.session.attempts == 2  # the immediate retry is running
+        task.cancel()
+        await settle()
+        assert task.cancelled()
+        assert rig.session.attempts == 2
+        assert rig.of(events.ReconnectScheduled) == []

@@ -9,7 +9,9 @@ import signal
 
 import pytest
 
-from tunnel import app
+from tunnel import app, master
+from tunnel.config import Config, Destination
+from tunnel.errors import ConnectFailed
 from tunnel.pool import SessionPool
 
 
@@ -46,3 +48,33 @@ def test_a_second_ctrl_c_is_handed_to_the_caller_not_exited_below_it(
 
     asyncio.run(run())
     assert forced == ["forced"]
+
+
+async def test_a_cancellation_lost_while_asking_the_master_still_ends_its_retry_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    asked: list[asyncio.Future[None]] = []
+
+    async def losing_connect(path: str) -> master.MuxClient:
+        # Cancelled, it fails as if no master answered (Python 3.11's wait_for can).
+        asked.append(asyncio.get_running_loop().create_future())
+        try:
+            await asked[-1]
+        except asyncio.CancelledError:
+            raise ConnectFailed(f"no OpenSSH master at {path} (no such socket)") from None
+        raise AssertionError("never answered here")
+
+    monkeypatch.setattr(master, "_connect", losing_connect)
+    seen: list[object] = []
+    upstream = master.MasterUpstream(
+        "/nonexistent/m.sock", Config(Destination("h", "u", 22)), seen.append, random=lambda: 0.0
+    )
+    task = asyncio.ensure_future(upstream._reconnect("the master closed the socket"))
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert len(asked) == 1  # the first attempt is at once
+    task.cancel()
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert task.cancelled()
+    assert len(asked) == 1
