@@ -62,6 +62,7 @@ LABELS = {
     "asyncssh": "asyncssh forward_socks",
     "pytunnel-live": "pytunnel, live view on",
     "pytunnel-master": "pytunnel via ssh -M master (CPU: both)",
+    "pytunnel-master-proxy": "pytunnel via ssh -M master, --master-mode proxy (CPU: both)",
 }
 # The live view's cost does not depend on the cipher: measure it once, in "default".
 LIVE = "pytunnel-live"

@@ -376,11 +376,12 @@ class PytunnelMasterSubject(PytunnelSubject):
     pytunnel's and the master's together: the master does the cryptography."""
 
     master_pid: int = 0
+    mode = "stdio"
 
     def argv(self) -> list[str]:
         sock = self.server.workdir / f"{self.name}.sock"
         return [PYTUNNEL, "-D", "127.0.0.1:0", "--json", "-F", "none", "-S", str(sock),
-                f"{self.server.user}@{self.server.host}"]  # fmt: skip
+                "--master-mode", self.mode, f"{self.server.user}@{self.server.host}"]  # fmt: skip
 
     def start(self) -> None:
         sock = self.server.workdir / f"{self.name}.sock"
@@ -408,10 +409,17 @@ class PytunnelMasterSubject(PytunnelSubject):
                 os.kill(self.master_pid, signal.SIGTERM)
 
 
+class PytunnelMasterProxySubject(PytunnelMasterSubject):
+    """The same master, channels in proxy mode (pytunnel frames the SSH packets)."""
+
+    mode = "proxy"
+
+
 SUBJECTS: dict[str, type[Subject]] = {
     "ssh": SshSubject,
     "pytunnel": PytunnelSubject,
     "asyncssh": AsyncsshSubject,
     "pytunnel-live": PytunnelLiveSubject,
     "pytunnel-master": PytunnelMasterSubject,
+    "pytunnel-master-proxy": PytunnelMasterProxySubject,
 }

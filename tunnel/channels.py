@@ -12,8 +12,9 @@ listen (SOCKS BIND, ``-R``) and hands each connection that arrives to an
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, cast
 
 
 class ChannelSink(Protocol):
@@ -42,6 +43,24 @@ class ReportsToSink:
 
     def resume_writing(self) -> None:
         self._sink.remote_resume()
+
+
+class SocketPeer(ReportsToSink, asyncio.Protocol):
+    """A plain stream socket as the far side (a TCP connection from this machine, the
+    socket pair an OpenSSH master relays), reporting to the proxy's sink."""
+
+    def __init__(self, sink: ChannelSink) -> None:
+        self._sink = sink
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # Paused, like an SSH channel, until the proxy has written its reply.
+        cast(asyncio.Transport, transport).pause_reading()
+
+    def data_received(self, data: bytes) -> None:
+        self._sink.remote_data(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._sink.remote_closed(exc)
 
 
 class Channel(Protocol):

@@ -470,6 +470,16 @@ def _seconds(default: float, *, positive: bool = True) -> dict[str, Any]:
     help="Spread channels over up to N SSH connections (opened as they are needed).",
 )
 @click.option(
+    "--master-mode",
+    type=click.Choice(["stdio", "proxy"]),
+    default="stdio",
+    show_default=True,
+    metavar="MODE",
+    help="Through an OpenSSH master (-S): stdio lets the master relay each connection "
+    "(fast; a refused connection is reply 0x01); proxy has pytunnel frame the SSH "
+    "packets (slower; the server's own reason, such as 0x05 refused).",
+)
+@click.option(
     "--drain",
     **_seconds(0.0, positive=False),
     help="On SIGTERM or Ctrl-C, let open connections finish for this long.",
@@ -604,6 +614,7 @@ def command(ctx: click.Context, /, **params: Any) -> None:
             give_up_after=params["give_up_after"],
             max_connections=params["max_connections"],
             drain=params["drain"],
+            master_mode=params["master_mode"],
             ssh_connections=params["connections"],
             rules=parse_rules(ctx.meta.get("pytunnel.rules", [])),
             routes=read_routes(ctx.meta.get("pytunnel.routes", [])),

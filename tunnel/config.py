@@ -142,6 +142,8 @@ class Config:
     control_path: str | None = None
     control_master: str | None = None
     control_path_explicit: bool = False
+    # --master-mode: how a channel through the master is opened (see tunnel.mux).
+    master_mode: str = "stdio"
 
 
 def parse_port(text: str, *, what: str = "port", allow_zero: bool = False) -> int:

@@ -19,7 +19,7 @@ from . import events
 from .channels import Channel, ChannelSink
 from .config import Config
 from .errors import ChannelOpenFailed, ConnectFailed, ReplyReason, SessionClosed, TunnelError
-from .mux import MuxClient
+from .mux import MuxClient, open_stdio
 from .retry import backoff
 from .tasks import raise_if_cancelling
 from .upstreams import Request
@@ -99,6 +99,10 @@ class MasterUpstream:
                 raise ChannelOpenFailed(
                     ReplyReason.GENERAL_FAILURE, f"the OpenSSH master at {self.path} is gone"
                 )
+        if self.config.master_mode == "stdio":
+            return await open_stdio(
+                self.path, request.host, request.port, sink, self.config.open_timeout
+            )
         return await client.open_tcp(
             request.host, request.port, request.origin, sink, self.config.open_timeout
         )

@@ -1,24 +1,30 @@
 """A client for OpenSSH's ControlMaster socket (PROTOCOL.mux): ride a connection that
 ``ssh -M`` already logged in, without authenticating ourselves.
 
-Which of the two channel modes, and why: ``MUX_C_PROXY``. After the hello and an
-``ALIVE_CHECK`` (which tells the master's PID), one ``MUX_C_PROXY`` request turns the
-control connection into a pipe of unencrypted SSH connection-protocol packets; the
-master only renumbers channel ids. So a ``direct-tcpip`` open gets the server's own
-``CHANNEL_OPEN_CONFIRMATION`` or ``CHANNEL_OPEN_FAILURE`` (reason code and text), which
-maps onto the honest reply table of DESIGN.md exactly as for our own SSH session, and
-every byte passes through us, so the live view keeps its per-connection counts.
-``MUX_C_NEW_STDIO_FWD`` instead hands the master a socket pair by ``SCM_RIGHTS`` and
-lets its C code relay: it answers ``SESSION_OPENED`` before the server has said whether
-the far end accepted, and a refused or prohibited port is only a closed socket later,
-so every failure would be a guessed 0x01 (or worse, a "succeeded" followed by a close),
-and the relay would bypass our byte counts. Speed: the cryptography runs in the master
-in both modes; in proxy mode Python frames the packets (no cipher, no MAC), which
-bench/README.md measures against ``ssh -D``.
+Two ways to open a channel through the master, chosen with ``--master-mode``:
 
-The room is in two layers, as the other codecs: pure encoders and parsers (every frame
-is a uint32 length and a body; nothing here does I/O), and :class:`MuxClient`, the
-asyncio protocol that holds the channels, their windows and their flow control.
+- ``stdio`` (the default): ``MUX_C_NEW_STDIO_FWD``, what ``ssh -W`` does through a
+  master. Each channel gets a control connection of its own and hands the master one end
+  of a socket pair by ``SCM_RIGHTS``; the master answers once the server has confirmed
+  or refused the channel, then relays between the pair and the channel in its own C code
+  (the cryptography, the SSH windows, the packets). The other end is our channel, so the
+  live view keeps its byte counts. What the master does not pass on: the server's reason
+  for a refusal (every one is "Session open refused by peer", so the reply is 0x01 and
+  the event says that no reason was given), and a half-close from the server's side
+  (OpenSSH's stdio forwarding stops reading once the server's side has ended).
+- ``proxy``: ``MUX_C_PROXY``. One control connection for all channels becomes a pipe of
+  unencrypted SSH connection-protocol packets; the master only renumbers channel ids.
+  A ``direct-tcpip`` open gets the server's own ``CHANNEL_OPEN_CONFIRMATION`` or
+  ``CHANNEL_OPEN_FAILURE`` (reason code and text), which maps onto the reply table of
+  DESIGN.md as for our own session, and half-closes travel both ways. Python frames
+  every packet and keeps the windows, and OpenSSH's master reads one mux packet per pass
+  of its poll loop and queues every channel's window on the one socket: slower, much
+  slower with many connections at once (bench/README.md has the figures).
+
+The room is in layers, as the other codecs: pure encoders and parsers (every frame is a
+uint32 length and a body; nothing there does I/O); :class:`MuxClient`, the asyncio
+protocol of proxy mode that holds the channels, their windows and their flow control
+(and, in both modes, tells when the master goes away); and :func:`open_stdio`.
 """
 
 from __future__ import annotations
@@ -26,10 +32,12 @@ from __future__ import annotations
 import asyncio
 import enum
 import itertools
+import socket
 import struct
 from dataclasses import dataclass
+from typing import cast
 
-from .channels import Channel, ChannelSink
+from .channels import Channel, ChannelSink, SocketPeer
 from .errors import ChannelOpenFailed, ReplyReason, TunnelError, classify_open_failure
 
 MUX_VERSION = 4
@@ -58,11 +66,13 @@ class MuxMessage(enum.IntEnum):
 
     HELLO = 0x00000001
     C_ALIVE_CHECK = 0x10000004
+    C_NEW_STDIO_FWD = 0x10000008
     C_PROXY = 0x1000000F
     S_OK = 0x80000001
     S_PERMISSION_DENIED = 0x80000002
     S_FAILURE = 0x80000003
     S_ALIVE = 0x80000005
+    S_SESSION_OPENED = 0x80000006
     S_PROXY = 0x8000000F
 
 
@@ -183,6 +193,18 @@ def encode_proxy(request_id: int) -> bytes:
     return _frame(_U32.pack(MuxMessage.C_PROXY) + _U32.pack(request_id))
 
 
+def encode_new_stdio_fwd(request_id: int, host: str, port: int) -> bytes:
+    """``MUX_C_NEW_STDIO_FWD``: the request; the two descriptors follow, each with one
+    byte of its own (:func:`open_stdio`)."""
+    return _frame(
+        _U32.pack(MuxMessage.C_NEW_STDIO_FWD)
+        + _U32.pack(request_id)
+        + _string(b"")  # reserved
+        + _string(host.encode("utf-8"))
+        + _U32.pack(port)
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Hello:
     version: int
@@ -190,8 +212,9 @@ class Hello:
 
 @dataclass(frozen=True, slots=True)
 class MuxReply:
-    """A reply to one of our requests: ``value`` is the PID for ``S_ALIVE``, the reason
-    for ``S_PERMISSION_DENIED``/``S_FAILURE``, None otherwise."""
+    """A reply to one of our requests: ``value`` is the PID for ``S_ALIVE``, the session
+    id for ``S_SESSION_OPENED``, the reason for ``S_PERMISSION_DENIED``/``S_FAILURE``,
+    None otherwise."""
 
     kind: MuxMessage
     request_id: int
@@ -205,8 +228,8 @@ def parse_mux(frame: bytes) -> Hello | MuxReply:
         # Extensions may follow (none are defined); they are ignored, as the spec says.
         return Hello(reader.u32())
     request_id = reader.u32()
-    if kind == MuxMessage.S_ALIVE:
-        return MuxReply(MuxMessage.S_ALIVE, request_id, reader.u32())
+    if kind in (MuxMessage.S_ALIVE, MuxMessage.S_SESSION_OPENED):
+        return MuxReply(MuxMessage(kind), request_id, reader.u32())
     if kind in (MuxMessage.S_PERMISSION_DENIED, MuxMessage.S_FAILURE):
         return MuxReply(MuxMessage(kind), request_id, reader.text())
     if kind in (MuxMessage.S_OK, MuxMessage.S_PROXY):
@@ -717,3 +740,145 @@ class MuxClient(asyncio.Protocol):
 # The Channel protocol is structural; this keeps the checker honest about MuxChannel.
 def _as_channel(channel: MuxChannel) -> Channel:
     return channel
+
+
+# -- stdio mode: the master relays, one control connection per channel ----------------
+
+# After we close our end of a channel's socket pair, the master drains what it holds and
+# closes the control connection itself; this long at most we keep our end of one it has
+# not closed (a far end that never closes its half would hold a descriptor for ever).
+CONTROL_LINGER = 30.0
+_STDIO_REQUEST = 1
+# The one byte each passed descriptor rides on (OpenSSH's mm_send_fd sends the same).
+_FD_BYTE = b"\0"
+
+
+class _StdioPeer(SocketPeer):
+    """Our end of the socket pair the master relays, reporting to the proxy's sink. It
+    holds the control connection too, which nothing more is sent on but which must stay
+    open while the channel lives (closing it ends the channel): when the master has
+    closed the pair the channel is over and it goes at once; when we closed first, the
+    master gets :data:`CONTROL_LINGER` seconds to finish and close it itself."""
+
+    def __init__(self, sink: ChannelSink, control: socket.socket) -> None:
+        super().__init__(sink)
+        self._control = control
+        self._ended_by_master = False
+
+    def eof_received(self) -> bool:
+        # The master closes both of its descriptors for the pair (never shutdown()), so
+        # the end of what it sends is the end of the channel both ways: close ours too.
+        self._ended_by_master = True
+        self._sink.remote_eof()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if self._ended_by_master:
+            self._control.close()
+        else:
+            asyncio.get_running_loop().call_later(CONTROL_LINGER, self._control.close)
+
+
+async def _send_fd(loop: asyncio.AbstractEventLoop, sock: socket.socket, fd: int) -> None:
+    while True:
+        try:
+            socket.send_fds(sock, [_FD_BYTE], [fd])
+            return
+        except BlockingIOError:
+            writable: asyncio.Future[None] = loop.create_future()
+            loop.add_writer(sock.fileno(), writable.set_result, None)
+            try:
+                await writable
+            finally:
+                loop.remove_writer(sock.fileno())
+
+
+async def _stdio_reply(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> MuxReply:
+    frames = Frames()
+    hello = False
+    while True:
+        data = await loop.sock_recv(sock, 4096)
+        if not data:
+            raise MuxProtocolError("the OpenSSH master closed the control connection")
+        for frame in frames.feed(data):
+            message = parse_mux(frame)
+            if isinstance(message, Hello):
+                if message.version != MUX_VERSION:
+                    raise MuxProtocolError(f"the master speaks mux version {message.version}")
+                hello = True
+            elif not hello:
+                raise MuxProtocolError("the master did not say hello first")
+            elif message.request_id == _STDIO_REQUEST:
+                return message
+            else:
+                raise MuxProtocolError(f"unexpected {message.kind.name} from the master")
+
+
+def _stdio_failure(reply: MuxReply) -> ChannelOpenFailed:
+    text = str(reply.value)
+    if reply.kind == MuxMessage.S_PERMISSION_DENIED:
+        return ChannelOpenFailed(
+            ReplyReason.CONNECTION_NOT_ALLOWED, f"the OpenSSH master refused: {text}"
+        )
+    if reply.kind == MuxMessage.S_FAILURE:
+        # What OpenSSH says for every CHANNEL_OPEN_FAILURE in this mode: the server's
+        # reason code and text stay inside the master, so none is invented here.
+        return ChannelOpenFailed(
+            ReplyReason.GENERAL_FAILURE,
+            f"the OpenSSH master says {text!r} and gives no reason (stdio mode; "
+            "--master-mode proxy passes on the server's own)",
+        )
+    return ChannelOpenFailed(
+        ReplyReason.GENERAL_FAILURE, f"unexpected {reply.kind.name} from the OpenSSH master"
+    )
+
+
+async def open_stdio(
+    path: str, host: str, port: int, sink: ChannelSink, answer_within: float
+) -> Channel:
+    """Open ``host:port`` as a stdio forward (``ssh -W`` through a master): a control
+    connection of its own, ``MUX_C_NEW_STDIO_FWD``, and one end of a socket pair passed
+    twice (stdin, stdout) by ``SCM_RIGHTS``. The master answers once the server has
+    confirmed or refused the channel, then relays between the pair and the channel in
+    its own C code; the other end comes back as the proxy's :class:`Channel`, paused."""
+    loop = asyncio.get_running_loop()
+    ours, theirs = socket.socketpair()
+    control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    handed_over = False
+    try:
+        ours.setblocking(False)
+        control.setblocking(False)
+        try:
+            async with asyncio.timeout(answer_within):
+                await loop.sock_connect(control, path)
+                # All at once: the master reads exactly one message per pass, in order.
+                await loop.sock_sendall(
+                    control, encode_hello() + encode_new_stdio_fwd(_STDIO_REQUEST, host, port)
+                )
+                await _send_fd(loop, control, theirs.fileno())
+                await _send_fd(loop, control, theirs.fileno())
+                theirs.close()
+                reply = await _stdio_reply(loop, control)
+        except TimeoutError:
+            raise ChannelOpenFailed(
+                ReplyReason.TTL_EXPIRED,
+                f"no answer through the OpenSSH master within {answer_within:g} s",
+            ) from None
+        except (OSError, TunnelError) as exc:
+            text = exc.message if isinstance(exc, TunnelError) else (exc.strerror or str(exc))
+            raise ChannelOpenFailed(
+                ReplyReason.GENERAL_FAILURE, f"the OpenSSH master at {path}: {text}"
+            ) from exc
+        if reply.kind != MuxMessage.S_SESSION_OPENED:
+            raise _stdio_failure(reply)
+        transport, _ = await loop.create_unix_connection(
+            lambda: _StdioPeer(sink, control), sock=ours
+        )
+        handed_over = True
+        return cast(Channel, transport)
+    finally:
+        theirs.close()
+        if not handed_over:
+            ours.close()
+            control.close()

@@ -13,7 +13,7 @@ import socket
 from dataclasses import dataclass
 from typing import Protocol, cast
 
-from .channels import Channel, ChannelSink, ReportsToSink
+from .channels import Channel, ChannelSink, SocketPeer
 from .errors import ChannelOpenFailed, ReplyReason
 
 
@@ -54,23 +54,6 @@ class Reject:
         raise self.failure()
 
 
-class _LocalPeer(ReportsToSink, asyncio.Protocol):
-    """A TCP connection from this machine, reporting to the proxy's sink."""
-
-    def __init__(self, sink: ChannelSink) -> None:
-        self._sink = sink
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # Paused, like an SSH channel, until the proxy has written its reply.
-        cast(asyncio.Transport, transport).pause_reading()
-
-    def data_received(self, data: bytes) -> None:
-        self._sink.remote_data(data)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._sink.remote_closed(exc)
-
-
 # connect(2)'s errors, as the reply table of DESIGN.md names them.
 _ERRNO_REPLIES = {
     errno.ECONNREFUSED: ReplyReason.CONNECTION_REFUSED,
@@ -96,7 +79,7 @@ class Direct:
         where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         try:
             transport, _ = await asyncio.wait_for(
-                loop.create_connection(lambda: _LocalPeer(sink), host, port), self.timeout
+                loop.create_connection(lambda: SocketPeer(sink), host, port), self.timeout
             )
         except TimeoutError:
             raise ChannelOpenFailed(

@@ -19,7 +19,7 @@ from fixtures.net import wait_until
 from fixtures.pytunnel_proc import PytunnelFactory, Running, run_pytunnel, server_args
 from fixtures.replies import SOCKS5_OK, socks5_failure
 from fixtures.sshd import SshdServer
-from fixtures.targets import HttpTarget
+from fixtures.targets import EchoTarget, HttpTarget, TalkerTarget
 
 TIMEOUT = 30.0
 
@@ -122,31 +122,132 @@ def test_big_body_byte_counts(
     )
 
 
-def test_refused_port_gets_0x05(riding: Running, closed_port: int) -> None:
-    reply, conn = socks5_connect(riding.address, "127.0.0.1", closed_port)
+@pytest.fixture(scope="module")
+def riding_proxy(master_sock: Path) -> Iterator[Running]:
+    factory = PytunnelFactory()
+    try:
+        yield factory(tunnel_args(master_sock, "--master-mode", "proxy"))
+    finally:
+        factory.close()
+
+
+def test_refused_port_in_proxy_mode_gets_0x05(riding_proxy: Running, closed_port: int) -> None:
+    reply, conn = socks5_connect(riding_proxy.address, "127.0.0.1", closed_port)
     conn.close()
     assert reply == socks5_failure(0x05)
-    failed = riding.wait_event("channel_failed", port=closed_port)
+    failed = riding_proxy.wait_event("channel_failed", port=closed_port)
     assert "refused" in failed["reason"].lower()
 
 
-def test_prohibited_port_gets_0x02(
+def test_refused_port_in_stdio_mode_is_a_general_failure_that_says_why(
+    riding: Running, closed_port: int
+) -> None:
+    reply, conn = socks5_connect(riding.address, "127.0.0.1", closed_port)
+    conn.close()
+    # The master keeps the server's reason to itself in this mode: 0x01, not a guess.
+    assert reply == socks5_failure(0x01)
+    failed = riding.wait_event("channel_failed", port=closed_port)
+    assert "gives no reason" in failed["reason"]
+    assert "--master-mode proxy" in failed["reason"]
+
+
+@pytest.mark.parametrize(("mode", "code"), [("proxy", 0x02), ("stdio", 0x01)])
+def test_prohibited_port(
     make_sshd: Callable[..., SshdServer], tmp_path: Path, http_target: HttpTarget,
-    pytunnel_factory: PytunnelFactory,
+    pytunnel_factory: PytunnelFactory, mode: str, code: int,
 ) -> None:  # fmt: skip
     server = make_sshd(PermitOpen=f"127.0.0.1:{http_target.port}")
     sock = tmp_path / "m.sock"
     start_master(server, sock)
     try:
-        tunnel = pytunnel_factory(tunnel_args(sock))
+        tunnel = pytunnel_factory(tunnel_args(sock, "--master-mode", mode))
         reply, conn = socks5_connect(tunnel.address, "127.0.0.1", http_target.port + 1)
         conn.close()
-        assert reply == socks5_failure(0x02)
+        assert reply == socks5_failure(code)
         reply, conn = socks5_connect(tunnel.address, "127.0.0.1", http_target.port)
         conn.close()
         assert reply == SOCKS5_OK
     finally:
         stop_master(sock)
+
+
+def _recv_all(conn: socket.socket) -> bytes:
+    data = b""
+    while chunk := conn.recv(65536):
+        data += chunk
+    return data
+
+
+@pytest.mark.parametrize("which", ["riding", "riding_proxy"])
+def test_the_clients_half_close_comes_before_the_answer(
+    which: str, request: pytest.FixtureRequest, echo_target: EchoTarget
+) -> None:
+    tunnel: Running = request.getfixturevalue(which)
+    body = os.urandom(300_000)
+    reply, conn = socks5_connect(tunnel.address, "127.0.0.1", echo_target.port)
+    assert reply == SOCKS5_OK
+    conn.sendall(body)
+    conn.shutdown(socket.SHUT_WR)
+    # The echo target answers only after the client's FIN has come through the channel.
+    assert _recv_all(conn) == EchoTarget.expected_reply(body)
+    conn.close()
+
+
+def _talk_after_the_servers_fin(tunnel: Running, talker: TalkerTarget) -> None:
+    reply, conn = socks5_connect(tunnel.address, "127.0.0.1", talker.port)
+    assert reply == SOCKS5_OK
+    with conn:
+        assert _recv_all(conn) == TalkerTarget.greeting
+        with contextlib.suppress(OSError):
+            conn.sendall(b"after your FIN" * 1000)
+            conn.shutdown(socket.SHUT_WR)
+            _recv_all(conn)
+
+
+def test_in_proxy_mode_the_client_still_sends_after_the_servers_half_close(
+    riding_proxy: Running, talker_target: TalkerTarget
+) -> None:
+    done = len(talker_target.received)  # the target is shared with other tests
+    _talk_after_the_servers_fin(riding_proxy, talker_target)
+    assert talker_target.wait_received(done + 1, TIMEOUT)[done:] == [14_000]
+
+
+def test_in_stdio_mode_the_servers_half_close_ends_the_connection(
+    riding: Running, talker_target: TalkerTarget
+) -> None:
+    """OpenSSH's stdio forwarding (``ssh -W`` too) stops reading once the server's side
+    has ended: the connection ends there, cleanly, instead of hanging; the README says
+    so and names --master-mode proxy."""
+    done = len(talker_target.received)  # the target is shared with other tests
+    _talk_after_the_servers_fin(riding, talker_target)
+    assert talker_target.wait_received(done + 1, TIMEOUT)[done:] == [0]
+    riding.wait_event("connection_closed", port=talker_target.port)
+
+
+def _descriptors(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_stdio_channels_give_their_descriptors_back(
+    riding: Running, master_sock: Path, echo_target: EchoTarget
+) -> None:
+    """Each stdio channel holds a control connection and a socket pair on both sides;
+    when the connection ends, pytunnel and the master hold no more than before."""
+    master = master_pid(master_sock)
+    ours, theirs = _descriptors(riding.proc.pid), _descriptors(master)
+    for _ in range(10):
+        reply, conn = socks5_connect(riding.address, "127.0.0.1", echo_target.port)
+        assert reply == SOCKS5_OK
+        conn.sendall(b"x")
+        conn.shutdown(socket.SHUT_WR)
+        assert _recv_all(conn) == EchoTarget.expected_reply(b"x")
+        conn.close()
+    assert wait_until(
+        lambda: _descriptors(riding.proc.pid) <= ours and _descriptors(master) <= theirs,
+        TIMEOUT,
+    ), (ours, _descriptors(riding.proc.pid), theirs, _descriptors(master))
+    closed = riding.events("connection_closed")
+    assert len([e for e in closed if e["port"] == echo_target.port]) >= 10
 
 
 def test_master_gone_fails_closed_then_served_again(

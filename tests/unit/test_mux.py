@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import subprocess
+import threading
 
 import pytest
 from hypothesis import given
@@ -34,6 +35,7 @@ from tunnel.mux import (
     encode_data,
     encode_eof,
     encode_hello,
+    encode_new_stdio_fwd,
     encode_open_direct_tcpip,
     encode_proxy,
     encode_window_adjust,
@@ -45,6 +47,12 @@ from tunnel.mux import (
 HELLO = bytes.fromhex("000000080000000100000004")
 ALIVE_CHECK_7 = bytes.fromhex("000000081000000400000007")
 PROXY_2 = bytes.fromhex("000000081000000f00000002")
+# MUX_C_NEW_STDIO_FWD, request 1, reserved "", "db.internal", port 5432.
+STDIO_FWD_1 = (
+    bytes.fromhex("0000001f1000000800000001000000000000000b")
+    + b"db.internal"
+    + bytes.fromhex("00001538")
+)
 DATA_5_HI = bytes.fromhex("0000000c005e0000000500000002") + b"hi"
 EOF_5 = bytes.fromhex("00000006006000000005")
 CLOSE_5 = bytes.fromhex("00000006006100000005")
@@ -67,6 +75,7 @@ def test_encoders_match_the_named_vectors() -> None:
     assert encode_hello() == HELLO
     assert encode_alive_check(7) == ALIVE_CHECK_7
     assert encode_proxy(2) == PROXY_2
+    assert encode_new_stdio_fwd(1, "db.internal", 5432) == STDIO_FWD_1
     assert encode_data(5, b"hi") == DATA_5_HI
     assert encode_eof(5) == EOF_5
     assert encode_close(5) == CLOSE_5
@@ -79,6 +88,10 @@ MUX_REPLIES = [
     (HELLO, Hello(4)),
     (bytes.fromhex("0000000c800000050000000100003039"), MuxReply(MuxMessage.S_ALIVE, 1, 12345)),
     (bytes.fromhex("000000088000000f00000002"), MuxReply(MuxMessage.S_PROXY, 2)),
+    (
+        bytes.fromhex("0000000c800000060000000100000011"),
+        MuxReply(MuxMessage.S_SESSION_OPENED, 1, 17),
+    ),
     (
         bytes.fromhex("00000010800000020000000200000004") + b"nope",
         MuxReply(MuxMessage.S_PERMISSION_DENIED, 2, "nope"),
@@ -313,3 +326,140 @@ async def test_open_failure_maps_to_the_reply_table() -> None:
         await opening
     assert info.value.reason is ReplyReason.CONNECTION_NOT_ALLOWED
     assert "no reason" in info.value.message
+
+
+# -- stdio mode against a scripted master (the real one: tests/integration/test_master.py)
+
+
+class _ScriptedMaster:
+    """A listening socket that takes one control connection, says hello, reads the
+    request and the two descriptors exactly as OpenSSH's master does, and answers with
+    ``answer`` (None: never)."""
+
+    def __init__(self, path: str, answer: bytes | None) -> None:
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(path)
+        self.listener.listen(1)
+        self.answer = answer
+        self.request = b""
+        self.fds: list[int] = []
+        self.fd_bytes: list[bytes] = []
+
+    def serve(self) -> None:
+        conn, _ = self.listener.accept()
+        with conn:
+            conn.sendall(HELLO)
+            hello = _recv_exact(conn, len(HELLO))
+            assert hello == HELLO
+            length = int.from_bytes(_recv_exact(conn, 4), "big")
+            self.request = length.to_bytes(4, "big") + _recv_exact(conn, length)
+            for _ in range(2):
+                # One descriptor per message, one byte with each: mm_receive_fd's way.
+                data, fds, _flags, _addr = socket.recv_fds(conn, 1, 1)
+                self.fd_bytes.append(data)
+                self.fds.extend(fds)
+            if self.answer is None:
+                conn.recv(1)  # until the client gives up and closes
+                return
+            conn.sendall(self.answer)
+            if self.answer.startswith(bytes.fromhex("0000000c80000006")):
+                with socket.socket(fileno=self.fds[0]) as relayed:
+                    relayed.sendall(b"from the far end")
+                    assert relayed.recv(100) == b"from the client"
+                os.close(self.fds[1])
+                conn.recv(1)
+
+
+def _recv_exact(conn: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = conn.recv(n - len(data))
+        assert chunk, "closed early"
+        data += chunk
+    return data
+
+
+async def _stdio_against(
+    tmp_path: object, answer: bytes | None, answer_within: float = 10.0
+) -> tuple[_ScriptedMaster, object]:
+    import asyncio
+
+    from tunnel.mux import open_stdio
+
+    path = os.path.join(str(tmp_path), "m.sock")
+    master = _ScriptedMaster(path, answer)
+    thread = threading.Thread(target=master.serve, daemon=True)
+    thread.start()
+    try:
+        result: object = await open_stdio(path, "db.internal", 5432, _Sink(), answer_within)
+    except Exception as exc:
+        result = exc
+    await asyncio.to_thread(thread.join, 10)
+    master.listener.close()
+    return master, result
+
+
+async def test_stdio_request_passes_one_socket_twice_and_relays_through_it(
+    tmp_path: object,
+) -> None:
+    import asyncio
+
+    sink = _Sink()
+    opened = bytes.fromhex("0000000c800000060000000100000011")
+    path = os.path.join(str(tmp_path), "m.sock")
+    master = _ScriptedMaster(path, opened)
+    from tunnel.mux import open_stdio
+
+    thread = threading.Thread(target=master.serve, daemon=True)
+    thread.start()
+    channel = await open_stdio(path, "db.internal", 5432, sink, 10.0)
+    assert master.request == STDIO_FWD_1
+    assert master.fd_bytes == [b"\0", b"\0"]
+    await asyncio.sleep(0.2)
+    assert sink.data == []  # handed over paused
+    channel.resume_reading()
+    channel.write(b"from the client")
+    for _ in range(100):
+        if "eof" in sink.log:
+            break
+        await asyncio.sleep(0.02)
+    assert b"".join(sink.data) == b"from the far end"
+    # The master closed both of its descriptors: the channel is over, ours is closed.
+    assert sink.log[-2:] == ["eof", "closed"]
+    await asyncio.to_thread(thread.join, 10)
+    master.listener.close()
+
+
+@pytest.mark.parametrize(
+    ("answer", "reason", "words"),
+    [
+        (
+            bytes.fromhex("0000002880000003000000010000001c") + b"Session open refused by peer",
+            "GENERAL_FAILURE",
+            "gives no reason",
+        ),
+        (
+            bytes.fromhex("0000001d800000020000000100000011") + b"Permission denied",
+            "CONNECTION_NOT_ALLOWED",
+            "Permission denied",
+        ),
+        (b"", "GENERAL_FAILURE", "closed the control connection"),
+    ],
+)
+async def test_stdio_failures_map_to_the_reply_table(
+    tmp_path: object, answer: bytes, reason: str, words: str
+) -> None:
+    from tunnel.errors import ChannelOpenFailed
+
+    _master, result = await _stdio_against(tmp_path, answer)
+    assert isinstance(result, ChannelOpenFailed)
+    assert result.reason.name == reason
+    assert words in result.message
+
+
+async def test_stdio_without_an_answer_times_out(tmp_path: object) -> None:
+    from tunnel.errors import ChannelOpenFailed, ReplyReason
+
+    _master, result = await _stdio_against(tmp_path, None, answer_within=0.5)
+    assert isinstance(result, ChannelOpenFailed)
+    assert result.reason is ReplyReason.TTL_EXPIRED
