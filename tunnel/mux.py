@@ -843,13 +843,15 @@ async def open_stdio(
     confirmed or refused the channel, then relays between the pair and the channel in
     its own C code; the other end comes back as the proxy's :class:`Channel`, paused."""
     loop = asyncio.get_running_loop()
-    ours, theirs = socket.socketpair()
-    control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    handed_over = False
+    held: list[socket.socket] = []  # closed on the way out unless handed over
     try:
-        ours.setblocking(False)
-        control.setblocking(False)
         try:
+            ours, theirs = socket.socketpair()
+            held += (ours, theirs)
+            control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            held.append(control)
+            ours.setblocking(False)
+            control.setblocking(False)
             async with asyncio.timeout(answer_within):
                 await loop.sock_connect(control, path)
                 # All at once: the master reads exactly one message per pass, in order.
@@ -860,25 +862,27 @@ async def open_stdio(
                 await _send_fd(loop, control, theirs.fileno())
                 theirs.close()
                 reply = await _stdio_reply(loop, control)
+            if reply.kind != MuxMessage.S_SESSION_OPENED:
+                raise _stdio_failure(reply)
+            transport, _ = await loop.create_unix_connection(
+                lambda: _StdioPeer(sink, control), sock=ours
+            )
         except TimeoutError:
             raise ChannelOpenFailed(
                 ReplyReason.TTL_EXPIRED,
                 f"no answer through the OpenSSH master within {answer_within:g} s",
             ) from None
+        except ChannelOpenFailed:
+            raise
         except (OSError, TunnelError) as exc:
+            # Out of descriptors here, the master's socket gone, a broken answer.
             text = exc.message if isinstance(exc, TunnelError) else (exc.strerror or str(exc))
             raise ChannelOpenFailed(
                 ReplyReason.GENERAL_FAILURE, f"the OpenSSH master at {path}: {text}"
             ) from exc
-        if reply.kind != MuxMessage.S_SESSION_OPENED:
-            raise _stdio_failure(reply)
-        transport, _ = await loop.create_unix_connection(
-            lambda: _StdioPeer(sink, control), sock=ours
-        )
-        handed_over = True
+        held.remove(ours)
+        held.remove(control)
         return cast(Channel, transport)
     finally:
-        theirs.close()
-        if not handed_over:
-            ours.close()
-            control.close()
+        for sock in held:
+            sock.close()

@@ -463,3 +463,14 @@ async def test_stdio_without_an_answer_times_out(tmp_path: object) -> None:
     _master, result = await _stdio_against(tmp_path, None, answer_within=0.5)
     assert isinstance(result, ChannelOpenFailed)
     assert result.reason is ReplyReason.TTL_EXPIRED
+
+
+async def test_stdio_with_no_master_listening_is_a_general_failure(tmp_path: object) -> None:
+    from tunnel.errors import ChannelOpenFailed, ReplyReason
+    from tunnel.mux import open_stdio
+
+    path = os.path.join(str(tmp_path), "nobody.sock")
+    with pytest.raises(ChannelOpenFailed) as info:
+        await open_stdio(path, "db.internal", 5432, _Sink(), 5.0)
+    assert info.value.reason is ReplyReason.GENERAL_FAILURE
+    assert path in info.value.message
