@@ -824,8 +824,12 @@ async def _stdio_reply(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> 
 def _stdio_failure(reply: MuxReply) -> ChannelOpenFailed:
     text = str(reply.value)
     if reply.kind == MuxMessage.S_PERMISSION_DENIED:
+        # A master started with ControlMaster ask/autoask asks its user about every
+        # stdio forward (ssh-askpass); proxy mode's one control connection is not asked.
         return ChannelOpenFailed(
-            ReplyReason.CONNECTION_NOT_ALLOWED, f"the OpenSSH master refused: {text}"
+            ReplyReason.CONNECTION_NOT_ALLOWED,
+            f"the OpenSSH master refused: {text} (a master with ControlMaster ask asks "
+            "for each connection in stdio mode; --master-mode proxy is not asked)",
         )
     if reply.kind == MuxMessage.S_FAILURE:
         # What OpenSSH says for every CHANNEL_OPEN_FAILURE in this mode: the server's
