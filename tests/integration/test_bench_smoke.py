@@ -60,7 +60,38 @@ def test_udp_bench_runs_every_subject() -> None:
     ]
 
 
-@pytest.mark.parametrize("script", ["run.py", "udp.py", "connections.py", "recovery.py"])
+def test_master_subjects_run_in_both_modes() -> None:
+    if not sshd_available():
+        pytest.skip(f"OpenSSH server not installed ({SSHD_PATH} missing)")
+    args = [*SMOKE_ARGS, "--settings", "default"]
+    args[args.index("pytunnel")] = "pytunnel-master,pytunnel-master-proxy"
+    done = subprocess.run(
+        [sys.executable, str(RUN), *args], capture_output=True, text=True, timeout=75, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    header = next(line for line in done.stdout.splitlines() if line.startswith("| metric |"))
+    assert "--master-mode proxy" in header
+    assert header.count("pytunnel via ssh -M master") == 2
+    rows = [line.split(" | ")[0] for line in done.stdout.splitlines() if line.startswith("| ")]
+    assert "| download, 1 connection × 2 MiB (MiB/s)" in rows
+
+
+def test_workers_bench_runs_every_layout() -> None:
+    if not sshd_available():
+        pytest.skip(f"OpenSSH server not installed ({SSHD_PATH} missing)")
+    done = subprocess.run(
+        [sys.executable, str(RUN.with_name("workers.py")), "--rounds", "1", "--setups", "5",
+         "--size", "1", "--flows", "1"],
+        capture_output=True, text=True, timeout=75, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.split(" | ")[0] for line in done.stdout.splitlines() if line.startswith("| ")]
+    assert rows[1:] == ["| ssh -D", "| pytunnel, 1 process(es)", "| pytunnel, 2 process(es)"]
+
+
+@pytest.mark.parametrize(
+    "script", ["run.py", "udp.py", "connections.py", "recovery.py", "workers.py"]
+)
 def test_bench_help_prints(script: str) -> None:
     """--help renders every option's text (a bare % in one made argparse raise)."""
     done = subprocess.run(
