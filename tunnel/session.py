@@ -537,9 +537,11 @@ class Session:
             log.info("trying %s port %d", info[4][0], info[4][1])
 
         deadline = loop.time() + self.connect_timeout
-        sock = await asyncio.wait_for(
-            eyeballs.open_socket(host, port, family, on_attempt=attempt), self.connect_timeout
-        )
+        # asyncio.timeout, not wait_for: on Python 3.11, wait_for returns the socket of a
+        # connect that completes just as the task is cancelled and loses the cancellation
+        # (a SIGTERM right then left the SSH handshake waiting on a mute server).
+        async with asyncio.timeout(self.connect_timeout):
+            sock = await eyeballs.open_socket(host, port, family, on_attempt=attempt)
         log.info("connected to %s port %d", *sock.getpeername()[:2])
         kwargs["sock"] = sock
         kwargs["connect_timeout"] = max(deadline - loop.time(), 0.001)

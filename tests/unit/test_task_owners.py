@@ -78,3 +78,44 @@ async def test_a_cancellation_lost_while_asking_the_master_still_ends_its_retry_
         await asyncio.sleep(0)
     assert task.cancelled()
     assert len(asked) == 1
+
+
+async def test_a_cancel_that_arrives_as_the_tcp_connect_completes_is_not_lost(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """SIGTERM while connecting: the cancellation reaches the task just as the socket is
+    connected. Python 3.11's wait_for returned the socket and dropped the cancellation
+    there, so pytunnel went on into the SSH handshake with a mute server."""
+    from tunnel import eyeballs, session
+
+    caller: asyncio.Task[None] | None = None
+    opened: list[object] = []
+
+    async def connects_as_it_is_cancelled(*args: object, **kwargs: object) -> object:
+        loop = asyncio.get_running_loop()
+        connected: asyncio.Future[object] = loop.create_future()
+
+        def complete_and_cancel() -> None:
+            sock = object()
+            opened.append(sock)
+            connected.set_result(sock)  # the connect completes...
+            assert caller is not None
+            caller.cancel()  # ...and the signal's cancellation comes in the same pass
+
+        loop.call_soon(complete_and_cancel)
+        return await connected
+
+    monkeypatch.setattr(eyeballs, "open_socket", connects_as_it_is_cancelled)
+    monkeypatch.setattr(session, "connect_target", lambda config, dest: ("127.0.0.1", 22, None))
+    config = Config(destination=Destination("127.0.0.1"))
+    dialing = session.Session(config, lambda event: None)
+    kwargs: dict[str, object] = {}
+
+    async def dial() -> None:
+        await dialing._dial(config.destination, kwargs)
+
+    caller = asyncio.get_running_loop().create_task(dial())
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    assert opened  # the connect did complete; the task still ended cancelled
+    assert "sock" not in kwargs  # and went no further
