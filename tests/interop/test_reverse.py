@@ -155,7 +155,8 @@ def _exited(pid: int) -> bool:
     """Dead: gone, or a zombie (its files, sockets among them, already closed)."""
     try:
         status = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):
+        # Opened just before it was reaped, read just after: ESRCH, not ENOENT.
         return True
     return status.rsplit(")", 1)[1].split()[0] == "Z"
 
