@@ -221,6 +221,12 @@ class MuxReply:
     value: int | str | None = None
 
 
+def check_hello(hello: Hello) -> None:
+    """The master's hello must name the protocol version we speak (mux.c's SSHMUX_VER)."""
+    if hello.version != MUX_VERSION:
+        raise MuxProtocolError(f"the master speaks mux version {hello.version}")
+
+
 def parse_mux(frame: bytes) -> Hello | MuxReply:
     reader = _Reader(frame)
     kind = reader.u32()
@@ -645,8 +651,7 @@ class MuxClient(asyncio.Protocol):
 
     def _mux(self, message: Hello | MuxReply) -> None:
         if isinstance(message, Hello):
-            if message.version != MUX_VERSION:
-                raise MuxProtocolError(f"the master speaks mux version {message.version}")
+            check_hello(message)
             self._hello = True
             return
         if not self._hello:
@@ -752,8 +757,8 @@ _STDIO_REQUEST = 1
 # What each end of a channel's socket pair may have queued: asked for as much as Linux
 # lets a TCP socket grow to (tcp_wmem's 4 MiB), the kernel caps it at net.core.wmem_max
 # (208 KiB on a stock kernel). Measured with bench/run.py: with 4 MiB a download through
-# the master ran at 0.89x ssh -D's speed, with the stock cap 0.74x, with the default
-# buffer 0.70x: fewer, larger reads and writes on both sides of the pair.
+# the master ran at 0.85-0.89x ssh -D's speed, with the stock cap 0.74x, with the
+# default buffer 0.70x: fewer, larger reads and writes on both sides of the pair.
 PAIR_BUFFER = 4 << 20
 # The one byte each passed descriptor rides on (OpenSSH's mm_send_fd sends the same).
 _FD_BYTE = b"\0"
@@ -810,8 +815,7 @@ async def _stdio_reply(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> 
         for frame in frames.feed(data):
             message = parse_mux(frame)
             if isinstance(message, Hello):
-                if message.version != MUX_VERSION:
-                    raise MuxProtocolError(f"the master speaks mux version {message.version}")
+                check_hello(message)
                 hello = True
             elif not hello:
                 raise MuxProtocolError("the master did not say hello first")
