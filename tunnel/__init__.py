@@ -2,4 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
+
+from cryptography.utils import CryptographyDeprecationWarning
+
 __version__ = "0.1.0"
+
+# asyncssh's modules name cryptography's DSA classes, which cryptography 51 deprecates
+# with a warning on every start, printed before anything of ours: ssh prints nothing of
+# the kind, and a user can do nothing about it. Only that category, and only where
+# asyncssh's code raises it, is silenced, here, before any room imports asyncssh.
+warnings.filterwarnings("ignore", category=CryptographyDeprecationWarning, module=r"asyncssh\.")
