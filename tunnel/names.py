@@ -18,6 +18,7 @@ Pure: no lookups, no I/O.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import socket
@@ -53,6 +54,13 @@ def has_control(text: str) -> bool:
     return not text.isprintable() and any(is_control(char) for char in text)
 
 
+# A request's host is brought to its normal form by the handshake, the policy check and
+# the router in turn (and the same names come again and again): the answers are kept.
+# Bounded, so a client sending endless names costs at most this many entries.
+NORMAL_FORMS_KEPT: Final = 1024
+
+
+@functools.lru_cache(maxsize=NORMAL_FORMS_KEPT)
 def normalize_host(host: str, *, glob: bool = False) -> str:
     """The normal form of a destination host (see the module's docstring); raises
     :class:`BadName` for one that has none. IP literals are returned as they are.

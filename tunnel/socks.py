@@ -24,6 +24,7 @@ byte). Calling the codec out of order raises :class:`LocalProtocolError`.
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 from dataclasses import dataclass, field
 from typing import Final
@@ -125,6 +126,8 @@ _SOCKS5_REQUEST_HEADER: Final = 4
 _COMMANDS: Final = frozenset(Command)
 
 
+# Replies are built from an address parsed each time; nearly all are the same few.
+@functools.lru_cache(maxsize=256)
 def socks5_reply(reason: ReplyReason, host: str = "0.0.0.0", port: int = 0) -> bytes:
     """VER REP RSV ATYP BND.ADDR BND.PORT. Zeros are what every common client accepts."""
     address = ipaddress.ip_address(host)
@@ -132,6 +135,7 @@ def socks5_reply(reason: ReplyReason, host: str = "0.0.0.0", port: int = 0) -> b
     return bytes((SocksVersion.SOCKS5, reason, 0x00, atyp)) + address.packed + port.to_bytes(2)
 
 
+@functools.lru_cache(maxsize=256)
 def socks4_reply(reason: ReplyReason, host: str = "0.0.0.0", port: int = 0) -> bytes:
     """VN(0) CD DSTPORT DSTIP. SOCKS4 has no room for an IPv6 address: zeros then."""
     address = ipaddress.ip_address(host)

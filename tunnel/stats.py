@@ -7,6 +7,7 @@ Byte counts of open connections are read from their live
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections import deque
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ class Failure:
     reason: str
 
 
+@functools.lru_cache(maxsize=1024)
 def is_public_address(host: str) -> bool:
     """True for an IP address outside loopback, private, link-local and reserved ranges:
     the kind a client can only have got from a local DNS lookup."""

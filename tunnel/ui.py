@@ -197,6 +197,11 @@ _BATCHED = (
     events.IncomingRefused,
 )
 
+# Facts that :func:`describe` gives no line, and lines it never marks as a problem (so
+# -q never shows them): a renderer need not describe them to know.
+_NO_LINE = (events.ClientAccepted, events.RequestParsed)
+_NEVER_A_PROBLEM = (events.ChannelOpened, events.ConnectionClosed)
+
 
 class LineWriter:
     """Lines to a stream, each batch of per-connection lines in one write and flush."""
@@ -248,6 +253,8 @@ class PlainRenderer:
         batch = isinstance(event, _BATCHED)
         if self.hint.check(event):
             self._line(DNS_HINT, batch)
+        if isinstance(event, _NO_LINE) or (self.quiet and isinstance(event, _NEVER_A_PROBLEM)):
+            return  # the common per-connection case, told without describing it
         described = describe(event)
         if described is None:
             return
@@ -269,14 +276,27 @@ def _snake(name: str) -> str:
     return "".join(f"_{c.lower()}" if c.isupper() else c for c in name).lstrip("_")
 
 
+_LAYOUTS: dict[type, tuple[str, tuple[str, ...]]] = {}
+
+
+def _layout(kind: type) -> tuple[str, tuple[str, ...]]:
+    """An event type's JSON name and its field names, worked out once per type."""
+    layout = _LAYOUTS.get(kind)
+    if layout is None:
+        names = tuple(field.name for field in dataclasses.fields(kind))
+        layout = _LAYOUTS[kind] = (_snake(kind.__name__), names)
+    return layout
+
+
 def event_record(event: events.Event, now: float) -> dict[str, Any]:
     """The JSON object for one event: ``event`` and ``time`` first, then its fields,
     with a connection flattened to ``id``, ``client``, and ``host``, ``port`` once a
     request named them (a field not known yet is left out, never sent empty). The
     README's ``--json`` table is the schema; the unit tests hold this to it."""
-    record: dict[str, Any] = {"event": _snake(type(event).__name__), "time": round(now, 6)}
-    for field in dataclasses.fields(event):
-        value = getattr(event, field.name)
+    name, fields = _layout(type(event))
+    record: dict[str, Any] = {"event": name, "time": round(now, 6)}
+    for field in fields:
+        value = getattr(event, field)
         if isinstance(value, events.ConnectionInfo):
             record.update(id=value.id, client=value.client)
             if value.protocol:  # set with host and port when the request is read
@@ -293,19 +313,19 @@ def event_record(event: events.Event, now: float) -> dict[str, Any]:
         elif isinstance(value, events.Listener):
             record.update(host=value.host, port=value.port, url=value.url, remote=value.remote)
         elif isinstance(value, tuple) and value and isinstance(value[0], events.Listener):
-            record[field.name] = [
+            record[field] = [
                 {"host": item.host, "port": item.port, "url": item.url, "remote": item.remote}
                 for item in value
             ]
-        elif isinstance(event, events.SessionUp) and field.name == "kex" and not value:
+        elif isinstance(event, events.SessionUp) and field == "kex" and not value:
             continue  # asyncssh tells it only where the fast path records it
-        elif field.name == "upstream" and not value:
+        elif field == "upstream" and not value:
             continue  # the command line's own session: its events name no route
         elif value is None:
             continue  # not known, or not meant here (session_up's outage before a loss, ready's
             # master_pid without a master)
         else:
-            record[field.name] = value
+            record[field] = value
     return record
 
 

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tunnel import events
+from tunnel import events, ui
 from tunnel.ui import (
     JsonRenderer,
     PlainRenderer,
@@ -166,6 +166,22 @@ def test_describe_first_attempt_does_not_mention_attempts() -> None:
 )
 def test_describe_json_only_events(event: events.Event) -> None:
     assert describe(event) is None
+
+
+def test_what_the_plain_renderer_skips_without_describing_agrees_with_describe() -> None:
+    # PlainRenderer does not describe these kinds: no line at all, or never a problem.
+    skipped = [row[1] for row in DESCRIBE if isinstance(row[1], ui._NEVER_A_PROBLEM)]
+    assert {type(event) for event in skipped} == set(ui._NEVER_A_PROBLEM)
+    for event in skipped:
+        described = describe(event)
+        assert described is not None
+        assert described[1] is False
+    assert all(
+        describe(kind(info(), *args)) is None  # type: ignore[call-arg]
+        for kind, args in zip(
+            ui._NO_LINE, [(), ("socks5", "CONNECT", "example.com", 443, True)], strict=True
+        )
+    )
 
 
 # ---- PlainRenderer ----
