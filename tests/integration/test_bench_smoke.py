@@ -89,8 +89,22 @@ def test_workers_bench_runs_every_layout() -> None:
     assert rows[1:] == ["| ssh -D", "| pytunnel, 1 process(es)", "| pytunnel, 2 process(es)"]
 
 
+def test_liveview_bench_reads_both_subjects() -> None:
+    if not sshd_available():
+        pytest.skip(f"OpenSSH server not installed ({SSHD_PATH} missing)")
+    done = subprocess.run(
+        [sys.executable, str(RUN.with_name("liveview.py")), "--rounds", "1", "--seconds", "0.5",
+         "--connections", "0,3", "--stream", "0,4"],
+        capture_output=True, text=True, timeout=75, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.split(" | ")[:2] for line in done.stdout.splitlines() if line.startswith("| ")]
+    assert rows[1:] == [["| 0", "0"], ["| 0", "4"], ["| 3", "0"], ["| 3", "4"]]
+    assert "round 1, 3 connections, stream 4 MiB/s: plain" in done.stderr
+
+
 @pytest.mark.parametrize(
-    "script", ["run.py", "udp.py", "connections.py", "recovery.py", "workers.py"]
+    "script", ["run.py", "udp.py", "connections.py", "recovery.py", "workers.py", "liveview.py"]
 )
 def test_bench_help_prints(script: str) -> None:
     """--help renders every option's text (a bare % in one made argparse raise)."""
