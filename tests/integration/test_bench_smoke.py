@@ -76,30 +76,40 @@ def test_master_subjects_run_in_both_modes() -> None:
     assert "| download, 1 connection × 2 MiB (MiB/s)" in rows
 
 
-def test_workers_bench_runs_every_layout() -> None:
+def _script(name: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """One tiny run of another bench script, which must exit 0."""
     if not sshd_available():
         pytest.skip(f"OpenSSH server not installed ({SSHD_PATH} missing)")
     done = subprocess.run(
-        [sys.executable, str(RUN.with_name("workers.py")), "--rounds", "1", "--setups", "5",
-         "--size", "1", "--flows", "1"],
-        capture_output=True, text=True, timeout=75, check=False,
-    )  # fmt: skip
+        [sys.executable, str(RUN.with_name(name)), *args],
+        capture_output=True,
+        text=True,
+        timeout=75,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
-    rows = [line.split(" | ")[0] for line in done.stdout.splitlines() if line.startswith("| ")]
-    assert rows[1:] == ["| ssh -D", "| pytunnel, 1 process(es)", "| pytunnel, 2 process(es)"]
+    return done
+
+
+def _rows(stdout: str, cells: int) -> list[list[str]]:
+    return [line.split(" | ")[:cells] for line in stdout.splitlines() if line.startswith("| ")]
+
+
+def test_workers_bench_runs_every_layout() -> None:
+    done = _script("workers.py", "--rounds", "1", "--setups", "5", "--size", "1", "--flows", "1")
+    assert _rows(done.stdout, 1)[1:] == [
+        ["| ssh -D"],
+        ["| pytunnel, 1 process(es)"],
+        ["| pytunnel, 2 process(es)"],
+    ]
 
 
 def test_liveview_bench_reads_both_subjects() -> None:
-    if not sshd_available():
-        pytest.skip(f"OpenSSH server not installed ({SSHD_PATH} missing)")
-    done = subprocess.run(
-        [sys.executable, str(RUN.with_name("liveview.py")), "--rounds", "1", "--seconds", "0.5",
-         "--connections", "0,3", "--stream", "0,4"],
-        capture_output=True, text=True, timeout=75, check=False,
+    done = _script(
+        "liveview.py", "--rounds", "1", "--seconds", "0.5", "--connections", "0,3",
+        "--stream", "0,4",
     )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    rows = [line.split(" | ")[:2] for line in done.stdout.splitlines() if line.startswith("| ")]
-    assert rows[1:] == [["| 0", "0"], ["| 0", "4"], ["| 3", "0"], ["| 3", "4"]]
+    assert _rows(done.stdout, 2)[1:] == [["| 0", "0"], ["| 0", "4"], ["| 3", "0"], ["| 3", "4"]]
     assert "round 1, 3 connections, stream 4 MiB/s: plain" in done.stderr
 
 
