@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 _EXIT_WAIT = 5.0
 # The longest stderr line kept whole (a command writing without newlines is cut here).
 _LINE_MAX = 4096
+# Passes of the event loop a failed attempt waits for uvloop to close its descriptor.
+_SETTLE_PASSES = 10
 
 
 def _printable(text: str) -> str:
@@ -46,6 +48,8 @@ class ProxyCommand:
         self.template = template
         self.process = process
         self.sock = sock
+        # Which socket the descriptor is (its inode): see drop_socket.
+        self._inode = os.fstat(sock.fileno()).st_ino
         self.emit = emit
         self.last_line = ""
         # Started by start(), stopped by stop() and awaited by wait_stopped().
@@ -117,6 +121,28 @@ class ProxyCommand:
             hint="check the command: it must connect its stdin and stdout to the SSH "
             "server (as `nc %h %p` does)",
         )
+
+    async def drop_socket(self) -> None:
+        """After a failed attempt on our end of the command's socket. uvloop's transport
+        closes the descriptor itself, but when the connection fails as it is made, it can
+        leave this socket object holding the number of the closed descriptor, which the
+        next socket made gets: closing the object then (when it is collected) would close
+        that one. So: detach it once its descriptor is closed or is another socket's;
+        close it only if it is still ours after the loop had time to close it."""
+        for _ in range(_SETTLE_PASSES):
+            if self.sock.fileno() == -1:
+                return  # detached by uvloop: nothing of ours left
+            if not self._still_ours():
+                self.sock.detach()
+                return
+            await asyncio.sleep(0)
+        self.sock.close()
+
+    def _still_ours(self) -> bool:
+        try:
+            return os.fstat(self.sock.fileno()).st_ino == self._inode
+        except OSError:
+            return False
 
     def stop(self) -> None:
         """End the command (as ssh does when the connection is over) and its reader."""

@@ -563,6 +563,7 @@ class Session:
             failure = None
             if isinstance(exc, (OSError, asyncssh.ConnectionLost)):
                 failure = await proxy.failure()
+            await proxy.drop_socket()
             proxy.stop()
             if failure is not None:
                 raise failure from exc
