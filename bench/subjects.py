@@ -308,28 +308,6 @@ class PytunnelSubject(Subject):
         self._ready_roundtrip(time.monotonic() + READY_TIMEOUT)
 
 
-class PytunnelWorkersSubject(PytunnelSubject):
-    """``pytunnel --workers N``: ready once the first process is, and every worker has
-    said it is up (``worker_state`` lines on stdout)."""
-
-    workers = 2
-
-    def argv(self) -> list[str]:
-        return [*super().argv()[:-1], "--workers", str(self.workers), super().argv()[-1]]
-
-    def start(self) -> None:
-        self.proc, out = spawn(self.argv(), self.server.workdir, f"{self.name}-{time.time_ns()}")
-        self._ready(out)
-        deadline = time.monotonic() + READY_TIMEOUT
-        while out.read_text(errors="replace").count('"state":"up"') < self.workers - 1:
-            self.check_alive()
-            if time.monotonic() >= deadline:
-                raise SubjectError(
-                    f"{self.name}: the workers were not up within {READY_TIMEOUT:g} s"
-                )
-            time.sleep(0.05)
-
-
 class PytunnelLiveSubject(PytunnelSubject):
     """The same command with stderr on a pseudo-terminal, which turns pytunnel's live
     status view on (as in an interactive shell). A ``cat`` process drains the terminal

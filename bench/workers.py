@@ -1,10 +1,11 @@
-"""Does ``--workers 2`` pay on this machine? One pytunnel process against two.
+"""Would ``--workers N`` pay on this machine? One pytunnel process against two.
 
-``--workers N`` is N processes accepting on the same listening sockets, each with its
-own SSH connection, the first gathering the others' events. Two client processes
-drive ``ssh -D``, ``pytunnel`` and ``pytunnel --workers 2`` in turn (both clients on
-the subject's one port) through the same private sshd, and the figures are totals over
-both clients. Each round runs every layout, in alternating order.
+``--workers N`` would be N processes sharing the listening sockets (``SO_REUSEPORT``:
+the kernel spreads connections over them), each with its own SSH connection. This
+measures what that could give at best, without the parent that would gather the
+workers' events: two client processes drive either one pytunnel (both on its port) or
+two pytunnels (one each), through the same private sshd, and the figures are totals
+over both clients. Each round runs both layouts, in alternating order.
 
     .venv/bin/python bench/workers.py [--rounds 5] [--setups 500] [--size 32] [--flows 4]
 """
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import run as bench
 import socks_client
-from subjects import PytunnelSubject, PytunnelWorkersSubject, Server, SshSubject, Subject
+from subjects import PytunnelSubject, Server, SshSubject, Subject
 
 
 def _setups(args: tuple[int, int, int]) -> float:
@@ -67,15 +68,11 @@ def run_layout(
     processes: int, server: Server, targets: dict[str, int], pool: multiprocessing.pool.Pool,
     args: argparse.Namespace,
 ) -> tuple[float, float]:  # fmt: skip
-    subject: Subject
+    subjects: list[Subject] = [
+        PytunnelSubject(f"pytunnel-{i}", server, None, targets["echo"]) for i in range(processes)
+    ]
     if processes == 0:  # the reference: ssh -D, one process
-        subject = SshSubject("ssh -D", server, None, targets["echo"])
-    elif processes == 1:
-        subject = PytunnelSubject("pytunnel", server, None, targets["echo"])
-    else:
-        subject = PytunnelWorkersSubject("pytunnel-workers", server, None, targets["echo"])
-        subject.workers = processes
-    subjects = [subject]
+        subjects = [SshSubject("ssh -D", server, None, targets["echo"])]
     try:
         for subject in subjects:
             subject.start()
@@ -86,13 +83,7 @@ def run_layout(
 
 
 def _name(processes: int) -> str:
-    return (
-        "ssh -D"
-        if processes == 0
-        else "pytunnel"
-        if processes == 1
-        else f"pytunnel --workers {processes}"
-    )
+    return "ssh -D" if processes == 0 else f"pytunnel, {processes} process(es)"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -966,12 +966,6 @@ DESCRIPTION = [
     "10 minutes if that is 0). SIGUSR1 writes one status line: the session's state and "
     "for how long, connections open, served, failed and rejected, bytes each way, "
     "reconnects and the time pytunnel has run (a `status` event with `--json`).",
-    "With `--workers` <N>, pytunnel starts N-1 worker processes once it is ready. Each "
-    "accepts on the same ports with an SSH session of its own, which must log in without "
-    "asking anything (the agent, a key without a passphrase, or `-S`), and sends its "
-    "events to the first process: the live view, `--json` and the status line show one "
-    "tunnel. A worker that ends is started again; one whose login fails is reported and "
-    "left down. `--max-connections` is shared among the processes.",
     "pytunnel reads <~/.ssh/config> (or the file given with `-F`) for host aliases, "
     "users, ports, keys and `DynamicForward` lines. It takes keys from the ssh-agent, "
     "`-i` and the default key files, asks on the terminal for passphrases and passwords "

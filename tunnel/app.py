@@ -446,9 +446,8 @@ class WorkerSide:
 
 
 class _Holding:
-    """A worker's sink: while its own session is down, or its events wait for the first
-    process to read them, it stops accepting, so the shared ports' clients go to the
-    processes that can serve them."""
+    """A worker's sink: while its own session is down it stops accepting, so the shared
+    ports' clients go to the processes that can serve them."""
 
     def __init__(self, emit: events.Sink) -> None:
         self._emit = emit
@@ -458,17 +457,10 @@ class _Holding:
         mine = isinstance(event, events.SessionLost | events.SessionUp) and not event.upstream
         if self.proxy is not None and mine:
             if isinstance(event, events.SessionLost):
-                self.proxy.hold_accepting("session")
+                self.proxy.hold_accepting()
             else:
-                self.proxy.release_accepting("session")
+                self.proxy.release_accepting()
         self._emit(event)
-
-    def backlog(self, backlogged: bool) -> None:
-        if self.proxy is not None:
-            if backlogged:
-                self.proxy.hold_accepting("backlog")
-            else:
-                self.proxy.release_accepting("backlog")
 
 
 async def _first(*aws: asyncio.Future[Any]) -> None:
@@ -643,10 +635,7 @@ async def serve(
                 listeners = proxy.start_accepting() + remote
             else:
                 listeners = proxy.adopt(worker.sockets)
-                assert holding is not None
-                worker.forwarder.watch(
-                    lambda: [client.info for client in proxy.clients], holding.backlog
-                )
+                worker.forwarder.watch(lambda: [client.info for client in proxy.clients])
             if master is None:
                 emit(events.Ready(tuple(listeners), session.server, label))
             else:

@@ -534,7 +534,6 @@ class ProxyServer:
         self.starved = False
         self._bound: list[socket.socket] = []  # bound, not yet listening
         self._acceptors: list[_Acceptor] = []
-        self._holds: set[str] = set()  # why accepting is held (see hold_accepting)
         # Every task of this proxy and its clients: close() cancels and awaits them.
         self._tasks: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()
@@ -605,10 +604,7 @@ class ProxyServer:
         process's), and announce each one."""
         for sock in sockets:
             sock.setblocking(False)
-            acceptor = _Acceptor(self, sock)
-            if self._holds:
-                acceptor.hold()
-            self._acceptors.append(acceptor)
+            self._acceptors.append(_Acceptor(self, sock))
             listener = events.Listener(*sock.getsockname()[:2])
             self.listeners.append(listener)
             self.emit(events.ListenerStarted(listener))
@@ -617,19 +613,15 @@ class ProxyServer:
     def listening_sockets(self) -> list[socket.socket]:
         return [acceptor.sock for acceptor in self._acceptors]
 
-    def hold_accepting(self, reason: str) -> None:
+    def hold_accepting(self) -> None:
         """Leave the clients of the listening sockets to other processes (a worker whose
-        session is down, or whose events wait to be read) until every reason given is
-        released."""
-        self._holds.add(reason)
+        session is down) until :meth:`release_accepting`."""
         for acceptor in self._acceptors:
             acceptor.hold()
 
-    def release_accepting(self, reason: str) -> None:
-        self._holds.discard(reason)
-        if not self._holds:
-            for acceptor in self._acceptors:
-                acceptor.release()
+    def release_accepting(self) -> None:
+        for acceptor in self._acceptors:
+            acceptor.release()
 
     def has_room(self) -> bool:
         """Whether the connection limit allows one more: clients and the UDP

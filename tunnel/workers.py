@@ -45,23 +45,6 @@ MAX_FRAME = 64 * 1024 * 1024
 
 # How often a worker sends the byte counts of its open connections.
 COUNTS_EVERY = 0.5
-# How long a worker gathers its connections' events, and how many at most, before it
-# writes them to the first process.
-BATCH_EVERY = 0.05
-BATCH_MOST = 512
-# How much a worker lets wait for the first process to read before it stops accepting.
-BACKLOG_MOST = 1 << 20
-_PER_CONNECTION = (
-    events.ClientAccepted,
-    events.ClientRejected,
-    events.RequestParsed,
-    events.ChannelOpened,
-    events.ChannelFailed,
-    events.ConnectionClosed,
-    events.DatagramsDropped,
-)
-
-_EVENTS = events.Event.__args__
 
 # A worker that ran this long before it ended starts again after the first delay.
 _STEADY = 60.0
@@ -344,10 +327,7 @@ class Workers:
     def _handle(self, mirror: Mirror, message: object) -> _Outcome | None:
         match message:
             case ("events", list() as batch):
-                for pickled in batch:
-                    event = load_from_worker(pickled)
-                    if not isinstance(event, _EVENTS):
-                        raise ValueError(f"a worker sent a {type(event).__name__}")
+                for event in batch:
                     mirror.event(event)
             case ("counts", list() as changed, list() as gone):
                 mirror.counts(changed, gone)
@@ -394,52 +374,28 @@ def _exit_text(returncode: int) -> str:
 
 
 class Forwarder:
-    """A worker's sink. Each event is pickled when it happens (the connection's facts as
-    they are then), and its connections' events are written to the first process every
-    :data:`BATCH_EVERY` seconds (or :data:`BATCH_MOST` at a time): one write and one
-    wake-up of the first process for many connections, where one per event cost it
-    most of what serving the connection itself costs. Any other event (its session's, a
-    notice) is written at once, after what was gathered. Every :data:`COUNTS_EVERY`
-    seconds it also writes the byte counts of its open connections that changed, and the
-    ids of the ones that are gone.
-
-    Writing never blocks the worker: what the pipe does not take waits here, and while
-    more than :data:`BACKLOG_MOST` bytes wait (the first process is stopped, or slow)
-    the worker accepts no new clients, so its open connections keep flowing and its
-    memory stays bounded."""
+    """A worker's sink: its events gathered and written to the first process once per
+    pass of the event loop, and every :data:`COUNTS_EVERY` seconds the byte counts of
+    its open connections that changed, and the ids of the ones that are gone."""
 
     def __init__(self, fd: int = 1) -> None:
         self._fd = fd
-        os.set_blocking(fd, False)
-        self._batch: list[bytes] = []
+        self._batch: list[events.Event] = []
         self._seen: dict[int, tuple[int, int, int]] = {}
         self._live: Callable[[], Sequence[events.ConnectionInfo]] | None = None
-        self._backlog: Callable[[bool], None] = lambda backlogged: None
         self._timer: asyncio.TimerHandle | None = None
-        self._flushing: asyncio.TimerHandle | None = None
-        self._pending = bytearray()
-        self._writing = False
-        self._backlogged = False
         self.broken = False
 
     def __call__(self, event: events.Event) -> None:
-        self._batch.append(pickle.dumps(event, protocol=pickle.HIGHEST_PROTOCOL))
+        if not self._batch:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self._batch.append(event)
         if isinstance(event, events.ClientAccepted):
             self._seen[event.connection.id] = (0, 0, 0)
-        if not isinstance(event, _PER_CONNECTION) or len(self._batch) >= BATCH_MOST:
-            self.flush()
-        elif self._flushing is None:
-            self._flushing = asyncio.get_running_loop().call_later(BATCH_EVERY, self.flush)
 
-    def watch(
-        self,
-        live: Callable[[], Sequence[events.ConnectionInfo]],
-        backlog: Callable[[bool], None] = lambda backlogged: None,
-    ) -> None:
-        """Start sending counts: ``live`` gives the connections open now. ``backlog`` is
-        told when writes start and stop waiting beyond :data:`BACKLOG_MOST`."""
+    def watch(self, live: Callable[[], Sequence[events.ConnectionInfo]]) -> None:
+        """Start sending counts: ``live`` gives the connections open now."""
         self._live = live
-        self._backlog = backlog
         self._timer = asyncio.get_running_loop().call_later(COUNTS_EVERY, self._tick)
 
     def _tick(self) -> None:
@@ -461,72 +417,26 @@ class Forwarder:
         self._timer = asyncio.get_running_loop().call_later(COUNTS_EVERY, self._tick)
 
     def flush(self) -> None:
-        if self._flushing is not None:
-            self._flushing.cancel()
-            self._flushing = None
         batch, self._batch = self._batch, []
         if batch:
             self._write(("events", batch))
 
     def failed(self, reason: str, retryable: bool) -> None:
-        """The last word of a worker whose loop has ended: written before it exits."""
-        self._pending += frame(("failed", reason, retryable))
-        self._finish()
+        self._write(("failed", reason, retryable))
 
     def close(self) -> None:
-        """Stop the timers and write everything that waits, waiting for the pipe."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         self.flush()
-        if self._writing:
-            asyncio.get_running_loop().remove_writer(self._fd)
-            self._writing = False
-        self._finish()
 
     def _write(self, message: object) -> None:
         if self.broken:
             return
-        self._pending += frame(message)
-        if not self._writing:
-            self._send()
-        else:
-            self._check_backlog()
-
-    def _send(self) -> None:
+        data = memoryview(frame(message))
         try:
-            while self._pending:
-                del self._pending[: os.write(self._fd, self._pending)]
-        except BlockingIOError:
-            pass
+            while data:
+                data = data[os.write(self._fd, data) :]
         except OSError:
             # The first process is gone; the stdin watch stops this one.
-            self._broke()
-        loop = asyncio.get_running_loop()
-        if self._pending and not self._writing:
-            loop.add_writer(self._fd, self._send)
-            self._writing = True
-        elif not self._pending and self._writing:
-            loop.remove_writer(self._fd)
-            self._writing = False
-        self._check_backlog()
-
-    def _check_backlog(self) -> None:
-        backlogged = len(self._pending) > BACKLOG_MOST
-        if backlogged != self._backlogged:
-            self._backlogged = backlogged
-            self._backlog(backlogged)
-
-    def _finish(self) -> None:
-        if self.broken or not self._pending:
-            return
-        os.set_blocking(self._fd, True)
-        try:
-            while self._pending:
-                del self._pending[: os.write(self._fd, self._pending)]
-        except OSError:
-            self._broke()
-
-    def _broke(self) -> None:
-        self.broken = True
-        self._pending.clear()
+            self.broken = True

@@ -99,8 +99,8 @@ def test_workers_bench_runs_every_layout() -> None:
     done = _script("workers.py", "--rounds", "1", "--setups", "5", "--size", "1", "--flows", "1")
     assert _rows(done.stdout, 1)[1:] == [
         ["| ssh -D"],
-        ["| pytunnel"],
-        ["| pytunnel --workers 2"],
+        ["| pytunnel, 1 process(es)"],
+        ["| pytunnel, 2 process(es)"],
     ]
 
 

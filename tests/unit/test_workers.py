@@ -25,9 +25,6 @@ from tunnel.config import Config, Destination, Forward
 from tunnel.proxy import ProxyServer
 from tunnel.tasks import Owner
 from tunnel.workers import (
-    BACKLOG_MOST,
-    BATCH_EVERY,
-    BATCH_MOST,
     MAX_FRAME,
     Forwarder,
     Mirror,
@@ -230,39 +227,27 @@ def test_a_workers_session_is_its_state_and_the_rest_is_its_own() -> None:
 # -- the worker's sink ----------------------------------------------------------------
 
 
-_UNREAD: dict[int, bytes] = {}
-
-
 async def read_messages(fd: int) -> list[object]:
-    """Every whole message the pipe holds now, letting the writer go on between reads
-    (a frame bigger than the pipe is written in parts); a part of a frame waits for the
-    next call."""
+    data = b""
     os.set_blocking(fd, False)
-    data = _UNREAD.pop(fd, b"")
-    idle = 0
-    while idle < 3:
+    while True:
         try:
-            chunk = os.read(fd, 1 << 20)
+            chunk = os.read(fd, 65536)
         except BlockingIOError:
-            chunk = b""
+            break
+        if not chunk:
+            break
         data += chunk
-        idle = 0 if chunk else idle + 1
-        await asyncio.sleep(0)
-    out: list[object] = []
-    while len(data) >= 4 and len(data) >= 4 + int.from_bytes(data[:4], "big"):
-        size = int.from_bytes(data[:4], "big")
-        message = load_from_worker(data[4 : 4 + size])
-        data = data[4 + size :]
-        if isinstance(message, tuple) and message[0] == "events":
-            # Each event is pickled on its own, when it happens.
-            message = ("events", [load_from_worker(item) for item in message[1]])
-        out.append(message)
-    if data:
-        _UNREAD[fd] = data
+    reader = asyncio.StreamReader()
+    reader.feed_data(data)
+    reader.feed_eof()
+    out = []
+    while (payload := await read_frame(reader)) is not None:
+        out.append(load_from_worker(payload))
     return out
 
 
-async def test_a_workers_connection_events_go_together_and_the_rest_at_once() -> None:
+async def test_a_workers_events_go_once_per_loop_pass_and_its_counts_on_a_timer() -> None:
     read, write = os.pipe()
     try:
         forward = Forwarder(write)
@@ -270,29 +255,11 @@ async def test_a_workers_connection_events_go_together_and_the_rest_at_once() ->
         forward(events.ClientAccepted(live[0]))
         forward(events.ClientAccepted(live[1]))
         forward(events.ClientAccepted(info(3)))
+        assert await read_messages(read) == []  # nothing before the pass ends
         await asyncio.sleep(0)
-        assert await read_messages(read) == []  # gathered for BATCH_EVERY
-        await asyncio.sleep(BATCH_EVERY * 2)
         [batch] = await read_messages(read)
         assert batch == ("events", [events.ClientAccepted(c) for c in (*live, info(3))])
-        # Its session's events go at once, after what was gathered.
-        forward(events.ClientAccepted(info(4)))
-        lost = events.SessionLost("s", "EOF")
-        forward(lost)
-        assert await read_messages(read) == [("events", [events.ClientAccepted(info(4)), lost])]
-        # A full batch goes at once too.
-        for number in range(BATCH_MOST):
-            forward(events.ClientAccepted(info(number)))
-        [full] = await read_messages(read)
-        assert len(full[1]) == BATCH_MOST  # type: ignore[index]
-        await asyncio.sleep(BATCH_EVERY * 2)
-        assert await read_messages(read) == []
         # Counts: what changed since the last tick, and what is no longer open.
-        forward = Forwarder(write)
-        for accepted in (*live, info(3)):
-            forward(events.ClientAccepted(accepted))
-        forward.flush()
-        await read_messages(read)
         loop = asyncio.get_running_loop()
         ticked = loop.create_future()
         forward.watch(lambda: (ticked.done() or ticked.set_result(None), live)[1])
@@ -303,55 +270,6 @@ async def test_a_workers_connection_events_go_together_and_the_rest_at_once() ->
         forward.close()
         assert await read_messages(read) == [("failed", "no way to log in", False)]
     finally:
-        _UNREAD.pop(read, None)
-        os.close(read)
-        os.close(write)
-
-
-async def test_an_event_carries_its_connection_as_it_was_then() -> None:
-    read, write = os.pipe()
-    try:
-        forward = Forwarder(write)
-        connection = info(1)
-        forward(events.ClientAccepted(connection))
-        connection.protocol, connection.host, connection.port = "socks5", "db", 5432
-        forward(events.RequestParsed(connection, "socks5", "CONNECT", "db", 5432, True))
-        forward.flush()
-        [(_, [accepted, parsed])] = await read_messages(read)
-        assert (accepted.connection.host, accepted.connection.protocol) == ("", "")
-        assert (parsed.connection.host, parsed.connection.port) == ("db", 5432)
-    finally:
-        _UNREAD.pop(read, None)
-        os.close(read)
-        os.close(write)
-
-
-async def test_a_worker_whose_events_are_not_read_holds_its_accepts_and_never_blocks() -> None:
-    read, write = os.pipe()
-    told: list[bool] = []
-    try:
-        forward = Forwarder(write)
-        forward.watch(list, told.append)
-        # The first process reads nothing (stopped): writing goes on without blocking,
-        # and past BACKLOG_MOST the worker is told to stop accepting.
-        note = events.Notice("x" * 1000, "")
-        written = 0
-        while not told:
-            forward(note)
-            written += 1
-            assert written < 10 * BACKLOG_MOST // 1000, "never backlogged"
-        assert told == [True]
-        # Once the first process reads again, what waited is written, in order.
-        await read_messages(read)
-        for _ in range(500):
-            if told == [True, False]:
-                break
-            await read_messages(read)
-            await asyncio.sleep(0.001)
-        assert told == [True, False]
-        forward.close()
-    finally:
-        _UNREAD.pop(read, None)
         os.close(read)
         os.close(write)
 
@@ -384,17 +302,13 @@ async def test_a_held_listener_accepts_nothing_until_released() -> None:
     [listener] = await proxy.listen([("127.0.0.1", 0)])
     client = socket.create_connection((listener.host, listener.port))
     try:
-        proxy.hold_accepting("session")
-        proxy.hold_accepting("session")  # twice is once
-        proxy.hold_accepting("backlog")
+        proxy.hold_accepting()
+        proxy.hold_accepting()  # twice is once
         late = socket.create_connection((listener.host, listener.port))
         await asyncio.sleep(0.2)
         accepted = [e for e in seen if isinstance(e, events.ClientAccepted)]
         assert len(accepted) <= 1  # the first may have been taken before the hold
-        proxy.release_accepting("session")
-        await asyncio.sleep(0.2)
-        assert len([e for e in seen if isinstance(e, events.ClientAccepted)]) <= 1
-        proxy.release_accepting("backlog")  # the last reason
+        proxy.release_accepting()
         for _ in range(200):
             if len([e for e in seen if isinstance(e, events.ClientAccepted)]) == 2:
                 break
@@ -427,8 +341,8 @@ _STAND_IN = textwrap.dedent(
         sys.exit(255)
     if mode == "crash":
         sys.exit(3)
-    send(("events", [pickle.dumps(__import__("tunnel.events").events.Notice(
-        f"share {setup.config.max_connections} fds {len(setup.descriptors)}", ""))]))
+    send(("events", [__import__("tunnel.events").events.Notice(
+        f"share {setup.config.max_connections} fds {len(setup.descriptors)}", "")]))
     os.read(0, 1)  # until the first process closes the pipe
     """
 )
