@@ -47,7 +47,7 @@ __pytunnel_reply()
 __pytunnel_takes_value()
 {
     case $1 in
-        -D|-R|-p|-l|-i|-J|-F|-o|-S|-c|-m|-E|--pidfile|--handshake-timeout|--open-timeout|--reconnect-wait|--give-up-after|--max-connections|--connections|--workers|--master-mode|--drain|--proxy-auth|--proxy-password-file|--allow|--deny|--route|--routes|--dns-server|--isolate-idle) return 0 ;;
+        -D|-R|-p|-l|-i|-J|-F|-o|-S|-c|-m|-E|--pidfile|--handshake-timeout|--open-timeout|--reconnect-wait|--give-up-after|--max-connections|--connections|--master-mode|--drain|--proxy-auth|--proxy-password-file|--allow|--deny|--route|--routes|--dns-server|--isolate-idle) return 0 ;;
     esac
     return 1
 }
@@ -259,7 +259,7 @@ _pytunnel()
         __pytunnel_value "$opt" "$rest"
         __pytunnel_reply "${cur%"$rest"}"
     elif [[ $cur == -* ]]; then
-        for item in --allow --allow-open-proxy --connections --demo --deny --dns-server --drain --give-up-after --handshake-timeout --help --isolate --isolate-idle --json --master-mode --max-connections --no-reconnect --open-timeout --pidfile --proxy-auth --proxy-password-file --reconnect-wait --retry-start --route --routes --udp-helper --version --workers -4 -6 -C -D -E -F -J -N -R -S -T -V -c -f -g -h -i -l -m -o -p -q -v; do
+        for item in --allow --allow-open-proxy --connections --demo --deny --dns-server --drain --give-up-after --handshake-timeout --help --isolate --isolate-idle --json --master-mode --max-connections --no-reconnect --open-timeout --pidfile --proxy-auth --proxy-password-file --reconnect-wait --retry-start --route --routes --udp-helper --version -4 -6 -C -D -E -F -J -N -R -S -T -V -c -f -g -h -i -l -m -o -p -q -v; do
             [[ $item == "$cur"* ]] && found+=("$item")
         done
         __pytunnel_reply ""

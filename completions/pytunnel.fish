@@ -75,7 +75,7 @@ end
 
 # Is the word being completed the destination (no destination yet, no "--")?
 function __pytunnel_wants_destination
-    set -l valued -D -R -p -l -i -J -F -o -S -c -m -E --pidfile --handshake-timeout --open-timeout --reconnect-wait --give-up-after --max-connections --connections --workers --master-mode --drain --proxy-auth --proxy-password-file --allow --deny --route --routes --dns-server --isolate-idle
+    set -l valued -D -R -p -l -i -J -F -o -S -c -m -E --pidfile --handshake-timeout --open-timeout --reconnect-wait --give-up-after --max-connections --connections --master-mode --drain --proxy-auth --proxy-password-file --allow --deny --route --routes --dns-server --isolate-idle
     set -l flags -4 -6 -C -g -N -T -f -q -v -V -h
     set -l expect 0
     set -l positional 0
@@ -229,7 +229,6 @@ complete -c pytunnel -l reconnect-wait -x -d 'While reconnecting, how long a new
 complete -c pytunnel -l give-up-after -x -d 'Exit (status 255) when the SSH session has been down this long, for a service manager to restart pytunnel'
 complete -c pytunnel -l max-connections -x -d 'Clients served at once; more get a failure reply'
 complete -c pytunnel -l connections -x -d 'Spread channels over up to N SSH connections (opened as they are needed)'
-complete -c pytunnel -l workers -x -d 'Serve the -D ports from N processes, each logged in on its own (needs a login that asks nothing: a key, the agent, or -S)'
 complete -c pytunnel -l master-mode -x -a 'stdio proxy' -d 'Through an OpenSSH master (-S): stdio lets the master relay each connection (fast; a refused connection is reply 0x01); proxy has pytunnel frame the SSH packets (slower; the server\'s own reason, such as 0x05 refused)'
 complete -c pytunnel -l drain -x -d 'On SIGTERM or Ctrl-C, let open connections finish for this long'
 complete -c pytunnel -l proxy-auth -x -d 'Require this user and a password (from $PYTUNNEL_PROXY_PASSWORD or --proxy-password-file) from clients: SOCKS5 username/password, HTTP Basic'

@@ -9,8 +9,7 @@ import dataclasses
 import logging
 import os
 import signal
-import socket
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import quote
 
@@ -54,7 +53,6 @@ from .tasks import Owner, cancel_and_wait
 from .udp import UdpSettings
 from .upstreams import Direct, Reject, Request, Upstream
 from .watch import Wake, watch
-from .workers import Forwarder, Workers, share_limit
 
 log = logging.getLogger(__name__)
 
@@ -433,36 +431,6 @@ def isolating(
     return Isolated(make, default, idle=config.isolate_idle)
 
 
-@dataclasses.dataclass
-class WorkerSide:
-    """What makes :func:`serve` a worker process of ``--workers``: the listening sockets
-    the first process gave it (it binds nothing), the command line's settings as given
-    (for route destinations), and the sink that carries its events back."""
-
-    number: int
-    sockets: Sequence[socket.socket]
-    given: Config
-    forwarder: Forwarder
-
-
-class _Holding:
-    """A worker's sink: while its own session is down it stops accepting, so the shared
-    ports' clients go to the processes that can serve them."""
-
-    def __init__(self, emit: events.Sink) -> None:
-        self._emit = emit
-        self.proxy: ProxyServer | None = None
-
-    def __call__(self, event: events.Event) -> None:
-        mine = isinstance(event, events.SessionLost | events.SessionUp) and not event.upstream
-        if self.proxy is not None and mine:
-            if isinstance(event, events.SessionLost):
-                self.proxy.hold_accepting()
-            else:
-                self.proxy.release_accepting()
-        self._emit(event)
-
-
 async def _first(*aws: asyncio.Future[Any]) -> None:
     await asyncio.wait(aws, return_when=asyncio.FIRST_COMPLETED)
 
@@ -473,13 +441,10 @@ async def serve(
     command: Sequence[str] = (),
     prompter: events.Prompter | None = None,
     on_force_exit: Callable[[], None] | None = None,
-    worker: WorkerSide | None = None,
 ) -> int:
     """Run the tunnel until a signal, a fatal error, or the command's end.
     ``on_force_exit`` is called on a second Ctrl-C (the CLI exits the process there);
-    without one, a second Ctrl-C cancels serve, skipping the drain. With ``worker`` it
-    runs as a worker process of ``--workers``: it accepts on the sockets given, from
-    the moment its session is up."""
+    without one, a second Ctrl-C cancels serve, skipping the drain."""
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
 
@@ -492,9 +457,6 @@ async def serve(
     stats = Stats()
     started = loop.time()
     emit = _counting(emit, stats, loop.time)
-    holding: _Holding | None = None
-    if worker is not None:
-        emit = holding = _Holding(emit)
     undo_signals = on_signals(loop, (signal.SIGINT, signal.SIGTERM), stop.request)
     try:
         async with contextlib.AsyncExitStack() as stack:
@@ -502,10 +464,7 @@ async def serve(
             # is that destination as written (an ssh_config alias, say).
             label = "demo" if config.demo else str(config.destination)
             given = config
-            if worker is not None:
-                # The first process resolved the settings (ssh_config, the demo server).
-                given = worker.given
-            elif config.demo:
+            if config.demo:
                 from .demo import demo_server
 
                 demo = await stack.enter_async_context(demo_server())
@@ -520,9 +479,7 @@ async def serve(
                 )
             else:
                 config = apply_ssh_config(config)
-            if worker is None:
-                config = listeners_to_open(config)
-            resolved = config
+            config = listeners_to_open(config)
             master = await _master(config, emit)
             if master is not None:
                 stack.callback(master.close)
@@ -564,8 +521,7 @@ async def serve(
                 upstream,
                 emit,
                 handshake_timeout=config.handshake_timeout,
-                # --workers: each process serves its share of the limit.
-                max_clients=share_limit(config.max_connections, config.workers)[0],
+                max_clients=config.max_connections,
                 rules=config.rules,
                 credentials=config.proxy_credentials,
                 binder=ssh if master is None else None,
@@ -576,8 +532,6 @@ async def serve(
             )
             stack.push_async_callback(session.close)
             stack.push_async_callback(proxy.close)
-            if holding is not None:
-                holding.proxy = proxy
             reverse: ReverseForwards | None = None
             if config.reverse_forwards:
                 # -R: the server's side connects through us to this machine's network,
@@ -598,13 +552,11 @@ async def serve(
             # Bound now, so a port in use fails before any prompt; listening only once
             # the session is up, so until then a client is refused by the kernel and a
             # start-up that fails never accepted anyone (``ssh -f -D`` scripts poll).
-            if worker is None:
-                proxy.bind(
-                    ((f.host, f.port) for f in config.forwards),
-                    check=lambda bound: guard_bound(config, bound),
-                )
+            proxy.bind(
+                ((f.host, f.port) for f in config.forwards),
+                check=lambda bound: guard_bound(config, bound),
+            )
             keeper: Supervisor | MasterUpstream = master or supervisor
-            workers: Workers | None = None
             stack.callback(
                 _on_request_signals(
                     loop,
@@ -612,7 +564,6 @@ async def serve(
                     stats,
                     started,
                     lambda: [way.supervisor for way in ways if way.in_use()],
-                    lambda signum: workers.signal(signum) if workers is not None else None,
                 )
             )
 
@@ -631,11 +582,7 @@ async def serve(
             # -R first: refused there is fatal (ListenError), and must not come after
             # the local port took its first client.
             remote = await reverse.open() if reverse is not None else []
-            if worker is None:
-                listeners = proxy.start_accepting() + remote
-            else:
-                listeners = proxy.adopt(worker.sockets)
-                worker.forwarder.watch(lambda: [client.info for client in proxy.clients])
+            listeners = proxy.start_accepting() + remote
             if master is None:
                 emit(events.Ready(tuple(listeners), session.server, label))
             else:
@@ -654,19 +601,6 @@ async def serve(
                 from .demo import DEMO_HOST
 
                 emit(events.Notice(f"try: curl -x {listeners[0].url} http://{DEMO_HOST}/"))
-            if config.workers > 1 and worker is None:
-                workers = Workers(
-                    config.workers - 1,
-                    resolved,
-                    given,
-                    proxy.listening_sockets(),
-                    emit,
-                    proxy.ids,
-                    owner=tasks,
-                )
-                # Stopped and awaited before the session they came from closes.
-                stack.push_async_callback(workers.close)
-                workers.start()
 
             child: asyncio.subprocess.Process | None = None
             if command:
@@ -704,8 +638,6 @@ async def serve(
                 emit(events.Stopping("command finished"))
                 return exit_status_of(child.returncode)
             emit(events.Stopping("interrupted" if stop.signal == signal.SIGINT else "terminated"))
-            if workers is not None:
-                workers.stop()  # they drain as this process does, at the same time
             await proxy.drain(config.drain)
             return stop.status
     finally:
@@ -730,7 +662,6 @@ def _on_request_signals(
     stats: Stats,
     started: float,
     routed: Callable[[], Sequence[Supervisor]] = list,
-    passed_on: Callable[[int], None] = lambda signum: None,
 ) -> Callable[[], None]:
     """SIGHUP reconnects now (channels open on the old session finish on it, for up to
     --drain seconds, or 10 minutes), and so does every route destination already in use
@@ -745,7 +676,6 @@ def _on_request_signals(
         if signum == hup:
             for each in (supervisor, *routed()):
                 each.reconnect_now(events.CAUSE_SIGHUP, keep_open=keep_open)
-            passed_on(signum)  # --workers: each reconnects its own session
             return
         now = loop.time()
         since = stats.session_since
@@ -819,12 +749,7 @@ def run(
     on_force_exit: Callable[[], None] | None = None,
 ) -> int:
     """Run :func:`serve` on the fastest event loop available."""
-    return run_loop(serve(config, emit, command, prompter, on_force_exit))
-
-
-def run_loop(main: Coroutine[Any, Any, int]) -> int:
-    """Run a tunnel's coroutine (:func:`serve`, or a worker's) on the fastest event
-    loop available."""
+    main = serve(config, emit, command, prompter, on_force_exit)
     try:
         import uvloop
     except ImportError:

@@ -470,15 +470,6 @@ def _seconds(default: float, *, positive: bool = True) -> dict[str, Any]:
     help="Spread channels over up to N SSH connections (opened as they are needed).",
 )
 @click.option(
-    "--workers",
-    type=click.IntRange(min=1, max=64),
-    default=1,
-    show_default=True,
-    metavar="N",
-    help="Serve the -D ports from N processes, each logged in on its own (needs a login "
-    "that asks nothing: a key, the agent, or -S).",
-)
-@click.option(
     "--master-mode",
     type=click.Choice(["stdio", "proxy"]),
     default="stdio",
@@ -585,14 +576,6 @@ def command(ctx: click.Context, /, **params: Any) -> None:
         _fail("-4 and -6 do not go together", ExitStatus.USAGE, json_out=json_out)
     if params["background"] and run_command:
         _fail("-f and -- COMMAND do not go together", ExitStatus.USAGE, json_out=json_out)
-    if params["workers"] > params["max_connections"]:
-        _fail(
-            "--workers N needs --max-connections of at least N: the processes share it",
-            ExitStatus.USAGE,
-            json_out=json_out,
-        )
-    if params["workers"] > 1 and os.name != "posix":
-        _fail("--workers needs a POSIX system", ExitStatus.USAGE, json_out=json_out)
     if params["background"] and not hasattr(os, "fork"):
         _fail("-f needs fork(), which this system lacks", ExitStatus.USAGE, json_out=json_out)
     try:
@@ -633,7 +616,6 @@ def command(ctx: click.Context, /, **params: Any) -> None:
             drain=params["drain"],
             master_mode=params["master_mode"],
             ssh_connections=params["connections"],
-            workers=params["workers"],
             rules=parse_rules(ctx.meta.get("pytunnel.rules", [])),
             routes=read_routes(ctx.meta.get("pytunnel.routes", [])),
             proxy_credentials=proxy_credentials(

@@ -103,8 +103,6 @@ class Config:
     max_connections: int = 4096
     # --connections: SSH connections to spread channels over.
     ssh_connections: int = 1
-    # --workers: processes accepting on the -D ports, each with its own SSH session(s).
-    workers: int = 1
     drain: float = 0.0
     # Algorithm lists as ssh_config spells them (a list, or +, - or ^ edits of the
     # default): keys "ciphers", "kex", "host_key_algorithms", "macs".

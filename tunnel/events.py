@@ -40,9 +40,6 @@ class ConnectionInfo:
     # --isolate: the proxy user name the connection is isolated by, printable-escaped
     # (None: no name given, the shared default session). Never the password.
     isolation: str | None = None
-    # --workers: the process that serves it, 1 for a worker process's first (0: pytunnel's
-    # own process).
-    worker: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,20 +243,6 @@ class IsolatedSession:
 
 
 @dataclass(frozen=True, slots=True)
-class WorkerState:
-    """A worker process of ``--workers``: ``state`` is "up" (its own SSH session is up
-    and it accepts on the shared ports; ``reason`` names the server), "lost" (its session
-    is down: it accepts nothing until it is back), "exited" (it ended and is started
-    again after ``reason``'s delay) or "failed" (it ended for a reason a restart cannot
-    fix, and stays down; pytunnel serves on with the others)."""
-
-    worker: int
-    pid: int
-    state: str
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
 class Stopping:
     reason: str
 
@@ -289,7 +272,6 @@ Event = (
     | DatagramsDropped
     | IncomingRefused
     | IsolatedSession
-    | WorkerState
     | Stopping
     | Notice
     | Status

@@ -114,7 +114,6 @@ class LiveRenderer:
         ) or (
             (isinstance(event, events.SessionUp) and event.outage is not None)
             or (isinstance(event, events.IsolatedSession) and event.state in ("failed", "lost"))
-            or isinstance(event, events.WorkerState)
         ):
             described = describe(event)
             if described is not None:

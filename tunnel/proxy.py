@@ -413,7 +413,6 @@ class _Acceptor:
         self.sock = sock
         self.loop = asyncio.get_running_loop()
         self._resume: asyncio.TimerHandle | None = None
-        self._held = False
         self.loop.add_reader(sock.fileno(), self._accept)
 
     def _accept(self) -> None:
@@ -448,27 +447,10 @@ class _Acceptor:
         self.loop.add_reader(self.sock.fileno(), self._accept)
         self._accept()
 
-    def hold(self) -> None:
-        """Accept nothing until :meth:`release` (a paused accept stays paused)."""
-        if self._held:
-            return
-        self._held = True
-        if self._resume is not None:
-            self._resume.cancel()
-            self._resume = None
-        else:
-            self.loop.remove_reader(self.sock.fileno())
-
-    def release(self) -> None:
-        if not self._held:
-            return
-        self._held = False
-        self._restart()
-
     def close(self) -> None:
         if self._resume is not None:
             self._resume.cancel()
-        elif not self._held:
+        else:
             self.loop.remove_reader(self.sock.fileno())
         self.sock.close()
 
@@ -597,31 +579,12 @@ class ProxyServer:
                 sock.close()
             raise
         # Only now that every socket listens: nothing is announced that then closes.
-        return self.adopt(bound)
-
-    def adopt(self, sockets: Iterable[socket.socket]) -> list[events.Listener]:
-        """Accept on sockets that listen already (a --workers process gets the first
-        process's), and announce each one."""
-        for sock in sockets:
-            sock.setblocking(False)
+        for sock in bound:
             self._acceptors.append(_Acceptor(self, sock))
             listener = events.Listener(*sock.getsockname()[:2])
             self.listeners.append(listener)
             self.emit(events.ListenerStarted(listener))
         return list(self.listeners)
-
-    def listening_sockets(self) -> list[socket.socket]:
-        return [acceptor.sock for acceptor in self._acceptors]
-
-    def hold_accepting(self) -> None:
-        """Leave the clients of the listening sockets to other processes (a worker whose
-        session is down) until :meth:`release_accepting`."""
-        for acceptor in self._acceptors:
-            acceptor.hold()
-
-    def release_accepting(self) -> None:
-        for acceptor in self._acceptors:
-            acceptor.release()
 
     def has_room(self) -> bool:
         """Whether the connection limit allows one more: clients and the UDP

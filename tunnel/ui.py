@@ -176,9 +176,6 @@ def _describe(event: events.Event) -> tuple[str, bool] | None:
         case events.IsolatedSession(isolation=key, server=server, state=state, reason=why):
             why = f": {why}" if why else ""
             return f'{server} for user "{key}": {state}{why}', state in ("failed", "lost")
-        case events.WorkerState(worker=worker, pid=pid, state=state, reason=why):
-            why = f": {why}" if why else ""
-            return f"worker {worker} (pid {pid}) {state}{why}", state != "up"
         case events.Stopping(reason=reason):
             return f"stopping: {reason}", False
         case events.Notice(message=message):
@@ -313,8 +310,6 @@ def event_record(event: events.Event, now: float) -> dict[str, Any]:
                 record["dropped"] = value.dropped
             if value.upstream:  # known once the request is routed
                 record["upstream"] = value.upstream
-            if value.worker:  # --workers: served by a worker process, not pytunnel's own
-                record["worker"] = value.worker
         elif isinstance(value, events.Listener):
             record.update(host=value.host, port=value.port, url=value.url, remote=value.remote)
         elif isinstance(value, tuple) and value and isinstance(value[0], events.Listener):

@@ -313,27 +313,6 @@ def test_four_and_six_together(usage_error: UsageError) -> None:
     assert "-6" in line
 
 
-def test_workers_default_to_one_process(recorded: Recorded) -> None:
-    assert accepted(recorded, "-D", "1080", "host").workers == 1
-
-
-def test_workers_reach_the_config(recorded: Recorded) -> None:
-    assert accepted(recorded, "--workers", "4", "-D", "1080", "host").workers == 4
-
-
-@pytest.mark.parametrize(
-    "args",
-    [
-        ["--workers", "3", "--max-connections", "2"],
-        ["--workers", "0"],
-        ["--workers", "65"],
-        ["--workers", "two"],
-    ],
-)
-def test_bad_workers(args: list[str], usage_error: UsageError) -> None:
-    assert "--workers" in usage_error(*args, "-D", "1080", "host")
-
-
 def test_background_with_a_command(usage_error: UsageError) -> None:
     line = usage_error("-f", "-D", "1080", "host", "--", "true")
     assert "-f" in line

@@ -505,16 +505,6 @@ SAMPLES: list[events.Event] = [
     events.ClientRejected(sample_info(), "bad", auth=True),
     events.ClientRejected(fresh_info(), "client closed without sending a request", empty=True),
     events.Notice("hello", "dns"),
-    # --workers: what a worker process served, and a worker's own state.
-    events.ClientAccepted(dataclasses.replace(fresh_info(), worker=2)),
-    events.RequestParsed(sample_info(worker=2), "socks5", "CONNECT", "db.internal", 5432, True),
-    events.ChannelOpened(sample_info(worker=2), 0.5),
-    events.ChannelFailed(sample_info(worker=1), 1, "general failure", "channel refused"),
-    events.ConnectionClosed(sample_info(worker=1, upstream="lab"), 1, 2, 3.0),
-    events.DatagramsDropped(sample_info(dropped=1, worker=1), "not DNS", "192.0.2.1:53"),
-    events.ClientRejected(sample_info(worker=3), "idle"),
-    events.WorkerState(1, 4321, "up", "tester@127.0.0.1:2222"),
-    events.WorkerState(2, 4322, "exited", "killed by SIGKILL; starting again in 1.0 s"),
     events.Status("s", "up", 61.5, 120.0, 1, 2, 30, 4, 5, 6000, 70000),
     events.Stopping("interrupted"),
     # Riding an OpenSSH master: its PID instead of the session's facts.
@@ -549,13 +539,10 @@ def check_record(record: dict[str, Any]) -> None:
 
 def test_the_readme_table_is_read() -> None:
     # A table the parser misread would make every check below vacuous.
-    assert SCHEMA["client_accepted"] == Documented(
-        {"id": "integer", "client": "string"}, {"worker": "integer"}
-    )
+    assert SCHEMA["client_accepted"] == Documented({"id": "integer", "client": "string"}, {})
     assert SCHEMA["client_rejected"].sometimes == {
         "host": "string",
         "port": "integer",
-        "worker": "integer",
         "isolation": "string",
     }
     assert SCHEMA["error"].always == {"message": "string", "exit_status": "integer"}

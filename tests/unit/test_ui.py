@@ -120,13 +120,6 @@ DESCRIBE: list[tuple[str, events.Event, list[str], bool]] = [
     ("incoming-refused", events.IncomingRefused("127.0.0.1", 2080, "127.0.0.1:50000",
                                                 "no such listener"),
      ["127.0.0.1:50000 -> 127.0.0.1:2080 (on the server) refused: no such listener"], True),
-    ("worker-up", events.WorkerState(1, 4321, "up", "me@bastion:22"),
-     ["worker 1 (pid 4321) up: me@bastion:22"], False),
-    ("worker-exited", events.WorkerState(2, 4322, "exited",
-                                         "killed by SIGKILL; starting again in 1.0 s"),
-     ["worker 2 (pid 4322) exited: killed by SIGKILL; starting again in 1.0 s"], True),
-    ("worker-failed", events.WorkerState(1, 4321, "failed", "Permission denied"),
-     ["worker 1 (pid 4321) failed: Permission denied"], True),
 ]  # fmt: skip
 
 
@@ -238,8 +231,6 @@ def test_plain_renderer_quiet_keeps_only_problems(utc: None) -> None:
         "notice",
         "datagrams-dropped",
         "incoming-refused",
-        "worker-exited",
-        "worker-failed",
     ]
     # And SIGUSR1's status line, which was asked for.
     assert [line.split(" ", 2)[1] for line in lines] == [
@@ -251,8 +242,6 @@ def test_plain_renderer_quiet_keeps_only_problems(utc: None) -> None:
         "clients",
         "#7",
         "127.0.0.1:50000",
-        "worker",
-        "worker",
     ]
     assert lines[4].endswith("failed: connection refused (0x05): Connection refused")
     assert all(line.startswith("2023-11-14T22:13:20 ") for line in lines)
@@ -383,15 +372,8 @@ def test_json_renderer_stopping_before_ready_is_printed() -> None:
          {"event": "notice", "time": 1.5, "message": "hello", "key": "dns"}),
         (events.Ready((), "h"), {"event": "ready", "time": 1.5, "listeners": [], "server": "h",
           "transport": "ssh"}),
-        (events.ChannelOpened(dataclasses.replace(info(), worker=2), 0.5),
-         {"event": "channel_opened", "time": 1.5, "id": 7, "client": "127.0.0.1:50000",
-          "host": "example.com", "port": 443, "worker": 2, "latency": 0.5}),
-        (events.WorkerState(1, 4321, "lost", "EOF"),
-         {"event": "worker_state", "time": 1.5, "worker": 1, "pid": 4321, "state": "lost",
-          "reason": "EOF"}),
     ],
-    ids=["listener-started", "reconnect-scheduled", "channel-failed", "notice", "ready-empty",
-         "served-by-a-worker", "worker-state"],
+    ids=["listener-started", "reconnect-scheduled", "channel-failed", "notice", "ready-empty"],
 )  # fmt: skip
 def test_event_record(event: events.Event, expected: dict[str, object]) -> None:
     record = event_record(event, 1.5)
