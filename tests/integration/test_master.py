@@ -18,33 +18,34 @@ import pytest
 from fixtures.net import wait_until
 from fixtures.pytunnel_proc import PytunnelFactory, Running, run_pytunnel, server_args
 from fixtures.replies import SOCKS5_OK, socks5_failure
+from fixtures.ssh_clients import client_binary, ssh_clients
 from fixtures.sshd import SshdServer
 from fixtures.targets import EchoTarget, HttpTarget, TalkerTarget
 
 TIMEOUT = 30.0
 
 
-def start_master(server: SshdServer, sock: Path) -> None:
+def start_master(server: SshdServer, sock: Path, ssh: str) -> None:
     """``ssh -M -S sock -N -f``: returns once the master is logged in and listening."""
     subprocess.run(
-        ["ssh", *server.ssh_args(), "-M", "-S", str(sock), "-o", "ControlPersist=no",
+        [ssh, *server.ssh_args(), "-M", "-S", str(sock), "-o", "ControlPersist=no",
          "-N", "-f", f"{server.user}@{server.host}"],
         check=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL,
     )  # fmt: skip
     assert wait_until(sock.exists, TIMEOUT)
 
 
-def master_pid(sock: Path) -> int:
+def master_pid(sock: Path, ssh: str) -> int:
     out = subprocess.run(
-        ["ssh", "-S", str(sock), "-O", "check", "x"],
+        [ssh, "-S", str(sock), "-O", "check", "x"],
         capture_output=True, text=True, timeout=TIMEOUT, check=True,
     )  # fmt: skip
     return int(out.stderr.split("pid=")[1].split(")")[0])
 
 
-def stop_master(sock: Path) -> None:
+def stop_master(sock: Path, ssh: str) -> None:
     with contextlib.suppress(Exception):
-        os.kill(master_pid(sock), signal.SIGTERM)
+        os.kill(master_pid(sock, ssh), signal.SIGTERM)
     wait_until(lambda: not sock.exists(), TIMEOUT)
 
 
@@ -67,14 +68,23 @@ def socks5_connect(proxy: tuple[str, int], host: str, port: int) -> tuple[bytes,
     return reply, conn
 
 
+@pytest.fixture(scope="module", params=ssh_clients())
+def ssh_client(request: pytest.FixtureRequest) -> str:
+    """The client every master of a test is started with: each test that starts one runs
+    once per OpenSSH major version there is (9.x here, and 8.x from .ci/setup)."""
+    return str(request.param)
+
+
 @pytest.fixture(scope="module")
-def master_sock(sshd: SshdServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def master_sock(
+    sshd: SshdServer, tmp_path_factory: pytest.TempPathFactory, ssh_client: str
+) -> Iterator[Path]:
     sock = tmp_path_factory.mktemp("mux") / "master.sock"
-    start_master(sshd, sock)
+    start_master(sshd, sock, ssh_client)
     try:
         yield sock
     finally:
-        stop_master(sock)
+        stop_master(sock, ssh_client)
 
 
 @pytest.fixture(scope="module")
@@ -86,11 +96,27 @@ def riding(master_sock: Path) -> Iterator[Running]:
         factory.close()
 
 
-def test_ready_says_the_transport_and_the_masters_pid(riding: Running, master_sock: Path) -> None:
+def test_ready_says_the_transport_and_the_masters_pid(
+    riding: Running, master_sock: Path, ssh_client: str
+) -> None:
     ready = riding.wait_ready()
     assert ready["transport"] == "openssh-master"
-    assert ready["master_pid"] == master_pid(master_sock)
+    assert ready["master_pid"] == master_pid(master_sock, ssh_client)
     assert str(master_sock) in ready["server"]
+
+
+def test_the_master_runs_the_client_asked_for(
+    riding: Running, master_sock: Path, ssh_client: str
+) -> None:
+    """The master pytunnel rides is the OpenSSH version of this case: its process runs
+    that client's binary, and the 8.x case is an 8.x client."""
+    pid = master_pid(master_sock, ssh_client)
+    assert riding.ready["master_pid"] == pid
+    assert Path(os.readlink(f"/proc/{pid}/exe")).resolve() == client_binary(ssh_client)
+    said = subprocess.run([ssh_client, "-V"], capture_output=True, text=True, check=True)
+    assert said.stderr.startswith("OpenSSH_"), said.stderr
+    if ssh_client != "ssh":
+        assert said.stderr.startswith("OpenSSH_8."), said.stderr
 
 
 @pytest.mark.parametrize("mode", ["--socks5-hostname", "--proxy"])
@@ -154,11 +180,11 @@ def test_refused_port_in_stdio_mode_is_a_general_failure_that_says_why(
 @pytest.mark.parametrize(("mode", "code"), [("proxy", 0x02), ("stdio", 0x01)])
 def test_prohibited_port(
     make_sshd: Callable[..., SshdServer], tmp_path: Path, http_target: HttpTarget,
-    pytunnel_factory: PytunnelFactory, mode: str, code: int,
+    pytunnel_factory: PytunnelFactory, mode: str, code: int, ssh_client: str,
 ) -> None:  # fmt: skip
     server = make_sshd(PermitOpen=f"127.0.0.1:{http_target.port}")
     sock = tmp_path / "m.sock"
-    start_master(server, sock)
+    start_master(server, sock, ssh_client)
     try:
         tunnel = pytunnel_factory(tunnel_args(sock, "--master-mode", mode))
         reply, conn = socks5_connect(tunnel.address, "127.0.0.1", http_target.port + 1)
@@ -168,7 +194,7 @@ def test_prohibited_port(
         conn.close()
         assert reply == SOCKS5_OK
     finally:
-        stop_master(sock)
+        stop_master(sock, ssh_client)
 
 
 def _recv_all(conn: socket.socket) -> bytes:
@@ -180,8 +206,10 @@ def _recv_all(conn: socket.socket) -> bytes:
 
 @pytest.mark.parametrize("which", ["riding", "riding_proxy"])
 def test_the_clients_half_close_comes_before_the_answer(
-    which: str, request: pytest.FixtureRequest, echo_target: EchoTarget
+    which: str, request: pytest.FixtureRequest, echo_target: EchoTarget, ssh_client: str
 ) -> None:
+    # ssh_client is asked for by name so that the case runs for each client: the fixture
+    # looked up below rides that client's master.
     tunnel: Running = request.getfixturevalue(which)
     body = os.urandom(300_000)
     reply, conn = socks5_connect(tunnel.address, "127.0.0.1", echo_target.port)
@@ -229,11 +257,11 @@ def _descriptors(pid: int) -> int:
 
 
 def test_stdio_channels_give_their_descriptors_back(
-    riding: Running, master_sock: Path, echo_target: EchoTarget
+    riding: Running, master_sock: Path, echo_target: EchoTarget, ssh_client: str
 ) -> None:
     """Each stdio channel holds a control connection and a socket pair on both sides;
     when the connection ends, pytunnel and the master hold no more than before."""
-    master = master_pid(master_sock)
+    master = master_pid(master_sock, ssh_client)
     ours, theirs = _descriptors(riding.proc.pid), _descriptors(master)
     for _ in range(10):
         reply, conn = socks5_connect(riding.address, "127.0.0.1", echo_target.port)
@@ -252,18 +280,18 @@ def test_stdio_channels_give_their_descriptors_back(
 
 def test_master_gone_fails_closed_then_served_again(
     sshd: SshdServer, tmp_path: Path, http_target: HttpTarget,
-    pytunnel_factory: PytunnelFactory,
+    pytunnel_factory: PytunnelFactory, ssh_client: str,
 ) -> None:  # fmt: skip
     sock = tmp_path / "m.sock"
-    start_master(sshd, sock)
+    start_master(sshd, sock, ssh_client)
     tunnel = pytunnel_factory(tunnel_args(sock, "--reconnect-wait", "1"))
-    stop_master(sock)
+    stop_master(sock, ssh_client)
     tunnel.wait_event("session_lost")
     reply, conn = socks5_connect(tunnel.address, "127.0.0.1", http_target.port)
     conn.close()
     assert reply == socks5_failure(0x01)
     assert tunnel.alive
-    start_master(sshd, sock)
+    start_master(sshd, sock, ssh_client)
 
     # A waiting request makes pytunnel ask the master again at once.
     def served() -> bool:
@@ -278,17 +306,17 @@ def test_master_gone_fails_closed_then_served_again(
     assert up["outage"] > 0
     os.kill(tunnel.pid, signal.SIGUSR1)
     assert tunnel.wait_event("status")["state"] == "up"
-    stop_master(sock)
+    stop_master(sock, ssh_client)
 
 
 def test_sighup_and_sigusr1_through_a_master(
     sshd: SshdServer, tmp_path: Path, http_target: HttpTarget,
-    pytunnel_factory: PytunnelFactory,
+    pytunnel_factory: PytunnelFactory, ssh_client: str,
 ) -> None:  # fmt: skip
     # The master keeps its own connection: SIGHUP says there is nothing to remake (and
     # does not end pytunnel, as the signal's default would); SIGUSR1 gives the status.
     sock = tmp_path / "m.sock"
-    start_master(sshd, sock)
+    start_master(sshd, sock, ssh_client)
     try:
         tunnel = pytunnel_factory(tunnel_args(sock))
         os.kill(tunnel.pid, signal.SIGHUP)
@@ -303,7 +331,7 @@ def test_sighup_and_sigusr1_through_a_master(
         assert str(sock) in status["server"]
         assert tunnel.alive
     finally:
-        stop_master(sock)
+        stop_master(sock, ssh_client)
 
 
 def test_explicit_socket_without_master_exits_255(tmp_path: Path) -> None:
@@ -324,11 +352,11 @@ def short_dir() -> Iterator[Path]:
 
 def test_control_path_from_ssh_config_with_tokens(
     sshd: SshdServer, short_dir: Path, tmp_path: Path, http_target: HttpTarget,
-    pytunnel_factory: PytunnelFactory,
+    pytunnel_factory: PytunnelFactory, ssh_client: str,
 ) -> None:  # fmt: skip
     # ssh and pytunnel expand the same template to the same socket.
     sock = short_dir / f"{sshd.user}@{sshd.host}-{sshd.port}.sock"
-    start_master(sshd, sock)
+    start_master(sshd, sock, ssh_client)
     try:
         config = tmp_path / "ssh_config"
         config.write_text(f"Host {sshd.host}\n  ControlPath {short_dir}/%r@%h-%p.sock\n")
@@ -341,7 +369,7 @@ def test_control_path_from_ssh_config_with_tokens(
         conn.close()
         assert reply == SOCKS5_OK
     finally:
-        stop_master(sock)
+        stop_master(sock, ssh_client)
 
 
 def test_control_master_auto_without_master_logs_in_itself(
