@@ -563,8 +563,8 @@ class Session:
             failure = None
             if isinstance(exc, (OSError, asyncssh.ConnectionLost)):
                 failure = await proxy.failure()
+            proxy.stop()  # first: whatever interrupts what follows, the command ends
             await proxy.drop_socket()
-            proxy.stop()
             if failure is not None:
                 raise failure from exc
             raise
