@@ -13,6 +13,7 @@ listen (SOCKS BIND, ``-R``) and hands each connection that arrives to an
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable
 from typing import Protocol, cast
 
@@ -47,20 +48,70 @@ class ReportsToSink:
 
 class SocketPeer(ReportsToSink, asyncio.Protocol):
     """A plain stream socket as the far side (a TCP connection from this machine, the
-    socket pair an OpenSSH master relays), reporting to the proxy's sink."""
+    socket pair an OpenSSH master relays), reporting to the proxy's sink.
+
+    Like an SSH channel it stays paused until the proxy has written its reply, and
+    :class:`PeerChannel` releases it. uvloop starts reading a new transport after
+    ``connection_made`` whatever that asked, so what comes before the release (a
+    server that speaks first: an SSH or SMTP banner) is kept here, in order with its EOF
+    and close, and handed over at the release: never before the reply."""
 
     def __init__(self, sink: ChannelSink) -> None:
         self._sink = sink
+        self._transport: asyncio.Transport | None = None
+        # What came before the release, in order; None once released.
+        self._early: list[Callable[[], object]] | None = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # Paused, like an SSH channel, until the proxy has written its reply.
-        cast(asyncio.Transport, transport).pause_reading()
+        self._transport = cast(asyncio.Transport, transport)
+        self._transport.pause_reading()
 
     def data_received(self, data: bytes) -> None:
-        self._sink.remote_data(data)
+        early = self._early
+        if early is None:
+            self._sink.remote_data(data)
+            return
+        assert self._transport is not None
+        self._transport.pause_reading()  # effective from here on, under uvloop too
+        early.append(functools.partial(self._sink.remote_data, data))
+
+    def eof_received(self) -> bool:
+        self._report(self._sink.remote_eof)
+        return True  # half-close: the other direction keeps flowing
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._sink.remote_closed(exc)
+        self._report(functools.partial(self._sink.remote_closed, exc))
+
+    def _report(self, report: Callable[[], object]) -> None:
+        if self._early is None:
+            report()
+        else:
+            self._early.append(report)
+
+    def release(self) -> None:
+        """Hand over what came while paused; from now on everything goes at once."""
+        early, self._early = self._early, None
+        for report in early or ():
+            report()
+
+
+class PeerChannel:
+    """A :class:`SocketPeer`'s transport as the proxy's :class:`Channel`: resuming it
+    first hands over what the peer kept while it was paused."""
+
+    def __init__(self, transport: asyncio.Transport, peer: SocketPeer) -> None:
+        self._transport = transport
+        self._peer = peer
+        # The hot path goes straight to the transport.
+        self.write = transport.write
+        self.write_eof = transport.write_eof
+        self.pause_reading = transport.pause_reading
+        self.close = transport.close
+
+    def resume_reading(self) -> None:
+        self._peer.release()
+        if not self._transport.is_closing():
+            self._transport.resume_reading()
 
 
 class Channel(Protocol):

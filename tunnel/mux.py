@@ -35,9 +35,8 @@ import itertools
 import socket
 import struct
 from dataclasses import dataclass
-from typing import cast
 
-from .channels import Channel, ChannelSink, SocketPeer
+from .channels import Channel, ChannelSink, PeerChannel, SocketPeer
 from .errors import ChannelOpenFailed, ReplyReason, TunnelError, classify_open_failure
 
 MUX_VERSION = 4
@@ -780,7 +779,7 @@ class _StdioPeer(SocketPeer):
         # The master closes both of its descriptors for the pair (never shutdown()), so
         # the end of what it sends is the end of the channel both ways: close ours too.
         self._ended_by_master = True
-        self._sink.remote_eof()
+        self._report(self._sink.remote_eof)
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -880,7 +879,7 @@ async def open_stdio(
                 reply = await _stdio_reply(loop, control)
             if reply.kind != MuxMessage.S_SESSION_OPENED:
                 raise _stdio_failure(reply)
-            transport, _ = await loop.create_unix_connection(
+            transport, peer = await loop.create_unix_connection(
                 lambda: _StdioPeer(sink, control), sock=ours
             )
         except TimeoutError:
@@ -898,7 +897,7 @@ async def open_stdio(
             ) from exc
         held.remove(ours)
         held.remove(control)
-        return cast(Channel, transport)
+        return PeerChannel(transport, peer)
     finally:
         for sock in held:
             sock.close()

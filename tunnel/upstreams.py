@@ -11,9 +11,9 @@ import asyncio
 import errno
 import socket
 from dataclasses import dataclass
-from typing import Protocol, cast
+from typing import Protocol
 
-from .channels import Channel, ChannelSink, SocketPeer
+from .channels import Channel, ChannelSink, PeerChannel, SocketPeer
 from .errors import ChannelOpenFailed, ReplyReason
 
 
@@ -78,7 +78,7 @@ class Direct:
         loop = asyncio.get_running_loop()
         where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         try:
-            transport, _ = await asyncio.wait_for(
+            transport, peer = await asyncio.wait_for(
                 loop.create_connection(lambda: SocketPeer(sink), host, port), self.timeout
             )
         except TimeoutError:
@@ -97,4 +97,4 @@ class Direct:
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return cast(Channel, transport)
+        return PeerChannel(transport, peer)
