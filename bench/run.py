@@ -61,7 +61,8 @@ LABELS = {
     "pytunnel": "pytunnel",
     "asyncssh": "asyncssh forward_socks",
     "pytunnel-live": "pytunnel, live view on",
-    "pytunnel-master": "pytunnel via ssh -M master (CPU: both)",
+    "pytunnel-master": "pytunnel via ssh -M master, handover (CPU: both)",
+    "pytunnel-master-stdio": "pytunnel via ssh -M master, --master-mode stdio (CPU: both)",
     "pytunnel-master-proxy": "pytunnel via ssh -M master, --master-mode proxy (CPU: both)",
 }
 # The live view's cost does not depend on the cipher: measure it once, in "default".

@@ -376,7 +376,7 @@ class PytunnelMasterSubject(PytunnelSubject):
     pytunnel's and the master's together: the master does the cryptography."""
 
     master_pid: int = 0
-    mode = "stdio"
+    mode = "handover"  # the default
 
     def argv(self) -> list[str]:
         sock = self.server.workdir / f"{self.name}.sock"
@@ -415,6 +415,12 @@ class PytunnelMasterProxySubject(PytunnelMasterSubject):
     mode = "proxy"
 
 
+class PytunnelMasterStdioSubject(PytunnelMasterSubject):
+    """The same master, stdio mode (pytunnel relays both ways over a socket pair)."""
+
+    mode = "stdio"
+
+
 SUBJECTS: dict[str, type[Subject]] = {
     "ssh": SshSubject,
     "pytunnel": PytunnelSubject,
@@ -422,4 +428,5 @@ SUBJECTS: dict[str, type[Subject]] = {
     "pytunnel-live": PytunnelLiveSubject,
     "pytunnel-master": PytunnelMasterSubject,
     "pytunnel-master-proxy": PytunnelMasterProxySubject,
+    "pytunnel-master-stdio": PytunnelMasterStdioSubject,
 }

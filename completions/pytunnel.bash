@@ -199,7 +199,7 @@ __pytunnel_value()
         -J) __pytunnel_host_words "$2" list ;;
         -l) while IFS= read -r item; do found+=("$item"); done < <(compgen -u -- "$2") ;;
         -o) __pytunnel_option "$2" ;;
-        --master-mode) while IFS= read -r item; do found+=("$item"); done < <(compgen -W 'stdio proxy' -- "$2") ;;
+        --master-mode) while IFS= read -r item; do found+=("$item"); done < <(compgen -W 'handover stdio proxy' -- "$2") ;;
     esac
 }
 

@@ -229,7 +229,7 @@ complete -c pytunnel -l reconnect-wait -x -d 'While reconnecting, how long a new
 complete -c pytunnel -l give-up-after -x -d 'Exit (status 255) when the SSH session has been down this long, for a service manager to restart pytunnel'
 complete -c pytunnel -l max-connections -x -d 'Clients served at once; more get a failure reply'
 complete -c pytunnel -l connections -x -d 'Spread channels over up to N SSH connections (opened as they are needed)'
-complete -c pytunnel -l master-mode -x -a 'stdio proxy' -d 'Through an OpenSSH master (-S): stdio lets the master relay each connection (fast; a refused connection is reply 0x01); proxy has pytunnel frame the SSH packets (slower; the server\'s own reason, such as 0x05 refused)'
+complete -c pytunnel -l master-mode -x -a 'handover stdio proxy' -d 'Through an OpenSSH master (-S): handover (the default on Linux) has the master read each client itself and pytunnel pass the server\'s bytes on; stdio (the default elsewhere) has pytunnel relay both ways; in both a refused connection is reply 0x01'
 complete -c pytunnel -l drain -x -d 'On SIGTERM or Ctrl-C, let open connections finish for this long'
 complete -c pytunnel -l proxy-auth -x -d 'Require this user and a password (from $PYTUNNEL_PROXY_PASSWORD or --proxy-password-file) from clients: SOCKS5 username/password, HTTP Basic'
 complete -c pytunnel -l proxy-password-file -r -F -d 'File whose first line is the --proxy-auth password'

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import socket
 from collections.abc import Callable
-from typing import Protocol, cast
+from dataclasses import dataclass
+from typing import Protocol, cast, runtime_checkable
 
 
 class ChannelSink(Protocol):
@@ -26,6 +28,33 @@ class ChannelSink(Protocol):
     def remote_pause(self) -> None: ...
     def remote_resume(self) -> None: ...
     def remote_closed(self, exc: BaseException | None) -> None: ...
+
+
+@dataclass(frozen=True)
+class LentSocket:
+    """A client's socket lent to an upstream that reads it itself (``--master-mode
+    handover``): a duplicate of the descriptor, to be closed by the borrower."""
+
+    sock: socket.socket
+    # What the proxy has read from the connection so far (the handshake), which the
+    # kernel's count of received bytes includes and the relay's count must not.
+    consumed: int
+    # What the proxy has written but the socket has not taken yet: the borrower writes
+    # nothing of its own before this is 0, so nothing overtakes the reply.
+    unsent: Callable[[], int]
+
+
+@runtime_checkable
+class LendingSink(ChannelSink, Protocol):
+    """A sink that can lend its client's socket, and takes byte counts from a relay it
+    does not see."""
+
+    def lend_socket(self) -> LentSocket | None:
+        """The socket, if nothing read from it is still waiting to be relayed and the
+        proxy will not read it again; None otherwise (then relay as usual)."""
+
+    def counted(self, up: int, down: int) -> None:
+        """Bytes relayed by the borrower, added to the connection's counts."""
 
 
 class ReportsToSink:

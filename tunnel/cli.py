@@ -182,6 +182,19 @@ def read_routes(ordered: Sequence[tuple[str, str]]) -> tuple[Route, ...]:
 PASSWORD_ENV = "PYTUNNEL_PROXY_PASSWORD"
 
 
+def _master_mode(mode: str | None) -> str:
+    from .mux import HANDOVER_SUPPORTED
+
+    if mode is None:
+        return "handover" if HANDOVER_SUPPORTED else "stdio"
+    if mode == "handover" and not HANDOVER_SUPPORTED:
+        raise ConfigError(
+            "--master-mode handover needs Linux (splice and TCP_INFO)",
+            hint="use --master-mode stdio",
+        )
+    return mode
+
+
 def proxy_credentials(user: str | None, password_file: str | None) -> tuple[bytes, bytes] | None:
     """The listener's credentials: never from the command line, where ps shows them."""
     if user is None:
@@ -471,13 +484,13 @@ def _seconds(default: float, *, positive: bool = True) -> dict[str, Any]:
 )
 @click.option(
     "--master-mode",
-    type=click.Choice(["stdio", "proxy"]),
-    default="stdio",
-    show_default=True,
+    type=click.Choice(["handover", "stdio", "proxy"]),
     metavar="MODE",
-    help="Through an OpenSSH master (-S): stdio lets the master relay each connection "
-    "(fast; a refused connection is reply 0x01); proxy has pytunnel frame the SSH "
-    "packets (slower; the server's own reason, such as 0x05 refused).",
+    help="Through an OpenSSH master (-S): handover (the default on Linux) has the master "
+    "read each client itself and pytunnel pass the server's bytes on; stdio (the default "
+    "elsewhere) has pytunnel relay both ways; in both a refused connection is reply 0x01. "
+    "proxy has pytunnel frame the SSH packets (slower; the server's own reason, such as "
+    "0x05 refused).",
 )
 @click.option(
     "--drain",
@@ -614,7 +627,7 @@ def command(ctx: click.Context, /, **params: Any) -> None:
             give_up_after=params["give_up_after"],
             max_connections=params["max_connections"],
             drain=params["drain"],
-            master_mode=params["master_mode"],
+            master_mode=_master_mode(params["master_mode"]),
             ssh_connections=params["connections"],
             rules=parse_rules(ctx.meta.get("pytunnel.rules", [])),
             routes=read_routes(ctx.meta.get("pytunnel.routes", [])),

@@ -142,8 +142,9 @@ class Config:
     control_path: str | None = None
     control_master: str | None = None
     control_path_explicit: bool = False
-    # --master-mode: how a channel through the master is opened (see tunnel.mux).
-    master_mode: str = "stdio"
+    # --master-mode: how a channel through the master is opened (see tunnel.mux); where
+    # handover cannot be had (not Linux), the master upstream opens stdio forwards.
+    master_mode: str = "handover"
 
 
 def parse_port(text: str, *, what: str = "port", allow_zero: bool = False) -> int:

@@ -67,7 +67,9 @@ class HttpClient(ChannelSink, Protocol):
     def parsed(
         self, protocol: str, command: str, host: str, port: int, sent_name: bool
     ) -> None: ...
-    async def open_channel(self, host: str, port: int, sink: ChannelSink) -> Channel: ...
+    async def open_channel(
+        self, host: str, port: int, sink: ChannelSink, *, lend: bool = False
+    ) -> Channel: ...
     def failed(self, exc: ChannelOpenFailed) -> None: ...
     def start_relay(self, channel: Channel, pipelined: bytes) -> None: ...
     @property
@@ -343,7 +345,10 @@ class HttpSession(_Fed):
         client.parsed("http-connect", "CONNECT", target.host, target.port, _is_name(target.host))
         client.transport.pause_reading()
         try:
-            channel = await client.open_channel(target.host, target.port, client)
+            pipelined, _ = self.conn.trailing_data
+            channel = await client.open_channel(
+                target.host, target.port, client, lend=not pipelined
+            )
         except ChannelOpenFailed as exc:
             client.failed(exc)
             await self.respond(status_for(exc.reason), f"{exc.reason.label}: {exc.message}")

@@ -16,10 +16,10 @@ from collections.abc import Callable
 from typing import NoReturn
 
 from . import events
-from .channels import Channel, ChannelSink
+from .channels import Channel, ChannelSink, LendingSink
 from .config import Config
 from .errors import ChannelOpenFailed, ConnectFailed, ReplyReason, SessionClosed, TunnelError
-from .mux import MuxClient, open_stdio
+from .mux import HANDOVER_SUPPORTED, MuxClient, open_handover, open_stdio
 from .retry import backoff
 from .tasks import raise_if_cancelling
 from .upstreams import Request
@@ -99,12 +99,24 @@ class MasterUpstream:
                 raise ChannelOpenFailed(
                     ReplyReason.GENERAL_FAILURE, f"the OpenSSH master at {self.path} is gone"
                 )
-        if self.config.master_mode == "stdio":
-            return await open_stdio(
-                self.path, request.host, request.port, sink, self.config.open_timeout
+        mode = self.config.master_mode
+        if mode == "proxy":
+            return await client.open_tcp(
+                request.host, request.port, request.origin, sink, self.config.open_timeout
             )
-        return await client.open_tcp(
-            request.host, request.port, request.origin, sink, self.config.open_timeout
+        if (
+            mode == "handover"
+            and HANDOVER_SUPPORTED
+            and isinstance(sink, LendingSink)
+            and (lent := sink.lend_socket()) is not None
+        ):
+            return await open_handover(
+                self.path, request.host, request.port, sink, lent, self.config.open_timeout
+            )
+        # stdio mode; or handover where something was pipelined after the request, the
+        # client is no TCP socket, or this is no Linux: the master relays a socket pair.
+        return await open_stdio(
+            self.path, request.host, request.port, sink, self.config.open_timeout
         )
 
     async def keep_up(self) -> NoReturn:

@@ -26,13 +26,14 @@ import errno
 import hmac
 import itertools
 import logging
+import os
 import socket
 import time
 from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
 from typing import Any, cast
 
 from . import events
-from .channels import Binder, Channel, ChannelSink
+from .channels import Binder, Channel, ChannelSink, LentSocket
 from .errors import ChannelOpenFailed, ListenError, ReplyReason
 from .handlers.associate import AssociateHandler
 from .handlers.base import Handler, normal_host
@@ -71,6 +72,10 @@ class ProxyClient(asyncio.Protocol):
         self._over_limit = False
         self._remote_paused = False
         self._pending: list[bytes] | None = None
+        # Read from the client before the relay (the handshake), and whether the channel
+        # being opened may borrow the client's socket (nothing of it left to relay).
+        self._consumed = 0
+        self._may_lend = False
         self._loop = asyncio.get_running_loop()
         self.user: str | None = None
         self.info = events.ConnectionInfo(id=0, client="", started=0.0)
@@ -98,6 +103,7 @@ class ProxyClient(asyncio.Protocol):
             self.info.bytes_up += len(data)
             channel.write(data)
             return
+        self._consumed += len(data)
         handler = self._handler
         if handler is None:
             if self._closed:
@@ -168,6 +174,29 @@ class ProxyClient(asyncio.Protocol):
         self._remote_paused = False
         if not self._transport.is_closing():
             self._transport.resume_reading()
+
+    def counted(self, up: int, down: int) -> None:
+        self.info.bytes_up += up
+        self.info.bytes_down += down
+
+    def lend_socket(self) -> LentSocket | None:
+        """A duplicate of the client's socket for an upstream that reads it itself, while
+        a channel is being opened for a request with nothing pipelined after it (and so
+        nothing we read that would have to go first). Reading is paused then, and a
+        channel that reads the client keeps it so."""
+        transport = self._transport
+        if not self._may_lend or self._client_eof or self._closed or transport is None:
+            return None
+        sock = transport.get_extra_info("socket")
+        if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+            return None
+        if transport.is_reading():
+            return None
+        try:
+            duplicate = socket.socket(fileno=os.dup(sock.fileno()))
+        except OSError:
+            return None
+        return LentSocket(duplicate, self._consumed, transport.get_write_buffer_size)
 
     def remote_closed(self, exc: BaseException | None) -> None:
         self._channel = None
@@ -244,13 +273,17 @@ class ProxyClient(asyncio.Protocol):
             listener=self.info.listener,
         )
 
-    async def open_channel(self, host: str, port: int, sink: ChannelSink) -> Channel:
+    async def open_channel(
+        self, host: str, port: int, sink: ChannelSink, *, lend: bool = False
+    ) -> Channel:
         """Ask the router for a channel, after the connection limit; raise
         ChannelOpenFailed with the reason. The channel arrives paused. The host goes to
-        the router in its normal form."""
+        the router in its normal form. ``lend``: nothing was pipelined after the request,
+        so the upstream may read the client's socket itself (:meth:`lend_socket`)."""
         self.check_limit()
         request = self.request(normal_host(host), port)
         started = time.monotonic()
+        self._may_lend = lend
         try:
             channel, self.info.upstream = await self._server.router.open_labelled(request, sink)
         except ChannelOpenFailed as exc:
@@ -261,6 +294,8 @@ class ProxyClient(asyncio.Protocol):
             raise ChannelOpenFailed(
                 ReplyReason.GENERAL_FAILURE, f"internal error: {exc!r}"
             ) from exc
+        finally:
+            self._may_lend = False
         if self._closed:
             channel.close()
             raise ChannelOpenFailed(ReplyReason.GENERAL_FAILURE, "the client went away")
@@ -281,6 +316,10 @@ class ProxyClient(asyncio.Protocol):
         self._channel = channel
         self._handler = None
         channel.resume_reading()
+        if getattr(channel, "reads_client", False):
+            # The upstream reads the client itself (lent before anything was pipelined,
+            # with reading paused): it stays paused here for good.
+            return
         if pipelined:
             self.info.bytes_up += len(pipelined)
             channel.write(pipelined)

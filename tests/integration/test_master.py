@@ -96,6 +96,20 @@ def riding(master_sock: Path) -> Iterator[Running]:
         factory.close()
 
 
+@pytest.fixture(scope="module")
+def riding_stdio(master_sock: Path) -> Iterator[Running]:
+    factory = PytunnelFactory()
+    try:
+        yield factory(tunnel_args(master_sock, "--master-mode", "stdio"))
+    finally:
+        factory.close()
+
+
+# The modes in which the master relays the bytes itself (a stdio forward): handover, the
+# default, and stdio.
+STDIO_MODES = ["riding", "riding_stdio"]
+
+
 def test_ready_says_the_transport_and_the_masters_pid(
     riding: Running, master_sock: Path, ssh_client: str
 ) -> None:
@@ -119,22 +133,29 @@ def test_the_master_runs_the_client_asked_for(
         assert said.stderr.startswith("OpenSSH_8."), said.stderr
 
 
-@pytest.mark.parametrize("mode", ["--socks5-hostname", "--proxy"])
+@pytest.mark.parametrize("which", STDIO_MODES)
+@pytest.mark.parametrize("mode", ["--socks5-hostname", "--proxy", "--proxytunnel"])
 def test_curl_through_the_master(
-    riding: Running, http_target: HttpTarget, curl: str, mode: str
-) -> None:
+    which: str, request: pytest.FixtureRequest, http_target: HttpTarget, curl: str,
+    mode: str, ssh_client: str,
+) -> None:  # fmt: skip
+    riding: Running = request.getfixturevalue(which)
     scheme = "socks5h" if mode == "--socks5-hostname" else "http"
+    tunnel = ["--proxytunnel"] if mode == "--proxytunnel" else []
     out = subprocess.run(
-        [curl, "--silent", "--show-error", "--fail", "--max-time", str(TIMEOUT),
+        [curl, "--silent", "--show-error", "--fail", "--max-time", str(TIMEOUT), *tunnel,
          "--proxy", f"{scheme}://{riding.netloc}", http_target.url()],
         capture_output=True, timeout=TIMEOUT * 2, check=True,
     )  # fmt: skip
     assert out.stdout.startswith(b"hello")
 
 
+@pytest.mark.parametrize("which", STDIO_MODES)
 def test_big_body_byte_counts(
-    riding: Running, http_target: HttpTarget, big_body: bytes, curl: str
-) -> None:
+    which: str, request: pytest.FixtureRequest, http_target: HttpTarget, big_body: bytes,
+    curl: str, ssh_client: str,
+) -> None:  # fmt: skip
+    riding: Running = request.getfixturevalue(which)
     out = subprocess.run(
         [curl, "--silent", "--show-error", "--fail", "--max-time", str(TIMEOUT),
          "--proxy", f"socks5h://{riding.netloc}", http_target.url("/big")],
@@ -177,7 +198,7 @@ def test_refused_port_in_stdio_mode_is_a_general_failure_that_says_why(
     assert "--master-mode proxy" in failed["reason"]
 
 
-@pytest.mark.parametrize(("mode", "code"), [("proxy", 0x02), ("stdio", 0x01)])
+@pytest.mark.parametrize(("mode", "code"), [("proxy", 0x02), ("stdio", 0x01), ("handover", 0x01)])
 def test_prohibited_port(
     make_sshd: Callable[..., SshdServer], tmp_path: Path, http_target: HttpTarget,
     pytunnel_factory: PytunnelFactory, mode: str, code: int, ssh_client: str,
@@ -204,7 +225,7 @@ def _recv_all(conn: socket.socket) -> bytes:
     return data
 
 
-@pytest.mark.parametrize("which", ["riding", "riding_proxy"])
+@pytest.mark.parametrize("which", ["riding", "riding_stdio", "riding_proxy"])
 def test_the_clients_half_close_comes_before_the_answer(
     which: str, request: pytest.FixtureRequest, echo_target: EchoTarget, ssh_client: str
 ) -> None:
@@ -240,12 +261,15 @@ def test_in_proxy_mode_the_client_still_sends_after_the_servers_half_close(
     assert talker_target.wait_received(done + 1, TIMEOUT)[done:] == [14_000]
 
 
+@pytest.mark.parametrize("which", STDIO_MODES)
 def test_in_stdio_mode_the_servers_half_close_ends_the_connection(
-    riding: Running, talker_target: TalkerTarget
+    which: str, request: pytest.FixtureRequest, talker_target: TalkerTarget, ssh_client: str
 ) -> None:
     """OpenSSH's stdio forwarding (``ssh -W`` too) stops reading once the server's side
     has ended: the connection ends there, cleanly, instead of hanging; the README says
-    so and names --master-mode proxy."""
+    so and names --master-mode proxy. The target speaks first, and its greeting comes
+    after our reply (checked byte by byte on the way)."""
+    riding: Running = request.getfixturevalue(which)
     done = len(talker_target.received)  # the target is shared with other tests
     _talk_after_the_servers_fin(riding, talker_target)
     assert talker_target.wait_received(done + 1, TIMEOUT)[done:] == [0]
@@ -256,11 +280,18 @@ def _descriptors(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+@pytest.mark.parametrize("which", STDIO_MODES)
 def test_stdio_channels_give_their_descriptors_back(
-    riding: Running, master_sock: Path, echo_target: EchoTarget, ssh_client: str
+    which: str,
+    request: pytest.FixtureRequest,
+    master_sock: Path,
+    echo_target: EchoTarget,
+    ssh_client: str,
 ) -> None:
-    """Each stdio channel holds a control connection and a socket pair on both sides;
-    when the connection ends, pytunnel and the master hold no more than before."""
+    """Each stdio channel holds a control connection and a socket pair (or, handed over,
+    the client's socket and a pipe) on both sides; when the connection ends, pytunnel
+    and the master hold no more than before."""
+    riding: Running = request.getfixturevalue(which)
     master = master_pid(master_sock, ssh_client)
     ours, theirs = _descriptors(riding.proc.pid), _descriptors(master)
     for _ in range(10):
@@ -396,3 +427,95 @@ def test_what_a_master_cannot_carry_is_a_usage_error(
     assert done.returncode == 2, done.stderr
     assert words in done.stderr
     assert "Traceback" not in done.stderr
+
+
+# -- handover mode: the master reads the client's socket itself -------------------------
+
+
+def _proxy_side_inode(tunnel: Running, conn: socket.socket) -> int:
+    """The inode of pytunnel's end of a client connection, from /proc/net/tcp: the row
+    whose local port is the proxy's and whose remote port is the client's."""
+    local = f":{tunnel.port:04X}"
+    remote = f":{conn.getsockname()[1]:04X}"
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[1].endswith(local) and fields[2].endswith(remote):
+            return int(fields[9])
+    raise AssertionError("no such connection in /proc/net/tcp")
+
+
+def _holds_socket(pid: int, inode: int) -> bool:
+    fds = Path(f"/proc/{pid}/fd")
+    return any(os.readlink(fd) == f"socket:[{inode}]" for fd in fds.iterdir())
+
+
+def _closed_event(tunnel: Running, conn: socket.socket) -> dict[str, object]:
+    client = f"127.0.0.1:{conn.getsockname()[1]}"
+    return tunnel.wait_event("connection_closed", client=client, timeout=TIMEOUT)
+
+
+def test_handover_gives_the_master_the_clients_socket_and_counts_exactly(
+    riding: Running, master_sock: Path, echo_target: EchoTarget, ssh_client: str
+) -> None:
+    """The master holds pytunnel's end of the client's connection and reads it itself;
+    the counts are still exact both ways: up from the kernel's count less the handshake,
+    down from what pytunnel spliced."""
+    body = os.urandom(300_000)
+    reply, conn = socks5_connect(riding.address, "127.0.0.1", echo_target.port)
+    assert reply == SOCKS5_OK
+    with conn:
+        conn.sendall(body[:1000])
+        inode = _proxy_side_inode(riding, conn)
+        assert wait_until(lambda: _holds_socket(master_pid(master_sock, ssh_client), inode), 5)
+        conn.sendall(body[1000:])
+        conn.shutdown(socket.SHUT_WR)
+        answer = _recv_all(conn)
+        assert answer == EchoTarget.expected_reply(body)
+        closed = _closed_event(riding, conn)
+    assert (closed["bytes_up"], closed["bytes_down"]) == (len(body), len(answer))
+
+
+def test_handover_with_pipelined_bytes_lets_the_master_relay_a_pair(
+    riding: Running, master_sock: Path, echo_target: EchoTarget, ssh_client: str
+) -> None:
+    """Bytes sent behind the request, before the reply, were read by pytunnel and must go
+    first: that connection is not handed over (the master relays a socket pair, as in
+    stdio mode), and every byte arrives in order."""
+    request = b"\x05\x01\x00\x01" + socket.inet_aton("127.0.0.1")
+    request += struct.pack(">H", echo_target.port)
+    conn = socket.create_connection(riding.address, timeout=TIMEOUT)
+    with conn:
+        conn.sendall(b"\x05\x01\x00" + request + b"early bytes")
+        head = b""
+        while len(head) < 12:
+            chunk = conn.recv(12 - len(head))
+            assert chunk, head
+            head += chunk
+        assert head == b"\x05\x00" + SOCKS5_OK
+        inode = _proxy_side_inode(riding, conn)
+        assert not _holds_socket(master_pid(master_sock, ssh_client), inode)
+        conn.sendall(b" and late ones")
+        conn.shutdown(socket.SHUT_WR)
+        assert _recv_all(conn) == EchoTarget.expected_reply(b"early bytes and late ones")
+        closed = _closed_event(riding, conn)
+    assert closed["bytes_up"] == len(b"early bytes and late ones")
+
+
+def test_handover_connections_end_when_pytunnel_stops(
+    master_sock: Path, echo_target: EchoTarget, pytunnel_factory: PytunnelFactory,
+    ssh_client: str,
+) -> None:  # fmt: skip
+    """The master holds a copy of the client's socket, so closing ours would not end the
+    connection: pytunnel shuts it down both ways when it ends a connection, and the
+    client sees the end at once instead of hanging on the master's copy."""
+    tunnel = pytunnel_factory(tunnel_args(master_sock, "--master-mode", "handover"))
+    reply, conn = socks5_connect(tunnel.address, "127.0.0.1", echo_target.port)
+    assert reply == SOCKS5_OK
+    with conn:
+        conn.sendall(b"half a request")
+        inode = _proxy_side_inode(tunnel, conn)
+        assert wait_until(lambda: _holds_socket(master_pid(master_sock, ssh_client), inode), 5)
+        tunnel.stop()
+        conn.settimeout(TIMEOUT)
+        with contextlib.suppress(ConnectionResetError):  # also an end
+            assert conn.recv(100) == b""

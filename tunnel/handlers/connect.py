@@ -22,7 +22,9 @@ class ConnectHandler:
     async def _open(self) -> None:
         client, codec = self.client, self.codec
         try:
-            channel = await client.open_channel(self.request.host, self.request.port, client)
+            channel = await client.open_channel(
+                self.request.host, self.request.port, client, lend=not codec.trailing_data
+            )
         except ChannelOpenFailed as exc:
             socks_fail(client, codec, exc)
             return
