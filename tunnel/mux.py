@@ -41,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import itertools
 import socket
 import struct
@@ -941,7 +942,9 @@ async def open_stdio(
 
 # Linux only: TCP_INFO's count of received bytes is what gives the upload count.
 HANDOVER_SUPPORTED = sys.platform == "linux" and hasattr(socket, "TCP_INFO")
-# What one pass moves from the master's socket pair to the client, at most.
+# What one pass moves from the master's socket pair to the client, at most: read into
+# one buffer that every connection shares (the loop runs one callback at a time), so
+# 1000 open connections do not hold 1000 of them.
 _CHUNK = 256 * 1024
 # How often the upload count is read from the kernel while a connection is open.
 COUNT_EVERY = 0.5
@@ -978,6 +981,11 @@ def received_bytes(sock: socket.socket, *, reset: bool = False) -> int | None:
     return value
 
 
+@functools.cache
+def _scratch() -> memoryview:
+    return memoryview(bytearray(_CHUNK))
+
+
 class _Handover:
     """The proxy's :class:`Channel` in handover mode. The master reads the client's
     socket itself (the stdio forward's input) and writes the server's bytes into a
@@ -1002,8 +1010,7 @@ class _Handover:
         self._client = lent.sock
         self._pair = pair
         self._control = control
-        self._buffer = memoryview(bytearray(_CHUNK))
-        self._unsent = self._buffer[:0]  # what the client's socket did not take yet
+        self._unsent = memoryview(b"")  # what the client's socket did not take yet
         self._up = 0
         self._reset = False  # an error seen on the client's socket
         self._wanted = False  # the proxy wants the server's bytes (resume_reading)
@@ -1069,8 +1076,9 @@ class _Handover:
             self._loop.remove_writer(self._client.fileno())
 
     def _pair_readable(self) -> None:
+        scratch = _scratch()
         try:
-            count = self._pair.recv_into(self._buffer)
+            count = self._pair.recv_into(scratch)
         except BlockingIOError:
             return
         except OSError as exc:  # the master is gone
@@ -1079,8 +1087,10 @@ class _Handover:
         if not count:
             self._pair_ended()
             return
-        if self._send(self._buffer[:count]):
-            # The client's socket is full: wait until it takes more.
+        if self._send(scratch[:count]):
+            # The client's socket is full: keep the rest (the scratch buffer is shared)
+            # and wait until it takes more.
+            self._unsent = memoryview(bytes(self._unsent))
             self._loop.remove_reader(self._pair.fileno())
             self._loop.add_writer(self._client.fileno(), self._client_writable)
 
