@@ -60,18 +60,19 @@ def test_udp_bench_runs_every_subject() -> None:
     ]
 
 
-def test_master_subjects_run_in_both_modes() -> None:
+def test_master_subjects_run_in_every_mode() -> None:
     if not sshd_available():
         pytest.skip(f"OpenSSH server not installed ({SSHD_PATH} missing)")
     args = [*SMOKE_ARGS, "--settings", "default"]
-    args[args.index("pytunnel")] = "pytunnel-master,pytunnel-master-proxy"
+    args[args.index("pytunnel")] = "pytunnel-master,pytunnel-master-stdio,pytunnel-master-proxy"
     done = subprocess.run(
         [sys.executable, str(RUN), *args], capture_output=True, text=True, timeout=75, check=False
     )
     assert done.returncode == 0, done.stderr[-3000:]
     header = next(line for line in done.stdout.splitlines() if line.startswith("| metric |"))
     assert "--master-mode proxy" in header
-    assert header.count("pytunnel via ssh -M master") == 2
+    assert "--master-mode stdio" in header
+    assert header.count("pytunnel via ssh -M master") == 3
     rows = [line.split(" | ")[0] for line in done.stdout.splitlines() if line.startswith("| ")]
     assert "| download, 1 connection × 2 MiB (MiB/s)" in rows
 
@@ -104,6 +105,12 @@ def test_workers_bench_runs_every_layout() -> None:
     ]
 
 
+def test_flows_bench_compares_each_subject_with_the_first() -> None:
+    done = _script("flows.py", "--only", "ssh,pytunnel-master", "--rounds", "2", "--size", "1")
+    assert _rows(done.stdout, 1)[1:] == [["| ssh"], ["| pytunnel-master"]]
+    assert "pytunnel-master / ssh: download " in done.stdout
+
+
 def test_liveview_bench_reads_both_subjects() -> None:
     done = _script(
         "liveview.py", "--rounds", "1", "--seconds", "0.5", "--connections", "0,3",
@@ -114,7 +121,8 @@ def test_liveview_bench_reads_both_subjects() -> None:
 
 
 @pytest.mark.parametrize(
-    "script", ["run.py", "udp.py", "connections.py", "recovery.py", "workers.py", "liveview.py"]
+    "script",
+    ["run.py", "udp.py", "connections.py", "recovery.py", "workers.py", "liveview.py", "flows.py"],
 )
 def test_bench_help_prints(script: str) -> None:
     """--help renders every option's text (a bare % in one made argparse raise)."""
