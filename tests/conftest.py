@@ -6,9 +6,10 @@ Everything listens on loopback only. Heavy fixtures are session-scoped; the clas
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -172,3 +173,17 @@ def tunnel_asyncssh(pytunnel_factory: PytunnelFactory, asyncssh_server: Asyncssh
 
 
 # ==== end of pytunnel subprocess fixtures ==================================================
+
+
+def _uvloop_run(main: Awaitable[None]) -> None:
+    uvloop = pytest.importorskip("uvloop")
+    uvloop.run(main)
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def run_loop(request: pytest.FixtureRequest) -> Callable[[Awaitable[None]], None]:
+    """Runs a test's coroutine under asyncio's own loop, then (the second case) under
+    uvloop, which pytunnel runs on: their transports differ where it matters."""
+    if request.param == "asyncio":
+        return asyncio.run  # type: ignore[return-value]
+    return _uvloop_run

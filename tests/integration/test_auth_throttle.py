@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import httpx
 import pytest
 from fixtures.in_process import EventLog
-from fixtures.net import LOOPBACK4
+from fixtures.net import LOOPBACK4, sock_recv_exactly
 from fixtures.targets import EchoTarget, HttpTarget
 from python_socks.async_.asyncio import Proxy as AsyncProxy
 
@@ -80,15 +80,7 @@ async def connect(tunnel: Tunnel, source: str = LOOPBACK4) -> socket.socket:
 
 
 async def recv_exact(sock: socket.socket, count: int) -> bytes:
-    loop = asyncio.get_running_loop()
-    data = b""
-    async with asyncio.timeout(DEADLINE):
-        while len(data) < count:
-            chunk = await loop.sock_recv(sock, count - len(data))
-            if not chunk:
-                break
-            data += chunk
-    return data
+    return await sock_recv_exactly(sock, count, DEADLINE)
 
 
 def nothing_arrived(sock: socket.socket) -> bool:

@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 
 import pytest
+from fixtures.net import sock_recv_exactly
 
 from tunnel import mux
 from tunnel.channels import LentSocket
@@ -27,16 +28,6 @@ if not mux.HANDOVER_SUPPORTED:
     pytest.skip("handover needs TCP_INFO's byte counts (Linux)", allow_module_level=True)
 
 TIMEOUT = 10.0
-
-
-def _uvloop_run(main: Awaitable[None]) -> None:
-    uvloop = pytest.importorskip("uvloop")
-    uvloop.run(main)
-
-
-@pytest.fixture(params=["asyncio", "uvloop"])
-def run(request: pytest.FixtureRequest) -> Callable[[Awaitable[None]], None]:
-    return asyncio.run if request.param == "asyncio" else _uvloop_run  # type: ignore[return-value]
 
 
 @dataclass
@@ -124,19 +115,8 @@ def make(client: socket.socket, proxy_side: socket.socket, consumed: int = 0) ->
     return Setup(client, proxy_side, master_end, control_far, sink, channel, unsent)
 
 
-async def recv_exactly(sock: socket.socket, count: int) -> bytes:
-    loop = asyncio.get_running_loop()
-    data = b""
-    while len(data) < count:
-        chunk = await loop.sock_recv(sock, count - len(data))
-        if not chunk:
-            break
-        data += chunk
-    return data
-
-
 def test_nothing_overtakes_the_reply(
-    run: Callable[[Awaitable[None]], None], tcp_pair: tuple[socket.socket, socket.socket]
+    run_loop: Callable[[Awaitable[None]], None], tcp_pair: tuple[socket.socket, socket.socket]
 ) -> None:
     """The server's first bytes wait in the socket pair until the proxy wants them and its own
     reply has left its transport's buffer."""
@@ -153,15 +133,15 @@ def test_nothing_overtakes_the_reply(
         with pytest.raises(BlockingIOError):
             setup.client.recv(100)
         setup.unsent[0] = 0
-        assert await recv_exactly(setup.client, 16) == b"SSH-2.0-banner\r\n"
+        assert await sock_recv_exactly(setup.client, 16) == b"SSH-2.0-banner\r\n"
         assert setup.sink.down == 16
         setup.channel.close()
 
-    run(main())
+    run_loop(main())
 
 
 def test_a_slow_client_gets_every_byte_in_order(
-    run: Callable[[Awaitable[None]], None], tcp_pair: tuple[socket.socket, socket.socket]
+    run_loop: Callable[[Awaitable[None]], None], tcp_pair: tuple[socket.socket, socket.socket]
 ) -> None:
     """More than the socket pair and the client's socket hold: the channel waits for the
     client to take more (the pair fills, and the master would stop reading the
@@ -174,7 +154,7 @@ def test_a_slow_client_gets_every_byte_in_order(
         loop = asyncio.get_running_loop()
         writer = loop.run_in_executor(None, setup.master_writes, body)
         await asyncio.sleep(0.2)  # the client reads nothing for a while
-        received = await recv_exactly(setup.client, len(body))
+        received = await sock_recv_exactly(setup.client, len(body))
         await writer
         assert received == body
         assert setup.sink.down == len(body)
@@ -183,18 +163,18 @@ def test_a_slow_client_gets_every_byte_in_order(
         assert setup.sink.eof
         setup.channel.close()
 
-    run(main())
+    run_loop(main())
 
 
 def test_the_pairs_end_is_the_servers_eof_and_the_controls_end_the_connections(
-    run: Callable[[Awaitable[None]], None], tcp_pair: tuple[socket.socket, socket.socket]
+    run_loop: Callable[[Awaitable[None]], None], tcp_pair: tuple[socket.socket, socket.socket]
 ) -> None:
     async def main() -> None:
         setup = make(*tcp_pair)
         setup.channel.resume_reading()
         setup.master_writes(b"last words")
         setup.master_closes_its_end()
-        assert await recv_exactly(setup.client, 10) == b"last words"
+        assert await sock_recv_exactly(setup.client, 10) == b"last words"
         for _ in range(100):
             if setup.sink.eof:
                 break
@@ -205,11 +185,11 @@ def test_the_pairs_end_is_the_servers_eof_and_the_controls_end_the_connections(
         await asyncio.wait_for(setup.sink.ended.wait(), TIMEOUT)
         assert setup.sink.closed == [None]
 
-    run(main())
+    run_loop(main())
 
 
 def test_what_is_in_the_pair_when_the_channel_ends_still_arrives(
-    run: Callable[[Awaitable[None]], None], tcp_pair: tuple[socket.socket, socket.socket]
+    run_loop: Callable[[Awaitable[None]], None], tcp_pair: tuple[socket.socket, socket.socket]
 ) -> None:
     async def main() -> None:
         setup = make(*tcp_pair)
@@ -219,17 +199,19 @@ def test_what_is_in_the_pair_when_the_channel_ends_still_arrives(
         setup.master_closes_its_end()
         assert setup.sink.closed == []
         setup.channel.resume_reading()
-        assert await recv_exactly(setup.client, 60_000) == b"x" * 60_000
+        assert await sock_recv_exactly(setup.client, 60_000) == b"x" * 60_000
         await asyncio.wait_for(setup.sink.ended.wait(), TIMEOUT)
         assert setup.sink.closed == [None]
         assert setup.sink.down == 60_000
 
-    run(main())
+    run_loop(main())
 
 
 @pytest.mark.parametrize("fin", [True, False])
 def test_the_upload_count_is_what_the_client_sent_after_the_handshake(
-    run: Callable[[Awaitable[None]], None], tcp_pair: tuple[socket.socket, socket.socket], fin: bool
+    run_loop: Callable[[Awaitable[None]], None],
+    tcp_pair: tuple[socket.socket, socket.socket],
+    fin: bool,
 ) -> None:
     """The kernel counts what the client's socket received; the handshake the proxy read
     itself comes off, and so does the client's FIN, which the kernel counts as a byte."""
@@ -246,18 +228,18 @@ def test_the_upload_count_is_what_the_client_sent_after_the_handshake(
         await asyncio.sleep(mux.COUNT_EVERY * 2.5)
         assert setup.sink.up == 70_000
         setup.master_closes_its_end()  # the server's EOF: we shut ours, the client closes
-        assert await recv_exactly(client, 1) == b""
+        assert await sock_recv_exactly(client, 1) == b""
         client.close()
         await asyncio.sleep(0.05)
         setup.control_far.close()
         await asyncio.wait_for(setup.sink.ended.wait(), TIMEOUT)
         assert setup.sink.up == 70_000
 
-    run(main())
+    run_loop(main())
 
 
 def test_closed_from_our_side_the_client_sees_the_end(
-    run: Callable[[Awaitable[None]], None], tcp_pair: tuple[socket.socket, socket.socket]
+    run_loop: Callable[[Awaitable[None]], None], tcp_pair: tuple[socket.socket, socket.socket]
 ) -> None:
     """The master still holds a copy of the socket: only a shutdown ends it for the
     client. Everything of ours is given back."""
@@ -278,14 +260,14 @@ def test_closed_from_our_side_the_client_sees_the_end(
         setup.master_end.close()
         setup.control_far.close()
 
-    run(main())
+    run_loop(main())
     # Our end of the pair, the control connection and the duplicate are closed (the loop's own are
     # gone with it).
     assert len(os.listdir("/proc/self/fd")) <= before
 
 
 def test_a_client_that_resets_ends_the_connection_with_the_error(
-    run: Callable[[Awaitable[None]], None], tcp_pair: tuple[socket.socket, socket.socket]
+    run_loop: Callable[[Awaitable[None]], None], tcp_pair: tuple[socket.socket, socket.socket]
 ) -> None:
     client, proxy_side = tcp_pair
 
@@ -301,7 +283,7 @@ def test_a_client_that_resets_ends_the_connection_with_the_error(
         assert isinstance(error, (BrokenPipeError, ConnectionResetError))
         setup.control_far.close()
 
-    run(main())
+    run_loop(main())
 
 
 def test_received_bytes_is_none_for_a_socket_without_tcp_counts() -> None:
@@ -310,7 +292,9 @@ def test_received_bytes_is_none_for_a_socket_without_tcp_counts() -> None:
         assert mux.received_bytes(ours) is None
 
 
-def test_open_connections_share_one_read_buffer(run: Callable[[Awaitable[None]], None]) -> None:
+def test_open_connections_share_one_read_buffer(
+    run_loop: Callable[[Awaitable[None]], None],
+) -> None:
     """1000 open connections once held 1000 read buffers of 256 KiB (304 MiB RSS in
     bench/run.py): a connection's channel must cost little memory of its own. Measured
     with tracemalloc, which counts Python's allocations, not the machine's load."""
@@ -336,11 +320,11 @@ def test_open_connections_share_one_read_buffer(run: Callable[[Awaitable[None]],
         finally:
             tracemalloc.stop()
         for setup in setups:
-            assert await recv_exactly(setup.client, 1000) == b"z" * 1000
+            assert await sock_recv_exactly(setup.client, 1000) == b"z" * 1000
             setup.channel.close()
             setup.master_end.close()
             setup.control_far.close()
             setup.client.close()
         assert grown < count * per_channel_limit, grown
 
-    run(main())
+    run_loop(main())

@@ -21,16 +21,6 @@ from tunnel.upstreams import Direct, Request
 BANNER = b"SSH-2.0-speaks-first\r\n"
 
 
-def _uvloop_run(main: Awaitable[None]) -> None:
-    uvloop = pytest.importorskip("uvloop")
-    uvloop.run(main)
-
-
-@pytest.fixture(params=["asyncio", "uvloop"])
-def run(request: pytest.FixtureRequest) -> Callable[[Awaitable[None]], None]:
-    return asyncio.run if request.param == "asyncio" else _uvloop_run  # type: ignore[return-value]
-
-
 class Recorder:
     """The proxy's side of the channel: what was reported, in order."""
 
@@ -60,7 +50,7 @@ def _request(listener: socket.socket) -> Request:
 
 @pytest.mark.parametrize("eof", [False, True])
 def test_a_server_that_speaks_first_waits_for_the_release(
-    run: Callable[[Awaitable[None]], None], eof: bool
+    run_loop: Callable[[Awaitable[None]], None], eof: bool
 ) -> None:
     async def main() -> None:
         listener = socket.create_server(("127.0.0.1", 0))
@@ -88,10 +78,10 @@ def test_a_server_that_speaks_first_waits_for_the_release(
         await server
         listener.close()
 
-    run(main())
+    run_loop(main())
 
 
-def test_after_the_release_data_goes_at_once(run: Callable[[Awaitable[None]], None]) -> None:
+def test_after_the_release_data_goes_at_once(run_loop: Callable[[Awaitable[None]], None]) -> None:
     async def main() -> None:
         listener = socket.create_server(("127.0.0.1", 0))
         listener.setblocking(False)
@@ -124,4 +114,4 @@ def test_after_the_release_data_goes_at_once(run: Callable[[Awaitable[None]], No
         await server
         listener.close()
 
-    run(main())
+    run_loop(main())
