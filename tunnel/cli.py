@@ -189,7 +189,7 @@ def _master_mode(mode: str | None) -> str:
         return "handover" if HANDOVER_SUPPORTED else "stdio"
     if mode == "handover" and not HANDOVER_SUPPORTED:
         raise ConfigError(
-            "--master-mode handover needs Linux (splice and TCP_INFO)",
+            "--master-mode handover needs Linux (TCP_INFO's count of bytes received)",
             hint="use --master-mode stdio",
         )
     return mode
