@@ -156,12 +156,17 @@ def assert_untouched(sock: socket.socket) -> None:
 @contextlib.contextmanager
 def frozen(pids: list[int]) -> Iterator[None]:
     """SIGSTOP ``pids`` (a black hole: the TCP connection stays up, nothing answers);
-    always SIGCONT then SIGKILL them at the end so no stopped process outlives the test."""
+    always SIGCONT then SIGKILL them at the end so no stopped process outlives the test.
+    One that has exited since it was listed (such as sshd's pre-authentication child,
+    which ends once the login is done) is no part of the session any more; at least one
+    must be stopped."""
     stopped: list[int] = []
     try:
         for pid in pids:
-            os.kill(pid, signal.SIGSTOP)
-            stopped.append(pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+                stopped.append(pid)
+        assert stopped, f"every one of {pids} had exited"
         yield
     finally:
         for pid in stopped:
